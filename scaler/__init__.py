@@ -1,0 +1,12 @@
+"""scaler: an architecture scaling compiler for adversarially robust CNNs.
+
+Light on purpose: importing `scaler` pulls in neither torch nor sympy. The heavy parts
+(`scaler.builder`, `scaler.derive`) import them when called.
+"""
+
+from scaler.errors import ScalerError
+from scaler.spec import ArchSpec
+
+__version__ = "0.1.0"
+
+__all__ = ["ArchSpec", "ScalerError", "__version__"]

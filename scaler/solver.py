@@ -1,0 +1,271 @@
+"""Budget solver: from a FLOPs or params budget to the concrete architecture a rule prescribes.
+
+Two steps, the same for every rule:
+1. Continuous. The rule maps a scale variable t to real-valued depths and widths; the exact cost of
+   that continuous network is a polynomial in t (cubic for ratio rules: depth x width^2; quadratic
+   for gamma rules). Its coefficients are recovered exactly by interpolating the closed-form cost
+   at four points, and the unique positive root of poly(t) = target is found by bisection
+   (`tests/test_solver.py` checks both against sympy's symbolic solve).
+2. Integer. Every configuration in the rule's neighbourhood of the continuous point is costed
+   exactly and the minimum of this objective is chosen, compared in order:
+     a. excess = max(0, |cost/target - 1| - TOLERANCE)   (distance to the budget, beyond 5%)
+     b. Euclidean distance to the continuous point        (distance to the rule's ratios/scale)
+     c. |cost/target - 1|                                   (tie-break: closest to the budget)
+   so the rule's shape wins among configurations within 5% of the budget, and the budget wins
+   otherwise. Configurations over a cap (`--max-params`, `--max-flops`) are never chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from scaler.cost import Cost, continuous_cost, count, params_flops
+from scaler.errors import ScalerError
+from scaler.parsing import format_count
+from scaler.presets import PRESETS
+from scaler.rules import RULES, GammaRule, Point, Rule
+from scaler.spec import WIDTH_BASES, ArchSpec, widths_to_planes
+
+TOLERANCE = 0.025
+METRICS = ("flops", "params")
+MAX_DEPTH = 10_000
+MAX_CHANNELS = 1_000_000
+
+FAMILIES = {
+    ("robustscaling", "robust"): ["robustresnet-a1", "robustresnet-a2", "robustresnet-a3", "robustresnet-a4"],
+    ("robustscaling", "basic"): ["wrn-a1", "wrn-a2", "wrn-a3", "wrn-a4"],
+    ("robustwrn", "basic"): ["robustwrn-g0.25", "robustwrn-g0.5", "robustwrn-g1", "robustwrn-g1.5", "robustwrn-g2"],
+    ("uniform", "basic"): ["wrn-28-10", "wrn-34-10", "wrn-34-12", "wrn-46-14", "wrn-70-16"],
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    metric: str  # "flops" or "params"
+    value: int
+
+    def of(self, cost: Cost) -> int:
+        return cost.flops if self.metric == "flops" else cost.params
+
+    def __str__(self) -> str:
+        return f"{format_count(self.value)} {self.metric}"
+
+
+@dataclass(frozen=True)
+class Solution:
+    rule: str
+    spec: ArchSpec
+    cost: Cost
+    target: Budget
+    cap: Budget | None
+    scale: float
+    continuous: Point
+    polynomial: tuple[float, ...]
+    capped: bool
+    objective: tuple[float, float, float]
+    published: str | None
+    candidates: int = field(default=0)
+
+    @property
+    def error(self) -> float:
+        """Relative error of the exact cost against the target."""
+        return self.target.of(self.cost) / self.target.value - 1
+
+    @property
+    def r_d(self) -> float:
+        return sum(self.spec.depths) / (sum(self.spec.depths) + sum(self.spec.widths))
+
+    def to_dict(self) -> dict:
+        pub = PRESETS[self.published] if self.published else None
+        return {
+            "rule": self.rule,
+            "block": self.spec.block,
+            "depths": list(self.spec.depths),
+            "widths": list(self.spec.widths),
+            "channels": list(self.spec.channels),
+            "params": self.cost.params,
+            "flops": self.cost.flops,
+            "breakdown": self.cost.breakdown,
+            "target": {"metric": self.target.metric, "value": self.target.value},
+            "cap": {"metric": self.cap.metric, "value": self.cap.value} if self.cap else None,
+            "capped": self.capped,
+            "error": self.error,
+            "r_d": self.r_d,
+            "stage_ratios": {"depth": _ratios(self.spec.depths), "width": _ratios(self.spec.widths)},
+            "continuous": {
+                "scale": self.scale,
+                "depths": list(self.continuous.depths),
+                "widths": list(self.continuous.widths),
+                "r_d": self.continuous.r_d,
+                "polynomial": list(self.polynomial),
+            },
+            "objective": list(self.objective),
+            "published": self.published,
+            "published_match": bool(pub and pub.spec == self.spec),
+            "published_spec": (
+                {
+                    "depths": list(pub.spec.depths),
+                    "widths": list(pub.spec.widths),
+                    "params": count(pub.spec).params,
+                    "flops": count(pub.spec).flops,
+                }
+                if pub
+                else None
+            ),
+            "spec": self.spec.to_dict(),
+        }
+
+
+def _ratios(values) -> list[float]:
+    last = values[-1]
+    return [round(v / last, 4) for v in values]
+
+
+def get_rule(name: str) -> Rule:
+    if name not in RULES:
+        raise ScalerError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
+    return RULES[name]
+
+
+def _poly_fit(f, degree: int = 3) -> tuple[float, ...]:
+    """Exact coefficients (constant first) of a polynomial of degree <= 3 from 4 samples."""
+    xs = [1.0, 2.0, 3.0, 4.0]
+    ys = [f(x) for x in xs]
+    # Newton divided differences, then expand to monomial coefficients.
+    coef = list(ys)
+    for j in range(1, 4):
+        for i in range(3, j - 1, -1):
+            coef[i] = (coef[i] - coef[i - 1]) / (xs[i] - xs[i - j])
+    poly = [0.0] * 4
+    for i in range(3, -1, -1):  # Horner on the Newton form
+        shifted = [0.0] + poly[:3]
+        poly = [s - xs[i] * p for s, p in zip(shifted, poly)]
+        poly[0] += coef[i]
+    return tuple(poly)
+
+
+def _solve_scale(f, target: float) -> float:
+    """The t > 0 with f(t) = target, f increasing; bisection to machine precision."""
+    lo, hi = 0.0, 1.0
+    while f(hi) < target:
+        lo, hi = hi, hi * 2
+        if hi > 1e9:
+            raise ScalerError(f"budget {format_count(target)} is beyond what scaler can build")
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if f(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * hi:
+            break
+    return (lo + hi) / 2
+
+
+def _spec_for(point: Point, block: str, base: ArchSpec) -> ArchSpec:
+    return replace(base, block=block, depths=tuple(int(d) for d in point.depths), planes=widths_to_planes(point.widths))
+
+
+def solve(
+    rule_name: str,
+    target: Budget,
+    *,
+    cap: Budget | None = None,
+    block: str | None = None,
+    depths: tuple[int, int, int] | None = None,
+    round_to: int = 1,
+    num_classes: int = 10,
+    activation: str = "relu",
+    resolution: int = 32,
+) -> Solution:
+    """The architecture `rule_name` prescribes for `target` (exact costs; see module docstring)."""
+    rule = get_rule(rule_name)
+    if target.metric not in METRICS:
+        raise ScalerError(f"unknown budget metric {target.metric!r}")
+    if cap is not None and cap.metric == target.metric:
+        raise ScalerError(f"a {target.metric} cap next to a {target.metric} target makes no sense; give one")
+    if isinstance(rule, GammaRule):
+        if depths is not None:
+            rule = replace(rule, depths=depths)
+        if round_to != 1:
+            if round_to < 1:
+                raise ScalerError("--round-to must be >= 1")
+            rule = replace(rule, round_to=round_to)
+    elif depths is not None or round_to != 1:
+        raise ScalerError(f"--depths and --round-to apply to the robustwrn rule, not {rule.name}")
+    block = block or rule.default_block
+    base = ArchSpec(
+        block, (1, 1, 1), (16, 32, 64), activation=activation, num_classes=num_classes, resolution=resolution
+    )
+
+    def metric_at(budget: Budget, t: float) -> float:
+        p = rule.continuous_at(t)
+        return budget.of(continuous_cost(block, p.depths, p.planes, resolution=resolution, num_classes=num_classes))
+
+    smallest = count(_spec_for(rule.smallest(block), block, base))
+    floor_value = target.of(smallest)
+    if target.value < floor_value * (1 - TOLERANCE):
+        raise ScalerError(
+            f"budget {target} is too small for the {rule.name} rule with the {block} block; "
+            f"its smallest network costs {format_count(floor_value)} {target.metric}"
+        )
+    if cap is not None and cap.value < cap.of(smallest):
+        raise ScalerError(
+            f"cap {cap} is below the smallest {rule.name} network ({format_count(cap.of(smallest))} {cap.metric})"
+        )
+
+    goal, capped = target, False
+    t = _solve_scale(lambda x: metric_at(target, x), target.value)
+    if cap is not None:
+        t_cap = _solve_scale(lambda x: metric_at(cap, x), cap.value)
+        if t_cap < t:
+            t, goal, capped = t_cap, cap, True
+    poly = _poly_fit(lambda x: metric_at(goal, x))
+    point = rule.continuous_at(t)
+
+    best, best_key, n = None, None, 0
+    goal_index, cap_index = METRICS.index(goal.metric), cap and METRICS.index(cap.metric)
+    for cand_depths, cand_widths, dist in rule.candidates(point, block):
+        planes = tuple(round(w * b) for w, b in zip(cand_widths, WIDTH_BASES))
+        flops_params = params_flops(block, cand_depths, planes, base.stem, base.strides, resolution, num_classes)[::-1]
+        if cap is not None and flops_params[cap_index] > cap.value:
+            continue
+        n += 1
+        rel = abs(flops_params[goal_index] / goal.value - 1)
+        key = (max(0.0, rel - TOLERANCE), dist, rel)
+        if best_key is None or key < best_key:
+            best, best_key = Point(cand_depths, cand_widths), key
+    if best is None:
+        raise ScalerError(f"no {rule.name} network near the budget fits under the cap {cap}")
+    spec = _spec_for(best, block, base)
+    cost = count(spec)
+    if max(spec.depths) > MAX_DEPTH or max(spec.planes) > MAX_CHANNELS:
+        raise ScalerError(
+            f"budget {target} asks for stages deeper than {MAX_DEPTH} blocks or wider than "
+            f"{MAX_CHANNELS} channels; that is beyond what scaler builds"
+        )
+    return Solution(
+        rule=rule.name,
+        spec=spec,
+        cost=cost,
+        target=target,
+        cap=cap,
+        scale=t,
+        continuous=point,
+        polynomial=poly,
+        capped=capped,
+        objective=best_key,
+        published=nearest_published(rule.name, block, target),
+        candidates=n,
+    )
+
+
+def nearest_published(rule: str, block: str, target: Budget) -> str | None:
+    """The family preset closest to the budget (log scale), if within a factor of 1.5."""
+    names = FAMILIES.get((rule, block), [])
+    scored = [(abs(math.log(target.of(count(PRESETS[n].spec)) / target.value)), n) for n in names]
+    if not scored:
+        return None
+    gap, name = min(scored)
+    return name if gap <= math.log(1.5) else None
