@@ -1,0 +1,37 @@
+"""Shared test helpers: fvcore counting of rendered models and running the CLI."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+
+def fvcore_flops(model, resolution: int = 32) -> tuple[int, dict]:
+    """fvcore's total and per-operator count of an eval-mode model on one random input."""
+    import torch
+    from fvcore.nn import FlopCountAnalysis
+
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    analysis = FlopCountAnalysis(model.eval(), torch.rand(1, 3, resolution, resolution))
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    return int(analysis.total()), dict(analysis.by_operator())
+
+
+def numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_cli(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `scaler ARGS` in a fresh interpreter, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "scaler.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
