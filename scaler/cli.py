@@ -10,8 +10,12 @@ import json
 import sys
 from typing import Optional
 
-import click
 import typer
+
+try:  # typer >= 0.25 vendors click; its exceptions are not the `click` package's
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click import exceptions as click_exc
 
 from scaler.errors import ScalerError
 from scaler.parsing import format_count, parse_budget, parse_list
@@ -348,13 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         return result if isinstance(result, int) else 0
     except ScalerError as exc:
         print(f"error: {exc}", file=sys.stderr)
-    except click.exceptions.NoArgsIsHelpError as exc:  # bare `scaler` or group: show help
+    except click_exc.NoArgsIsHelpError as exc:  # bare `scaler` or group: show help
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
-    except click.UsageError as exc:
+    except click_exc.UsageError as exc:
         print(f"error: {exc.format_message()}", file=sys.stderr)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Exit as exc:
+        return getattr(exc, "exit_code", getattr(exc, "code", 0))
+    except typer.Abort:
         print("error: aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -29,7 +29,7 @@ from scaler.spec import WIDTH_BASES, ArchSpec, widths_to_planes
 
 TOLERANCE = 0.025
 METRICS = ("flops", "params")
-MAX_DEPTH = 10_000
+MAX_DEPTH = 1_000
 MAX_CHANNELS = 1_000_000
 
 FAMILIES = {

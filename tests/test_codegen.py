@@ -15,8 +15,18 @@ from scaler.presets import PRESETS
 from scaler.spec import ArchSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = ["wrn-28-10", "wrn-34-10", "wrn-34-12", "wrn-46-14", "wrn-70-16", "wrn-34-r",
-             "robustresnet-a1", "robustresnet-a2", "robustresnet-a3", "robustresnet-a4"]
+GENERATED = [
+    "wrn-28-10",
+    "wrn-34-10",
+    "wrn-34-12",
+    "wrn-46-14",
+    "wrn-70-16",
+    "wrn-34-r",
+    "robustresnet-a1",
+    "robustresnet-a2",
+    "robustresnet-a3",
+    "robustresnet-a4",
+]
 
 
 def generated_path(name: str) -> Path:
@@ -51,8 +61,9 @@ def test_ruff_clean(tmp_path):
     path = emit(spec, tmp_path / "m.py")
     ruff = [sys.executable, "-m", "ruff"]
     assert subprocess.run([*ruff, "check", "--no-cache", str(path)], capture_output=True).returncode == 0
-    fmt = subprocess.run([*ruff, "format", "--check", "--no-cache", "--line-length", "120", str(path)],
-                         capture_output=True)
+    fmt = subprocess.run(
+        [*ruff, "format", "--check", "--no-cache", "--line-length", "120", str(path)], capture_output=True
+    )
     assert fmt.returncode == 0, fmt.stdout
 
 
@@ -83,8 +94,11 @@ def test_emitted_file_is_standalone_exact_and_exportable(name, tmp_path):
     script = tmp_path / "check.py"
     script.write_text(STANDALONE)
     out = subprocess.run(
-        [sys.executable, "-I", str(script), str(generated_path(name))], capture_output=True, text=True,
-        cwd=tmp_path, timeout=300,
+        [sys.executable, "-I", str(script), str(generated_path(name))],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     params, ok = out.stdout.split()
@@ -163,20 +177,44 @@ def test_wheel_install_emits_from_elsewhere(tmp_path):
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(export)], input=archive, check=True)
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheels), str(export)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(export),
+        ],
+        check=True,
+        timeout=300,
+    )
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     py = venv / "bin" / "python"
     wheel = next(wheels.glob("scaler-*.whl"))
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], check=True, timeout=300
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(py), "-c", "import scaler, sys; print(scaler.__file__)"], cwd=elsewhere,
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [str(py), "-c", "import scaler, sys; print(scaler.__file__)"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert str(venv) in where, where
-    out = subprocess.run([str(venv / "bin" / "scaler"), "emit", "robustresnet-a1", "-o", "a1.py"], cwd=elsewhere,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(venv / "bin" / "scaler"), "emit", "robustresnet-a1", "-o", "a1.py"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert (elsewhere / "a1.py").read_text() == generated_path("robustresnet-a1").read_text()

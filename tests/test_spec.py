@@ -7,8 +7,17 @@ from scaler.spec import ArchSpec, widths_to_planes
 
 
 def test_json_round_trip_keeps_everything():
-    spec = ArchSpec("robust", (14, 14, 7), (80, 224, 192), activation="silu", num_classes=100, resolution=64,
-                    mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), name="a1-silu")
+    spec = ArchSpec(
+        "robust",
+        (14, 14, 7),
+        (80, 224, 192),
+        activation="silu",
+        num_classes=100,
+        resolution=64,
+        mean=(0.5, 0.4, 0.3),
+        std=(0.2, 0.2, 0.2),
+        name="a1-silu",
+    )
     again = ArchSpec.from_json(spec.to_json())
     assert again == spec and again.name == spec.name
     assert json.loads(spec.to_json())["planes"] == [80, 224, 192]

@@ -1,0 +1,126 @@
+"""The CLI as a user meets it: outputs, JSON shape, and one-line errors for bad input."""
+
+import json
+
+import pytest
+
+from scaler.cli import main
+from scaler.presets import PRESETS
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_count_json_for_every_preset(capsys, name):
+    code, out, _ = run(capsys, "count", name, "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert data["name"] == name and data["block"] == PRESETS[name].spec.block
+    assert len(data["depths"]) == 3 and len(data["widths"]) == 3 and len(data["channels"]) == 4
+    assert isinstance(data["params"], int) and isinstance(data["flops"], int)
+    assert sum(data["breakdown"].values()) == data["flops"]
+
+
+def test_count_by_flags_equals_preset(capsys):
+    _, a, _ = run(capsys, "count", "--block", "robust", "--depths", "14,14,7", "--widths", "5,7,3", "--json")
+    _, b, _ = run(capsys, "count", "--block", "robust", "--depths", "14,14,7", "--channels", "80,224,192", "--json")
+    assert json.loads(a)["params"] == json.loads(b)["params"] == 19_222_738
+    assert json.loads(a)["name"] is None
+
+
+def test_zoo_lists_everything_and_explains_wrn_28_10(capsys):
+    code, out, _ = run(capsys, "zoo")
+    assert code == 0
+    for name in PRESETS:
+        assert name in out
+    assert "5.20G" in out and "quoting discrepancy" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["count", "robustresnt-a1"], "did you mean 'robustresnet-a1'"),
+        (["count", "--block", "basic", "--depths", "1,2", "--widths", "1,1,1"], "3 comma-separated"),
+        (["count", "--block", "basic", "--depths", "a,b,c", "--widths", "1,1,1"], "whole numbers"),
+        (["count", "--block", "basic", "--depths", "0,0,0", "--widths", "1,1,1"], ">= 1"),
+        (["count", "--block", "basic", "--depths", "1,1,1", "--widths", "-1,1,1"], ">="),
+        (["count", "--block", "robust", "--depths", "1,1,1", "--channels", "8,32,64"], "planes >= 16"),
+        (["count", "--block", "basic", "--depths", "1,1,1"], "--widths"),
+        (["count", "--block", "basic", "--depths", "1,1,1", "--widths", "1,1,1", "--activation", "tanh"], "activation"),
+        (["count", "--nope"], "No such option"),
+        (["solve", "--flops", "10X"], "not a number"),
+        (["solve", "--flops", "-5G"], "negative"),
+        (["solve", "--flops", "0"], "> 0"),
+        (["solve", "--flops", "abc"], "not a number"),
+        (["solve", "--flops", "nan"], "not a number"),
+        (["solve", "--flops", "inf"], "not a number"),
+        (["solve", "--flops", "1e400"], "out of range"),
+        (["solve", "--flops", ""], "empty"),
+        (["solve", "--flops", "1M"], "smallest network costs"),
+        (["solve", "--flops", "10G", "--rule", "magic"], "unknown rule"),
+        (["solve", "--flops", "10G", "--params", "40M"], "one target"),
+        (["solve"], "give a budget"),
+        (["solve", "--flops", "1e17"], "beyond"),
+        (["emit", "wrn-a1"], "-o PATH"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, args, message):
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err
+    assert "Traceback" not in err + out
+
+
+def test_solve_json_has_the_promised_keys(capsys):
+    code, out, _ = run(capsys, "solve", "--flops", "10G", "--json")
+    data = json.loads(out)
+    for key in (
+        "rule",
+        "block",
+        "depths",
+        "widths",
+        "channels",
+        "params",
+        "flops",
+        "target",
+        "r_d",
+        "continuous",
+        "published",
+    ):
+        assert key in data
+    assert code == 0 and data["published"] == "robustresnet-a2"
+
+
+def test_solve_text_and_compare(capsys):
+    code, out, _ = run(capsys, "solve", "--flops", "5G")
+    assert code == 0 and "14,14,7" in out and "robustresnet-a1" in out and "identical" in out
+    code, out, _ = run(capsys, "compare", "--flops", "10G")
+    assert code == 0
+    for rule in ("robustscaling", "robustwrn", "uniform"):
+        assert rule in out
+
+
+def test_solve_emit_writes_a_model(capsys, tmp_path):
+    path = tmp_path / "m.py"
+    code, out, _ = run(capsys, "solve", "--params", "4.27M", "--rule", "robustwrn", "--emit", str(path))
+    assert code == 0 and "rule: robustwrn" in path.read_text() and "budget: 4.270M params" in path.read_text()
+    code, _, err = run(capsys, "solve", "--params", "4.27M", "--rule", "robustwrn", "--emit", str(path))
+    assert code == 2 and "--force" in err
+
+
+def test_solve_path_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from scaler.cli import main; main(['solve', '--flops', '10G', '--json']); "
+        "bad = [m for m in ('torch', 'fvcore', 'sympy') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
