@@ -343,6 +343,189 @@ def compare(
     )
 
 
+# --------------------------------------------------------------------------- train / eval
+def _train_model_spec(model, block, depths, widths, channels, activation, path_ok=True):
+    """(model label, spec dict or None) for `scaler train`: a preset, a model file, or spec flags."""
+    from pathlib import Path
+
+    if model is not None and (model.endswith(".py") or Path(model).is_file()):
+        if any(v is not None for v in (block, depths, widths, channels)):
+            raise ScalerError("give a model file or --block/--depths/--widths, not both")
+        if not Path(model).is_file():
+            raise ScalerError(f"model file {model} not found")
+        return str(Path(model).resolve()), None
+    spec = spec_from_options(model, block, depths, widths, channels, None, activation)
+    return model or "spec", spec.to_dict()
+
+
+@app.command()
+def train(
+    model: Optional[str] = typer.Argument(None, help="Preset name or path to a model file with build_model()."),
+    block: Optional[str] = typer.Option(None, help="Spec flags instead of MODEL: basic or robust."),
+    depths: Optional[str] = typer.Option(None, help="Spec flags: blocks per stage."),
+    widths: Optional[str] = typer.Option(None, help="Spec flags: widening factors."),
+    channels: Optional[str] = typer.Option(None, help="Spec flags: planes per stage."),
+    activation: Optional[str] = typer.Option(None, help="relu or silu."),
+    dataset: Optional[str] = typer.Option(None, help="cifar10, cifar100, digits or synthetic."),
+    data_dir: Optional[str] = typer.Option(None, help="Directory with the CIFAR archives."),
+    val: Optional[str] = typer.Option(None, help="Validation: holdout (from train) or cifar10.1."),
+    val_size: Optional[int] = typer.Option(None, help="Held-out training points for validation."),
+    val_n: Optional[int] = typer.Option(None, help="Validation points attacked each epoch."),
+    method: Optional[str] = typer.Option(None, help="standard, pgd-at, trades or mart."),
+    beta: Optional[float] = typer.Option(None, help="TRADES/MART beta."),
+    recipe: Optional[str] = typer.Option(None, help="bat, nares, trades-paper or mart-paper."),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    momentum: Optional[float] = typer.Option(None),
+    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov"),
+    weight_decay: Optional[float] = typer.Option(None),
+    wd_exclude_bn_bias: Optional[bool] = typer.Option(None, "--wd-exclude-bn-bias/--wd-all"),
+    schedule: Optional[str] = typer.Option(None, help="step, cosine or onecycle."),
+    milestones: Optional[str] = typer.Option(None, help="Step schedule: epochs, e.g. 75,90."),
+    warmup_epochs: Optional[float] = typer.Option(None, help="onecycle warm-up epochs."),
+    grad_clip: Optional[float] = typer.Option(None, help="Max gradient norm (0: off)."),
+    ema: Optional[float] = typer.Option(None, help="Weight EMA decay, e.g. 0.995 (0: off)."),
+    label_smoothing: Optional[float] = typer.Option(None),
+    eps: Optional[str] = typer.Option(None, help="L-inf radius, e.g. 8/255."),
+    attack_steps: Optional[int] = typer.Option(None),
+    attack_step: Optional[str] = typer.Option(None, help="Attack step, e.g. 2/255."),
+    attack_start: Optional[str] = typer.Option(None, help="normal, uniform or none."),
+    war_zeta: Optional[float] = typer.Option(None, help="WAR: target l_nat/l_rob ratio."),
+    war_calibrate: bool = typer.Option(False, "--war-calibrate", help="WAR: measure zeta on a thin network first."),
+    augment: Optional[str] = typer.Option(None, help="crop-flip, crop or none."),
+    best_metric: Optional[str] = typer.Option(None, help="pgd20 or cw40."),
+    save_epochs: Optional[str] = typer.Option(None, help="Keep checkpoints after these epochs, e.g. 75,90."),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32 or bf16 (autocast for training)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last"),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
+    stop_after: Optional[int] = typer.Option(None, help="End after this epoch (resumable)."),
+    distributed: bool = typer.Option(False, "--distributed", help="DDP under torchrun."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Adversarially train a model; writes model.py, config.json, metrics.jsonl and checkpoints."""
+    from trainers.attacks import parse_eps
+    from trainers.config import make_config
+    from trainers.train import run_training
+
+    if not out:
+        raise ScalerError("give the run directory with --out DIR")
+    if resume:
+        result = run_training(
+            None, out, resume=True, progress=not quiet, stop_after=stop_after, distributed=distributed, epochs=epochs
+        )
+    else:
+        if model is None and block is None:
+            raise ScalerError("give MODEL (a preset or a model file) or --block/--depths/--widths")
+        label, spec = _train_model_spec(model, block, depths, widths, channels, activation)
+        overrides = dict(
+            model=label,
+            spec=spec,
+            dataset=dataset,
+            data_dir=data_dir,
+            val=val,
+            val_size=val_size,
+            val_n=val_n,
+            method=method,
+            beta=beta,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            wd_exclude_bn_bias=wd_exclude_bn_bias,
+            schedule=schedule,
+            warmup_epochs=warmup_epochs,
+            grad_clip=grad_clip,
+            ema=ema,
+            label_smoothing=label_smoothing,
+            eps=parse_eps(eps) if eps is not None else None,
+            attack_steps=attack_steps,
+            attack_step=parse_eps(attack_step) if attack_step is not None else None,
+            attack_start=attack_start,
+            war_zeta=war_zeta,
+            war_calibrate=war_calibrate or None,
+            augment=augment,
+            best_metric=best_metric,
+            seed=seed,
+            device=device,
+            precision=precision,
+            channels_last=channels_last,
+            compile=compile_model,
+        )
+        if save_epochs is not None:
+            overrides["save_epochs"] = tuple(parse_list(save_epochs, "--save-epochs", n=len(save_epochs.split(","))))
+        if dataset is None:
+            overrides["dataset"] = "cifar10"
+        cfg = make_config(recipe, overrides)
+        if milestones is not None:
+            ms = parse_list(milestones, "--milestones", n=len(milestones.split(",")))
+            cfg.milestones = tuple(m / cfg.epochs for m in ms)
+        if augment is None and cfg.dataset == "digits":
+            cfg.augment = "crop"  # digits are not mirror-symmetric
+        result = run_training(cfg, out, progress=not quiet, stop_after=stop_after, distributed=distributed)
+    if result:
+        print(json.dumps(result))
+
+
+@app.command(name="eval")
+def eval_cmd(
+    target: str = typer.Argument(..., help="Run directory (its best.pt) or a checkpoint file."),
+    dataset: Optional[str] = typer.Option(None, help="Default: the run's dataset."),
+    data_dir: Optional[str] = typer.Option(None, help="Default: the run's data directory."),
+    attacks: str = typer.Option("clean,pgd20,cw40", help="From clean,fgsm,pgd20,cw40,aa,aa-compact."),
+    eps: Optional[str] = typer.Option(None, help="L-inf radius (default: the run's, else 8/255)."),
+    n: Optional[int] = typer.Option(None, help="Evaluate the first n test points."),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(256),
+    per_block_lipschitz: bool = typer.Option(False, "--per-block-lipschitz", help="LIP at every block output."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Evaluate a trained model: accuracy, stable accuracy and empirical Lipschitz per attack."""
+    from trainers.attacks import parse_eps
+    from trainers.evaluate import parse_attacks
+    from trainers.run_eval import evaluate_run
+
+    names = parse_attacks(attacks)
+    if n is not None and n < 1:
+        raise ScalerError("--n must be >= 1")
+    if batch_size < 1:
+        raise ScalerError("--batch-size must be >= 1")
+    results, info = evaluate_run(
+        target,
+        attacks=names,
+        dataset=dataset,
+        data_dir=data_dir,
+        eps=parse_eps(eps) if eps else None,
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        per_block=per_block_lipschitz,
+        device=device,
+    )
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"{info['checkpoint']}  ({info['dataset']}, {info['n']} points, eps {info['eps']:.5f})")
+    rows = [
+        [name, f"{r['accuracy']:.2f}", f"{r['stable']:.2f}", f"{r['lip']:.3f}"]
+        for name, r in results.items()
+        if name != "warnings"
+    ]
+    print(_table(["attack", "accuracy %", "stable %", "LIP"], rows, right={1, 2, 3}))
+    for name, r in results.items():
+        if name != "warnings" and "per_block_lip" in r:
+            print("per-block LIP (pgd20): " + ", ".join(f"{k} {v:.2f}" for k, v in r["per_block_lip"].items()))
+    for w in results["warnings"]:
+        print(f"warning: {w}")
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every error is one line on stderr and exit code 2."""

@@ -1,0 +1,178 @@
+"""L-infinity attacks: FGSM, PGD (CE), CW-PGD (margin), the TRADES KL attack, and AutoAttack.
+
+Every attack runs with the model in eval mode and its parameters frozen (only input gradients are
+computed), restores both afterwards, and projects every iterate to the eps-ball and to [0, 1].
+Randomness comes from an explicit `torch.Generator`, so attacks are reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from scaler.errors import ScalerError
+
+
+def parse_eps(value: str | float) -> float:
+    """'8/255' -> 0.0313..., '0.031' -> 0.031."""
+    if isinstance(value, (int, float)):
+        out = float(value)
+    else:
+        text = value.strip()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*/\s*([0-9]*\.?[0-9]+)", text)
+        try:
+            out = float(m.group(1)) / float(m.group(2)) if m else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ScalerError(f"cannot read {value!r} as a size; use a float or a fraction like 8/255") from None
+    if not 0 <= out <= 1:
+        raise ScalerError(f"size {value!r} must lie in [0, 1] (inputs are in [0, 1])")
+    return out
+
+
+@contextmanager
+def frozen_eval(model: torch.nn.Module):
+    """Eval mode with parameters frozen; restores mode and requires_grad flags on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CW margin loss with kappa = 0, summed: -max(z_y - max_{k != y} z_k, 0)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return -(true - other).clamp(min=0).sum()
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+LOSSES = {"ce": ce_loss, "cw": margin_loss}
+
+
+def random_start(x, eps, start: str, generator, std: float | None = None):
+    if start == "uniform":
+        noise = torch.rand(x.shape, device=x.device, generator=generator, dtype=x.dtype).mul_(2 * eps).sub_(eps)
+    elif start == "normal":
+        noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype).mul_(std)
+    elif start == "none":
+        return x.clone()
+    else:
+        raise ScalerError(f"unknown start {start!r}")
+    return project(x + noise, x, eps)
+
+
+def pgd(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step: float,
+    steps: int,
+    loss: str = "ce",
+    start: str = "uniform",
+    start_std: float | None = None,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """L-inf PGD with sign steps on CE or the CW margin; returns the adversarial batch (detached)."""
+    loss_fn = LOSSES[loss]
+    x = x.detach()
+    with frozen_eval(model):
+        x_adv = random_start(x, eps, start, generator, start_std)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with _autocast(x, autocast_dtype):
+                value = loss_fn(model(x_adv).float(), y)
+            (grad,) = torch.autograd.grad(value, x_adv)
+            x_adv = project(x_adv.detach() + step * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+def fgsm(model, x, y, *, eps: float) -> torch.Tensor:
+    """One step of size eps along the sign of the CE gradient, no random start."""
+    return pgd(model, x, y, eps=eps, step=eps, steps=1, start="none")
+
+
+def trades_attack(
+    model, x, *, eps: float, step: float, steps: int, generator=None, autocast_dtype=None
+) -> torch.Tensor:
+    """TRADES inner maximisation: from x + 0.001 N(0, I), sign steps on KL(p(x) || p(x'))."""
+    x = x.detach()
+    with frozen_eval(model):
+        with torch.no_grad(), _autocast(x, autocast_dtype):
+            p_nat = F.softmax(model(x).float(), dim=1)
+        noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype) * 0.001
+        x_adv = (x + noise).detach()
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with _autocast(x, autocast_dtype):
+                logits = model(x_adv).float()
+            value = F.kl_div(F.log_softmax(logits, dim=1), p_nat, reduction="sum")
+            (grad,) = torch.autograd.grad(value, x_adv)
+            x_adv = project(x_adv.detach() + step * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+def _autocast(x: torch.Tensor, dtype: torch.dtype | None):
+    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# --------------------------------------------------------------------------- AutoAttack
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage().strip())
+
+
+def autoattack(
+    model, x, y, *, eps: float, version: str = "standard", seed: int = 0, batch_size: int = 250
+) -> tuple[torch.Tensor, list[str]]:
+    """AutoAttack through `pyautoattack` (seeded). version: 'standard' (APGD-CE, APGD-T, FAB-T,
+    Square) or 'compact' (NARes AA-Compact: APGD-CE with 1 restart + APGD-T with 9 targets).
+    Returns the adversarial batch and AutoAttack's own warning messages (its sanity checks)."""
+    from pyautoattack import AutoAttack
+
+    with frozen_eval(model):
+        if version == "standard":
+            aa = AutoAttack(model, eps=eps, norm="Linf", seed=seed, version="standard", device=x.device)
+        elif version == "compact":
+            aa = AutoAttack(
+                model, eps=eps, norm="Linf", seed=seed, version="custom", device=x.device, attacks=["apgd-ce", "apgd-t"]
+            )
+            aa.apgd.n_restarts = 1
+            aa.apgd_targeted.n_target_classes = 9
+            aa.apgd_targeted.n_restarts = 1
+        else:
+            raise ScalerError(f"unknown AutoAttack version {version!r}")
+        aa.verbose = False
+        handler = _Collect()
+        logger = logging.getLogger("auto-attack")
+        logger.addHandler(handler)
+        try:
+            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+        finally:
+            logger.removeHandler(handler)
+    return x_adv.detach(), handler.messages

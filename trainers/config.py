@@ -1,0 +1,199 @@
+"""Training configuration and the published recipes (reference: Recipes).
+
+Precedence: built-in defaults < recipe < explicit flags. Milestones are stored as fractions of the
+run's epochs, so a recipe's 75/90-of-100 schedule scales to short runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from scaler.errors import ScalerError
+
+METHODS = ("standard", "pgd-at", "trades", "mart")
+SCHEDULES = ("step", "cosine", "onecycle")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""  # preset name, path to a model file, or "spec"
+    spec: dict | None = None
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    val: str = "holdout"  # holdout (from train) or cifar10.1
+    val_size: int | None = None  # held-out training points (default: 1000, or 10% of small sets)
+    val_n: int = 500  # validation points attacked each epoch
+    method: str = "pgd-at"
+    beta: float = 6.0
+    epochs: int = 100
+    batch_size: int = 128
+    drop_last: bool = False
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 2e-4
+    wd_exclude_bn_bias: bool = False
+    schedule: str = "step"
+    milestones: tuple[float, ...] = (0.75, 0.9)  # fractions of epochs (step schedule)
+    warmup_epochs: float = 0.0  # onecycle warm-up
+    grad_clip: float = 5.0  # max grad norm; 0 disables
+    ema: float = 0.0  # EMA decay tau (0 = off)
+    label_smoothing: float = 0.0
+    eps: float = 8 / 255
+    attack_steps: int = 10
+    attack_step: float = 2 / 255
+    attack_start: str = "normal"  # normal (x + step N(0, I)), uniform, none
+    war_zeta: float | None = None
+    war_alpha: float = 0.1
+    war_calibrate: bool = False
+    augment: str = "crop-flip"  # crop-flip, crop, none
+    best_metric: str = "pgd20"  # pgd20 or cw40 (validation)
+    best_from: float = 0.5  # fraction of epochs before best.pt is tracked
+    save_epochs: tuple[int, ...] = ()
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # bf16 autocast where the hardware has it (training only)
+    channels_last: bool = True
+    compile: bool = False
+    recipe: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ScalerError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.schedule not in SCHEDULES:
+            raise ScalerError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ScalerError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ScalerError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
+        for name in ("epochs", "batch_size", "val_n"):
+            if getattr(self, name) < 1:
+                raise ScalerError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.attack_steps < 0:
+            raise ScalerError("--attack-steps must be >= 0")
+        if self.lr <= 0:
+            raise ScalerError("--lr must be > 0")
+        if not 0 <= self.ema < 1:
+            raise ScalerError("--ema must be in [0, 1)")
+        if self.augment not in ("crop-flip", "crop", "none"):
+            raise ScalerError("--augment must be crop-flip, crop or none")
+        if self.best_metric not in ("pgd20", "cw40"):
+            raise ScalerError("--best-metric must be pgd20 or cw40")
+        if self.attack_start not in ("normal", "uniform", "none"):
+            raise ScalerError("--attack-start must be normal, uniform or none")
+        if (self.war_zeta is not None or self.war_calibrate) and self.method not in ("trades", "mart"):
+            raise ScalerError("WAR applies to the lambda-form losses: use --method trades or mart")
+        if self.war_zeta is not None and self.war_zeta <= 0:
+            raise ScalerError("--war-zeta must be > 0")
+
+    def milestone_epochs(self) -> list[int]:
+        return sorted({max(1, round(f * self.epochs)) for f in self.milestones})
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.milestones = tuple(cfg.milestones)
+        cfg.save_epochs = tuple(cfg.save_epochs)
+        return cfg
+
+
+RECIPES: dict[str, dict] = {
+    # RobustWRN / RobustResNet baseline adversarial training.
+    "bat": dict(
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=2e-4,
+        wd_exclude_bn_bias=False,
+        batch_size=128,
+        epochs=100,
+        schedule="step",
+        milestones=(0.75, 0.9),
+        grad_clip=5.0,
+        attack_steps=10,
+        attack_step=2 / 255,
+        eps=8 / 255,
+        attack_start="normal",
+        beta=6.0,
+        augment="crop-flip",
+        best_metric="pgd20",
+        best_from=0.5,
+    ),
+    # NARes: Madry PGD-AT, 7 steps, wd only on non-BN non-bias params, mixed precision, CIFAR-10.1
+    # validation, best by CW-40, checkpoints after epochs 75, 90, 100 (their 0-based 74, 89, 99).
+    "nares": dict(
+        method="pgd-at",
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        wd_exclude_bn_bias=True,
+        batch_size=128,
+        drop_last=True,
+        epochs=100,
+        schedule="step",
+        milestones=(0.75, 0.9),
+        grad_clip=5.0,
+        attack_steps=7,
+        attack_step=2 / 255,
+        eps=8 / 255,
+        attack_start="normal",
+        augment="crop-flip",
+        precision="auto",
+        best_metric="cw40",
+        best_from=0.0,
+        save_epochs=(75, 90, 100),
+    ),
+    "trades-paper": dict(
+        method="trades",
+        eps=0.031,
+        attack_step=0.007,
+        attack_steps=10,
+        beta=6.0,
+        lr=0.1,
+        weight_decay=2e-4,
+        batch_size=128,
+        epochs=76,
+        schedule="step",
+        milestones=(75 / 76,),
+        grad_clip=0.0,
+        attack_start="normal",
+    ),
+    "mart-paper": dict(
+        method="mart",
+        eps=0.031,
+        attack_step=0.007,
+        attack_steps=10,
+        beta=6.0,
+        lr=0.1,
+        weight_decay=7e-4,
+        batch_size=128,
+        epochs=90,
+        schedule="step",
+        milestones=(75 / 90, 1.0),
+        grad_clip=0.0,
+        attack_start="normal",
+    ),
+}
+
+
+def make_config(recipe: str | None, overrides: dict) -> TrainConfig:
+    """Defaults, then the recipe, then every explicit (non-None) override."""
+    cfg = TrainConfig()
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ScalerError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        for k, v in RECIPES[recipe].items():
+            setattr(cfg, k, v)
+        cfg.recipe = recipe
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    cfg.validate()
+    return cfg
