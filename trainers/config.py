@@ -52,6 +52,7 @@ class TrainConfig:
     best_metric: str = "pgd20"  # pgd20 or cw40 (validation)
     best_from: float = 0.5  # fraction of epochs before best.pt is tracked
     save_epochs: tuple[int, ...] = ()
+    eval_every: int = 1  # validate every N epochs (and always after the last)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # bf16 autocast where the hardware has it (training only)
@@ -69,7 +70,7 @@ class TrainConfig:
             raise ScalerError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ScalerError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
-        for name in ("epochs", "batch_size", "val_n"):
+        for name in ("epochs", "batch_size", "val_n", "eval_every"):
             if getattr(self, name) < 1:
                 raise ScalerError(f"--{name.replace('_', '-')} must be >= 1")
         if self.attack_steps < 0:

@@ -281,10 +281,12 @@ def run_training(
             "seconds": seconds,
         }
         if rank == 0:
-            record.update(_validate(model, ema, x_val, y_val, cfg))
-            record["eval_seconds"] = time.perf_counter() - t0 - seconds
-            score = record[f"val_{cfg.best_metric}"]
-            is_best = epoch + 1 >= round(cfg.best_from * cfg.epochs) and score > best["value"]
+            validate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+            if validate:
+                record.update(_validate(model, ema, x_val, y_val, cfg))
+                record["eval_seconds"] = time.perf_counter() - t0 - seconds
+            score = record.get(f"val_{cfg.best_metric}", -1.0)
+            is_best = validate and epoch + 1 >= round(cfg.best_from * cfg.epochs) and score > best["value"]
             if is_best:
                 best = {"value": score, "epoch": epoch + 1}
             ckpt = {

@@ -1,0 +1,139 @@
+"""Attacks and losses on tiny models, against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaler.errors import ScalerError
+from trainers.attacks import fgsm, frozen_eval, margin_loss, parse_eps, pgd, trades_attack
+from trainers.losses import WarLambda, mart_loss, pgd_at_loss, trades_loss
+
+
+class Logits(nn.Module):
+    """The input is the logits: losses can be checked by hand."""
+
+    def forward(self, x):
+        return x
+
+
+def tiny_cnn(classes=3):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, classes),
+    )
+
+
+def test_parse_eps():
+    assert parse_eps("8/255") == pytest.approx(8 / 255)
+    assert parse_eps("0.031") == 0.031
+    assert parse_eps(0.5) == 0.5
+    for bad in ("abc", "1/0", "2", "-0.1"):
+        with pytest.raises(ScalerError):
+            parse_eps(bad)
+
+
+def test_trades_loss_by_hand():
+    a = torch.tensor([[0.0, 0.0]])  # p = (1/2, 1/2)
+    b = torch.tensor([[math.log(3.0), 0.0]])  # q = (3/4, 1/4)
+    y = torch.tensor([0])
+    total, l_nat, l_rob, _ = trades_loss(Logits(), a, b, y, beta=6.0)
+    kl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # = ln(4/3) / 2
+    assert l_nat.item() == pytest.approx(math.log(2))
+    assert l_rob.item() == pytest.approx(kl)
+    assert total.item() == pytest.approx(math.log(2) + 6 * kl)
+
+
+def test_mart_loss_by_hand():
+    a = torch.tensor([[0.0, 0.0]])
+    b = torch.tensor([[math.log(3.0), 0.0]])
+    y = torch.tensor([0])
+    total, bce, l_kl, _ = mart_loss(Logits(), a, b, y, beta=6.0)
+    expected_bce = -math.log(0.75) - math.log(1.0001 - 0.25)
+    expected_kl = 0.5 * math.log(4 / 3) * (1.0000001 - 0.5)
+    assert bce.item() == pytest.approx(expected_bce, rel=1e-6)
+    assert l_kl.item() == pytest.approx(expected_kl, rel=1e-5)
+    assert total.item() == pytest.approx(expected_bce + 6 * expected_kl, rel=1e-5)
+
+
+def test_pgd_at_loss_is_ce_on_adversarial():
+    b = torch.tensor([[math.log(3.0), 0.0]])
+    total, *_ = pgd_at_loss(Logits(), None, b, torch.tensor([1]))
+    assert total.item() == pytest.approx(-math.log(0.25))
+
+
+def test_margin_loss_by_hand():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.5]])
+    assert margin_loss(logits[:1], torch.tensor([0])).item() == pytest.approx(-1.0)
+    assert margin_loss(logits[1:], torch.tensor([0])).item() == pytest.approx(0.0)  # already wrong: kappa 0
+
+
+def test_war_lambda_algorithm_1():
+    war = WarLambda(zeta=30.0, alpha=0.1)
+    assert war.value.item() == 0.0
+    war.update(torch.tensor(2.0), torch.tensor(0.1))  # ratio 20 -> 0 + 0.1 * (30 - 20)
+    assert war.value.item() == pytest.approx(1.0)
+    war.update(torch.tensor(4.0), torch.tensor(0.05))  # ratio 80 -> max(1 + 0.1 * (30 - 80), 0)
+    assert war.value.item() == 0.0
+    state = war.state_dict()
+    other = WarLambda(1.0)
+    other.load_state_dict(state)
+    assert other.zeta == 30.0
+
+
+@pytest.mark.parametrize("attack", ["pgd", "cw", "trades", "fgsm"])
+def test_attacks_project_and_restore_model_state(attack):
+    model = tiny_cnn().train()
+    model[0].weight.requires_grad_(False)  # a frozen layer must stay frozen afterwards
+    before = model[1].running_mean.clone()
+    x = torch.rand(8, 3, 8, 8)
+    y = torch.randint(0, 3, (8,))
+    eps = 8 / 255
+    gen = torch.Generator().manual_seed(0)
+    if attack == "trades":
+        x_adv = trades_attack(model, x, eps=eps, step=0.1, steps=3, generator=gen)
+    elif attack == "fgsm":
+        x_adv = fgsm(model, x, y, eps=eps)
+    else:
+        x_adv = pgd(model, x, y, eps=eps, step=0.1, steps=3, loss="ce" if attack == "pgd" else "cw", generator=gen)
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert model.training and all(m.training for m in model.modules())
+    assert not model[0].weight.requires_grad and model[5].weight.requires_grad
+    assert torch.equal(model[1].running_mean, before), "attack ran in train mode (BN stats moved)"
+    assert not x_adv.requires_grad
+
+
+def test_fgsm_matches_the_definition():
+    model = tiny_cnn().eval()
+    x = torch.rand(4, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 0])
+    xr = x.clone().requires_grad_(True)
+    F.cross_entropy(model(xr), y, reduction="sum").backward()
+    expected = (x + 0.05 * xr.grad.sign()).clamp(0, 1)
+    assert torch.allclose(fgsm(model, x, y, eps=0.05), expected)
+
+
+def test_pgd_increases_loss_and_is_seeded():
+    model = tiny_cnn().eval()
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 3, (16,))
+    a = pgd(model, x, y, eps=0.1, step=0.02, steps=10, generator=torch.Generator().manual_seed(3))
+    b = pgd(model, x, y, eps=0.1, step=0.02, steps=10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    with torch.no_grad():
+        assert F.cross_entropy(model(a), y) > F.cross_entropy(model(x), y)
+
+
+def test_frozen_eval_restores_after_errors():
+    model = tiny_cnn().train()
+    with pytest.raises(RuntimeError):
+        with frozen_eval(model):
+            raise RuntimeError("boom")
+    assert model.training and all(p.requires_grad for p in model.parameters())
