@@ -177,19 +177,20 @@ def run_training(
         if cfg.war_calibrate and cfg.war_zeta is None:
             cfg.war_zeta = calibrate_war(cfg, out, progress=progress)
         source = model_source(cfg)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / "model.py", source)
-            meta = {"scaler_version": _version(), "torch": torch.__version__, "world_size": world}
-            cfg.extra = {**cfg.extra, **meta}
-            write_text_atomic(out / "config.json", cfg.to_json())
 
+    # Build the model and load the data before writing anything: bad input leaves no run behind.
     torch.manual_seed(cfg.seed)
     num_classes = NUM_CLASSES.get(cfg.dataset, 10)
     model = build_from_source(source, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     (x_train, y_train), (x_val, y_val) = load_data(cfg, device)
+    if not resume and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "model.py", source)
+        meta = {"scaler_version": _version(), "torch": torch.__version__, "world_size": world}
+        cfg.extra = {**cfg.extra, **meta}
+        write_text_atomic(out / "config.json", cfg.to_json())
     steps_per_epoch = _steps_per_epoch(len(y_train), cfg)
     autocast_dtype = resolve_precision(cfg.precision, device)
 

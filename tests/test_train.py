@@ -1,0 +1,142 @@
+"""Training runs on tiny data: run directory contents, exact resume, divergence, CLI errors."""
+
+import json
+
+import pytest
+import torch
+
+from scaler.errors import ScalerError
+from scaler.spec import ArchSpec
+from trainers.config import RECIPES, make_config
+from trainers.train import lr_at, run_training
+
+TINY = ArchSpec("basic", (1, 1, 1), (16, 32, 64)).to_dict()
+
+
+def tiny_config(**overrides):
+    base = dict(model="spec", spec=TINY, dataset="synthetic", epochs=3, batch_size=64, lr=0.05, attack_steps=2,
+                attack_step=2 / 255, val_n=32, eval_every=1, seed=0)
+    base.update(overrides)
+    return make_config(None, base)
+
+
+def test_run_directory_contents(tmp_path):
+    out = tmp_path / "run"
+    run_training(tiny_config(epochs=2, save_epochs=(1,)), out, progress=False)
+    assert {p.name for p in out.iterdir()} == {"model.py", "config.json", "metrics.jsonl", "last.pt", "best.pt",
+                                              "epoch_1.pt"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for key in ("train_loss", "train_acc", "val_clean", "val_pgd20", "val_cw40", "val_stable", "val_lip", "lr",
+                "lambda", "seconds"):
+        assert key in lines[-1]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and "optimizer" in ckpt and "rng" in ckpt and "model" in ckpt
+    config = json.loads((out / "config.json").read_text())
+    assert config["spec"] == TINY and config["dataset"] == "synthetic" and config["seed"] == 0
+    assert "class WideResNet" in (out / "model.py").read_text()
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("method", ["pgd-at", "trades"])
+def test_resume_is_bit_identical(tmp_path, method):
+    cfg = dict(method=method, ema=0.9) if method == "trades" else dict(method=method)
+    run_training(tiny_config(**cfg), tmp_path / "full", progress=False)
+    run_training(tiny_config(**cfg), tmp_path / "broken", progress=False, stop_after=2)
+    assert torch.load(tmp_path / "broken" / "last.pt", weights_only=True)["epoch"] == 2
+    run_training(None, tmp_path / "broken", resume=True, progress=False)
+    a, b = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "broken" / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    broken = (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(line).items() if "seconds" not in k} for line in full]
+    assert strip == [{k: v for k, v in json.loads(line).items() if "seconds" not in k} for line in broken]
+
+
+def test_refuses_to_clobber_a_run_and_resume_needs_one(tmp_path):
+    out = tmp_path / "run"
+    run_training(tiny_config(epochs=1), out, progress=False)
+    with pytest.raises(ScalerError, match="not empty"):
+        run_training(tiny_config(epochs=1), out, progress=False)
+    with pytest.raises(ScalerError, match="already finished"):
+        run_training(None, out, resume=True, progress=False)
+    with pytest.raises(ScalerError, match="nothing to resume"):
+        run_training(None, tmp_path / "nothing", resume=True, progress=False)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import trainers.losses as losses
+
+    real = losses.LOSSES["pgd-at"]
+    calls = {"n": 0}
+
+    def flaky(model, x, x_adv, y, beta=None):
+        calls["n"] += 1
+        total, *rest = real(model, x, x_adv, y, beta)
+        return (total * float("nan") if calls["n"] > 4 else total, *rest)  # 4 steps = epoch 1
+
+    monkeypatch.setitem(losses.LOSSES, "pgd-at", flaky)
+    out = tmp_path / "run"
+    with pytest.raises(ScalerError, match="diverged at epoch 2"):
+        run_training(tiny_config(), out, progress=False)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_schedules():
+    cfg = make_config("bat", {"model": "x"})
+    assert lr_at(cfg, 0, 10) == 0.1
+    assert lr_at(cfg, 750, 10) == pytest.approx(0.01)
+    assert lr_at(cfg, 900, 10) == pytest.approx(0.001)
+    cos = make_config(None, {"model": "x", "schedule": "cosine", "epochs": 10})
+    assert lr_at(cos, 50, 10) == pytest.approx(0.05)
+    one = make_config(None, {"model": "x", "schedule": "onecycle", "epochs": 10, "warmup_epochs": 1})
+    assert lr_at(one, 4, 10) == pytest.approx(0.05) and lr_at(one, 10, 10) == pytest.approx(0.1)
+
+
+def test_recipes_follow_the_reference():
+    nares = make_config("nares", {"model": "x"})
+    assert nares.attack_steps == 7 and nares.weight_decay == 5e-4 and nares.wd_exclude_bn_bias
+    assert nares.best_metric == "cw40" and nares.milestone_epochs() == [75, 90]
+    trades = make_config("trades-paper", {"model": "x", "epochs": 10})  # explicit flags win
+    assert trades.method == "trades" and trades.eps == 0.031 and trades.epochs == 10
+    assert make_config("mart-paper", {"model": "x"}).weight_decay == 7e-4
+    assert set(RECIPES) == {"bat", "nares", "trades-paper", "mart-paper"}
+
+
+def test_weight_decay_exclusion():
+    from scaler.builder import build_model
+    from trainers.step import make_optimizer
+
+    model = build_model(ArchSpec.from_dict(TINY))
+    opt = make_optimizer(model, make_config("nares", {"model": "x"}))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert all(p.ndim == 4 or p.ndim == 2 for p in model.parameters() if id(p) in decayed)
+    assert id(model.fc.bias) not in decayed and id(model.bn.weight) not in decayed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "wrn-34-10"], "--out"),
+        (["train", "wrn-99", "--out", "x"], "did you mean"),
+        (["train", "wrn-a1", "--out", "{tmp}/r", "--method", "magic"], "unknown method"),
+        (["train", "wrn-a1", "--out", "{tmp}/r", "--recipe", "fast"], "unknown recipe"),
+        (["train", "wrn-a1", "--out", "{tmp}/r", "--eps", "8/0"], "fraction"),
+        (["train", "wrn-a1", "--out", "{tmp}/r", "--dataset", "cifar10"], "--data-dir"),
+        (["train", "wrn-a1", "--out", "{tmp}/r", "--method", "pgd-at", "--war-zeta", "30"], "WAR applies"),
+        (["train", "nofile.py", "--out", "{tmp}/r"], "not found"),
+        (["train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
+        (["eval", "{tmp}/missing"], "no checkpoint"),
+        (["eval", "{tmp}", "--attacks", "pgd7"], "unknown attack"),
+    ],
+)
+def test_train_eval_bad_input(tmp_path, capsys, args, message):
+    from scaler.cli import main
+
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
