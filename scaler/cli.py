@@ -528,6 +528,69 @@ def eval_cmd(
         print(f"warning: {w}")
 
 
+@bench_app.command(name="train")
+def bench_train_cmd(
+    model: Optional[str] = typer.Argument(None, help="Preset name or model file."),
+    block: Optional[str] = typer.Option(None, help="Spec flags instead of MODEL: basic or robust."),
+    depths: Optional[str] = typer.Option(None),
+    widths: Optional[str] = typer.Option(None),
+    channels: Optional[str] = typer.Option(None),
+    method: str = typer.Option("pgd-at", help="pgd-at, trades or mart."),
+    batch_size: int = typer.Option(64),
+    steps: int = typer.Option(5, help="Timed steps (after warm-up)."),
+    warmup: int = typer.Option(2, help="Untimed warm-up steps."),
+    precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last"),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time the fp32 reference loop."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Images/s of full adversarial training steps (bat recipe attack) vs a plain fp32 loop."""
+    from scaler.builder import build_model, load_model_file
+    from scaler.cost import count
+    from trainers.bench import bench_train
+
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ScalerError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    label, spec = _train_model_spec(model, block, depths, widths, channels, None)
+    if spec is None:
+        net, flops = load_model_file(label), None
+    else:
+        from scaler.spec import ArchSpec
+
+        arch = ArchSpec.from_dict(spec)
+        net, flops = build_model(arch), count(arch).flops
+    result = bench_train(
+        net,
+        method=method,
+        batch_size=batch_size,
+        steps=steps,
+        warmup=warmup,
+        precision=precision,
+        compile=compile_model,
+        channels_last=channels_last,
+        device=device,
+        reference=reference,
+        flops_per_image=flops,
+    )
+    result["model"] = label
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(
+        f"{label}: {method}, batch {batch_size}, {result['precision']}, "
+        f"{'channels_last' if channels_last else 'NCHW'}{', compiled' if compile_model else ''} on {result['device']}"
+    )
+    print(f"ours       {result['images_per_s']:.1f} images/s ({result['seconds_per_step'] * 1000:.1f} ms/step)")
+    if reference:
+        print(
+            f"reference  {result['reference_images_per_s']:.1f} images/s (fp32 NCHW)   speedup {result['speedup']:.2f}x"
+        )
+    if "tflops_per_s" in result:
+        print(f"achieved   {result['tflops_per_s']:.2f} TFLOP/s (cost-model FLOPs x 3 x (attack steps + 1))")
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every error is one line on stderr and exit code 2."""

@@ -11,14 +11,45 @@ from scaler.cli import main
 pytestmark = pytest.mark.slow
 
 MODEL = ["--block", "basic", "--depths", "1,1,1", "--widths", "2,2,2"]
-COMMON = ["--dataset", "digits", "--batch-size", "64", "--lr", "0.1", "--schedule", "cosine", "--eps", "32/255",
-          "--attack-step", "12/255", "--attack-steps", "4", "--val-n", "64", "--seed", "0", "--quiet"]
+COMMON = [
+    "--dataset",
+    "digits",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.1",
+    "--schedule",
+    "cosine",
+    "--eps",
+    "32/255",
+    "--attack-step",
+    "12/255",
+    "--attack-steps",
+    "4",
+    "--val-n",
+    "64",
+    "--seed",
+    "0",
+    "--quiet",
+]
 
 
 def train(tmp, name, method, epochs, extra=()):
     out = tmp / name
-    args = ["train", *MODEL, *COMMON, "--method", method, "--epochs", str(epochs), "--eval-every", str(epochs),
-            "--out", str(out), *extra]
+    args = [
+        "train",
+        *MODEL,
+        *COMMON,
+        "--method",
+        method,
+        "--epochs",
+        str(epochs),
+        "--eval-every",
+        str(epochs),
+        "--out",
+        str(out),
+        *extra,
+    ]
     assert main(args) == 0
     return out
 
@@ -78,7 +109,8 @@ def test_per_block_lipschitz(runs, capsys):
     res = evaluate(capsys, runs["pgd-at"], "pgd20", n=32)
     assert "per_block_lip" not in res["pgd20"]
     capsys.readouterr()
-    assert main(["eval", str(runs["pgd-at"]), "--attacks", "pgd20", "--n", "32", "--per-block-lipschitz",
-                 "--json"]) == 0
+    assert (
+        main(["eval", str(runs["pgd-at"]), "--attacks", "pgd20", "--n", "32", "--per-block-lipschitz", "--json"]) == 0
+    )
     blocks = json.loads(capsys.readouterr().out)["pgd20"]["per_block_lip"]
     assert list(blocks) == ["stage1.0", "stage2.0", "stage3.0"] and all(v > 0 for v in blocks.values())

@@ -14,8 +14,19 @@ TINY = ArchSpec("basic", (1, 1, 1), (16, 32, 64)).to_dict()
 
 
 def tiny_config(**overrides):
-    base = dict(model="spec", spec=TINY, dataset="synthetic", epochs=3, batch_size=64, lr=0.05, attack_steps=2,
-                attack_step=2 / 255, val_n=32, eval_every=1, seed=0)
+    base = dict(
+        model="spec",
+        spec=TINY,
+        dataset="synthetic",
+        epochs=3,
+        batch_size=64,
+        lr=0.05,
+        attack_steps=2,
+        attack_step=2 / 255,
+        val_n=32,
+        eval_every=1,
+        seed=0,
+    )
     base.update(overrides)
     return make_config(None, base)
 
@@ -23,12 +34,28 @@ def tiny_config(**overrides):
 def test_run_directory_contents(tmp_path):
     out = tmp_path / "run"
     run_training(tiny_config(epochs=2, save_epochs=(1,)), out, progress=False)
-    assert {p.name for p in out.iterdir()} == {"model.py", "config.json", "metrics.jsonl", "last.pt", "best.pt",
-                                              "epoch_1.pt"}
+    assert {p.name for p in out.iterdir()} == {
+        "model.py",
+        "config.json",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "epoch_1.pt",
+    }
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
-    for key in ("train_loss", "train_acc", "val_clean", "val_pgd20", "val_cw40", "val_stable", "val_lip", "lr",
-                "lambda", "seconds"):
+    for key in (
+        "train_loss",
+        "train_acc",
+        "val_clean",
+        "val_pgd20",
+        "val_cw40",
+        "val_stable",
+        "val_lip",
+        "lr",
+        "lambda",
+        "seconds",
+    ):
         assert key in lines[-1]
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and "optimizer" in ckpt and "rng" in ckpt and "model" in ckpt
