@@ -137,3 +137,26 @@ def test_frozen_eval_restores_after_errors():
         with frozen_eval(model):
             raise RuntimeError("boom")
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_folded_batchnorm_is_eval_batchnorm():
+    from trainers.attacks import folded_batchnorm
+
+    model = tiny_cnn()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 2)
+        model[1].bias.uniform_(-1, 1)
+    model.eval()
+    x = torch.rand(4, 3, 8, 8)
+    expected = model(x)
+    with folded_batchnorm(model):
+        assert "forward" in model[1].__dict__
+        assert torch.allclose(model(x), expected, atol=1e-5)
+    assert "forward" not in model[1].__dict__  # restored
+    y = torch.tensor([0, 1, 2, 0])
+    a = pgd(model, x, y, eps=0.1, step=0.02, steps=5, generator=torch.Generator().manual_seed(0))
+    b = pgd(model, x, y, eps=0.1, step=0.02, steps=5, generator=torch.Generator().manual_seed(0), fold_bn=True)
+    assert (a - b).abs().max() <= 0.02 + 1e-6  # same attack; at most a sign flip on a near-zero gradient
+    assert (a == b).float().mean() > 0.99

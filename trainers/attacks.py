@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,31 @@ def frozen_eval(model: torch.nn.Module):
             m.training = mode
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextmanager
+def folded_batchnorm(model: torch.nn.Module):
+    """Within an eval-mode attack, run every BatchNorm as its exact per-channel affine map
+    x * scale + shift (one fused elementwise op forward and backward). Same function as eval-mode
+    BN; native BN backward is several times slower on the CPU in bf16. Restored on exit."""
+    patched = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_var is not None and not m.training:
+            scale = torch.rsqrt(m.running_var + m.eps)
+            if m.weight is not None:
+                scale = scale * m.weight
+            shift = -m.running_mean * scale
+            if m.bias is not None:
+                shift = shift + m.bias
+            shape = (1, -1) + (1,) * 2
+            s, b = scale.detach().view(shape), shift.detach().view(shape)
+            m.forward = lambda x, s=s, b=b: torch.addcmul(b.to(x.dtype), x, s.to(x.dtype))
+            patched.append(m)
+    try:
+        yield model
+    finally:
+        for m in patched:
+            del m.forward
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -93,11 +118,13 @@ def pgd(
     start_std: float | None = None,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    fold_bn: bool = False,
 ) -> torch.Tensor:
-    """L-inf PGD with sign steps on CE or the CW margin; returns the adversarial batch (detached)."""
+    """L-inf PGD with sign steps on CE or the CW margin; returns the adversarial batch (detached).
+    `fold_bn` runs BatchNorm as its affine map during the attack (training speed path)."""
     loss_fn = LOSSES[loss]
     x = x.detach()
-    with frozen_eval(model):
+    with frozen_eval(model), _maybe_fold(model, fold_bn):
         x_adv = random_start(x, eps, start, generator, start_std)
         for _ in range(steps):
             x_adv.requires_grad_(True)
@@ -114,11 +141,11 @@ def fgsm(model, x, y, *, eps: float) -> torch.Tensor:
 
 
 def trades_attack(
-    model, x, *, eps: float, step: float, steps: int, generator=None, autocast_dtype=None
+    model, x, *, eps: float, step: float, steps: int, generator=None, autocast_dtype=None, fold_bn: bool = False
 ) -> torch.Tensor:
     """TRADES inner maximisation: from x + 0.001 N(0, I), sign steps on KL(p(x) || p(x'))."""
     x = x.detach()
-    with frozen_eval(model):
+    with frozen_eval(model), _maybe_fold(model, fold_bn):
         with torch.no_grad(), _autocast(x, autocast_dtype):
             p_nat = F.softmax(model(x).float(), dim=1)
         noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype) * 0.001
@@ -131,6 +158,10 @@ def trades_attack(
             (grad,) = torch.autograd.grad(value, x_adv)
             x_adv = project(x_adv.detach() + step * grad.sign(), x, eps)
     return x_adv.detach()
+
+
+def _maybe_fold(model, enabled: bool):
+    return folded_batchnorm(model) if enabled else nullcontext()
 
 
 def _autocast(x: torch.Tensor, dtype: torch.dtype | None):

@@ -1,7 +1,7 @@
 """One adversarial training step, shared by `scaler train` and `scaler bench train`.
 
 What makes it fast without changing what is computed: the attack runs with parameters frozen
-(input gradients only), forward/backward under bf16 autocast where the hardware has it (the
+(input gradients only) and eval-mode BatchNorm folded to its affine map, forward/backward under bf16 autocast where the hardware has it (the
 perturbation, projections, losses, BN statistics and optimizer state stay fp32), channels_last
 tensors, a foreach/fused optimizer, and no host synchronisation: running sums live on the device.
 """
@@ -79,7 +79,7 @@ class Stepper:
         ema=None,
     ):
         self.model = model  # possibly DDP-wrapped: used for the outer loss
-        self.attack_model = attack_model or model  # the plain module: attacks need no gradient sync
+        self.attack_model = attack_model if attack_model is not None else model  # attacks need no grad sync
         self.opt = optimizer
         self.cfg = cfg
         self.device = device
@@ -89,6 +89,8 @@ class Stepper:
         self.ema = ema
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_fn = LOSSES.get(cfg.method)
+        # Eval-mode BN as a fused affine map in attacks; a compiled model fuses it by itself.
+        self.fold_bn = not cfg.compile
         self.reset_stats()
 
     def reset_stats(self):
