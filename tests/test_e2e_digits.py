@@ -65,7 +65,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("digits")
     return {
         "standard": train(tmp, "standard", "standard", 15),
-        "pgd-at": train(tmp, "pgd-at", "pgd-at", 15),
+        "pgd-at": train(tmp, "pgd-at", "pgd-at", 15, ["--precision", "bf16"]),
+        "pgd-at-fp32": train(tmp, "pgd-at-fp32", "pgd-at", 15, ["--precision", "fp32"]),
     }
 
 
@@ -77,6 +78,13 @@ def test_pgd_at_is_far_more_robust_than_standard(runs, capsys):
     assert adv["pgd20"]["accuracy"] >= 40 and adv["cw40"]["accuracy"] >= 40
     assert adv["pgd20"]["lip"] < std["pgd20"]["lip"]  # adversarial training flattens the model
     assert not [w for w in adv["warnings"] if "broken" in w]
+
+
+def test_bf16_training_costs_no_robustness(runs, capsys):
+    """Same seed, same epochs: bf16 autocast PGD-AT within 2 points of fp32 on PGD-20 (whole test set)."""
+    bf16 = evaluate(capsys, runs["pgd-at"], "pgd20", n=400)
+    fp32 = evaluate(capsys, runs["pgd-at-fp32"], "pgd20", n=400)
+    assert abs(bf16["pgd20"]["accuracy"] - fp32["pgd20"]["accuracy"]) <= 2.0
 
 
 @pytest.mark.parametrize("method", ["trades", "mart"])
