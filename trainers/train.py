@@ -174,6 +174,8 @@ def run_training(
     else:
         if out.exists() and any(out.iterdir()):
             raise ScalerError(f"run directory {out} is not empty; pass --resume or choose another --out")
+        if world > 1:  # every rank checks before rank 0 writes anything
+            torch.distributed.barrier()
         if cfg.war_calibrate and cfg.war_zeta is None:
             cfg.war_zeta = calibrate_war(cfg, out, progress=progress)
         source = model_source(cfg)
