@@ -83,19 +83,6 @@ def block_cost(block: str, cin, planes, stride: int, res, *, smooth: bool = Fals
     return Cost(*cf.robust_block(cin, w, wg, ROBUST_SCALES, se, cout, res, ho, proj))
 
 
-def _network_cost(block, depths, planes, stem, strides, res, classes, smooth) -> Cost:
-    total = Cost(*cf.stem_layer(stem, res))
-    cin = stem
-    for depth, p, stride in zip(depths, planes, strides):
-        first = block_cost(block, cin, p, stride, res, smooth=smooth, first=True)
-        res = out_resolution(res, stride) if not smooth else res / stride
-        cout = block_out_channels(block, p) if not smooth else p * (ROBUST_EXPANSION if block == "robust" else 1)
-        rest = block_cost(block, cout, p, 1, res, smooth=smooth)
-        total = total + first + rest.scaled(depth - 1)
-        cin = cout
-    return total + Cost(*cf.head(cin, classes, res))
-
-
 def count(spec: ArchSpec) -> Cost:
     """Exact params and fvcore FLOPs of the model the templates render for `spec`."""
     return count_config(
@@ -160,6 +147,14 @@ def continuous_cost(
     num_classes: int = 10,
 ) -> Cost:
     """The cost polynomial at real-valued depths and planes (floors dropped; every block after the
-    first of a stage treated as an identity block). Agrees with `count` on published configs up to
-    the SE floor and the first block's projection."""
-    return _network_cost(block, depths, planes, stem, (1, 2, 2), float(resolution), num_classes, True)
+    first of a stage treated as an identity block, the first always with its projection). Agrees
+    with `count` on published configs up to the SE floor and stage-1 projections."""
+    res = float(resolution)
+    total, cin = Cost(*cf.stem_layer(stem, res)), stem
+    for depth, p, stride in zip(depths, planes, (1, 2, 2)):
+        first = block_cost(block, cin, p, stride, res, smooth=True, first=True)
+        res = res / stride
+        cout = p * (ROBUST_EXPANSION if block == "robust" else 1)
+        total = total + first + block_cost(block, cout, p, 1, res, smooth=True).scaled(depth - 1)
+        cin = cout
+    return total + Cost(*cf.head(cin, num_classes, res))
