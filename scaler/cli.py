@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         result = command.main(args=argv, prog_name="scaler", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except ScalerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
     except click_exc.NoArgsIsHelpError as exc:  # bare `scaler` or group: show help
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
     except click_exc.UsageError as exc:

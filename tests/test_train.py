@@ -158,11 +158,13 @@ def test_weight_decay_exclusion():
         (["train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
         (["eval", "{tmp}/missing"], "no checkpoint"),
         (["eval", "{tmp}", "--attacks", "pgd7"], "unknown attack"),
+        (["eval", "{tmp}/junk.pt"], "not a torch checkpoint"),
     ],
 )
 def test_train_eval_bad_input(tmp_path, capsys, args, message):
     from scaler.cli import main
 
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04 not a checkpoint")
     code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err

@@ -76,8 +76,11 @@ def save_atomic(obj, path: Path) -> None:
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ScalerError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # torch's messages run to many lines: keep the first
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ScalerError(
+            f"cannot read checkpoint {path} (not a torch checkpoint?): {type(exc).__name__}: {first}"
+        ) from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
