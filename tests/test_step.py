@@ -98,3 +98,12 @@ def test_bench_cli_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["images_per_s"] > 0 and data["speedup"] > 0 and data["flops_per_step"] > 0
     assert main(["bench", "train", "wrn-a1", "--method", "standard"]) == 2
+
+
+def test_channels_last_hazard_is_detected():
+    from trainers.step import channels_last_hazard
+
+    cpu = torch.device("cpu")
+    assert channels_last_hazard(build_model(ArchSpec("basic", (1, 1, 1), (8, 16, 32))), cpu)
+    assert channels_last_hazard(build_model(SPEC), cpu) is None
+    assert channels_last_hazard(build_model(ArchSpec("robust", (1, 1, 1), (16, 32, 64))), cpu) is None

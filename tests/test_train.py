@@ -169,3 +169,56 @@ def test_train_eval_bad_input(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_war_adapts_lambda(tmp_path):
+    out = tmp_path / "war"
+    run_training(tiny_config(method="trades", war_zeta=5.0, epochs=2), out, progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["lambda"] is not None and r["lambda"] >= 0 for r in records)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["war"]["zeta"] == 5.0 and float(ckpt["war"]["value"]) == records[-1]["lambda"]
+
+
+def test_war_calibrate_measures_zeta_on_a_thin_network(tmp_path):
+    out = tmp_path / "war"
+    run_training(tiny_config(method="trades", war_calibrate=True, epochs=1), out, progress=False)
+    calib = out / "war-calibration"
+    thin = json.loads((calib / "config.json").read_text())["spec"]
+    assert thin["planes"] == [8, 16, 32]  # halved (16, 32, 64); also the channels_last-hazard regression
+    assert json.loads((calib / "config.json").read_text())["channels_last"] is False
+    zeta = json.loads((calib / "war_zeta.json").read_text())["zeta"]
+    assert zeta > 0 and json.loads((out / "config.json").read_text())["war_zeta"] == zeta
+
+
+def test_train_a_model_file(tmp_path, capsys):
+    from scaler.cli import main
+    from scaler.codegen import emit
+
+    path = emit(ArchSpec.from_dict(TINY), tmp_path / "net.py")
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                str(path),
+                "--dataset",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--val-n",
+                "16",
+                "--attack-steps",
+                "1",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (out / "model.py").read_text() == path.read_text()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--n", "16", "--attacks", "clean,fgsm", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["clean"]["n"] == 16 and "fgsm" in res

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from scaler.errors import ScalerError
 from trainers.config import make_config
-from trainers.step import Stepper, make_optimizer, resolve_device, resolve_precision
+from trainers.step import Stepper, channels_last_hazard, make_optimizer, resolve_device, resolve_precision
 
 
 def _timer(device):
@@ -115,6 +115,8 @@ def bench_train(
     result = {"method": method, "batch_size": batch_size, "steps": steps, "device": str(dev)}
 
     ours_model = copy.deepcopy(model).to(dev)
+    if channels_last and channels_last_hazard(ours_model, dev):
+        channels_last = False  # see channels_last_hazard: a torch CPU bug for tiny shortcuts
     if channels_last:
         ours_model = ours_model.to(memory_format=torch.channels_last)
     step_model = torch.compile(ours_model) if compile else ours_model

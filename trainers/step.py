@@ -45,6 +45,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def channels_last_hazard(model, device) -> str | None:
+    """Why channels_last must not be used for this model here, or None.
+
+    torch 2.13's CPU backward of a 1x1 stride-2 convolution with fewer than 16 input channels
+    segfaults in channels_last for some batch sizes (e.g. Conv2d(8, 16, 1, 2) at batch 39). Only
+    tiny basic-block models (a stage planes < 16) have such a shortcut; they train in NCHW."""
+    if device.type != "cpu":
+        return None
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 16:
+            return f"{name} is a 1x1 strided conv on {m.in_channels} channels (torch CPU channels_last bug)"
+    return None
+
+
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():

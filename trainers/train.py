@@ -30,7 +30,7 @@ from trainers.config import TrainConfig
 from trainers.data import NUM_CLASSES, augment, batches, holdout, load_cifar101, load_split
 from trainers.evaluate import evaluate
 from trainers.losses import WarLambda
-from trainers.step import Ema, Stepper, make_optimizer, resolve_device, resolve_precision
+from trainers.step import Ema, Stepper, channels_last_hazard, make_optimizer, resolve_device, resolve_precision
 
 CHECKPOINT_VERSION = 1
 
@@ -187,6 +187,10 @@ def run_training(
     torch.manual_seed(cfg.seed)
     num_classes = NUM_CLASSES.get(cfg.dataset, 10)
     model = build_from_source(source, num_classes).to(device)
+    hazard = channels_last_hazard(model, device) if cfg.channels_last else None
+    if hazard:
+        print(f"note: training in NCHW, not channels_last: {hazard}", file=sys.stderr)
+        cfg.channels_last = False
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     (x_train, y_train), (x_val, y_val) = load_data(cfg, device)
@@ -416,11 +420,7 @@ def calibrate_war(cfg: TrainConfig, out: Path, progress: bool = True) -> float:
     low = 16 if spec.block == "robust" else 1
     thin = replace(spec, planes=tuple(max(low, p // 2) for p in spec.planes), name=None)
     thin_cfg = replace(cfg, spec=thin.to_dict(), war_calibrate=False, war_zeta=None, save_epochs=(), extra={})
-    calib_dir = Path(str(out) + "-war-calibration")
-    if calib_dir.exists():
-        shutil.rmtree(calib_dir)
-    ratios = _train_and_measure_ratio(thin_cfg, calib_dir, progress)
-    return ratios
+    return _train_and_measure_ratio(thin_cfg, out / "war-calibration", progress)
 
 
 def _train_and_measure_ratio(cfg: TrainConfig, out: Path, progress: bool) -> float:
@@ -435,7 +435,7 @@ def _train_and_measure_ratio(cfg: TrainConfig, out: Path, progress: bool) -> flo
     stepper = Stepper(
         model, make_optimizer(model, cfg), cfg, device=device, autocast_dtype=None, attack_generator=gen, war=None
     )
-    nat, rob = 0.0, 0.0
+    nat, rob = 0.0, 0.0  # summed over up to 8 training batches
     for idx in list(batches(len(y), cfg.batch_size, None, device))[:8]:
         x_adv = stepper.adversarial(x[idx], y[idx])
         model.train()
