@@ -7,6 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI must be deterministic).
+settings.register_profile("scaler", derandomize=True, database=None)
+settings.load_profile("scaler")
 
 
 def fvcore_flops(model, resolution: int = 32) -> tuple[int, dict]:
