@@ -222,3 +222,43 @@ def test_train_a_model_file(tmp_path, capsys):
     assert main(["eval", str(out), "--n", "16", "--attacks", "clean,fgsm", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["clean"]["n"] == 16 and "fgsm" in res
+
+
+def test_resume_that_extends_epochs_is_recorded(tmp_path):
+    out = tmp_path / "run"
+    run_training(tiny_config(epochs=1), out, progress=False)
+    run_training(None, out, resume=True, progress=False, epochs=2)
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    with pytest.raises(ScalerError, match="already finished 2"):
+        run_training(None, out, resume=True, progress=False)
+
+
+def test_compile_also_compiles_the_attack(tmp_path, monkeypatch):
+    """Attacks are most of the work: with --compile they must run on the compiled module."""
+    import trainers.train as train_mod
+
+    compiled = []
+
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper, without compiling
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    def fake_compile(module):
+        compiled.append(Compiled(module))
+        return compiled[-1]
+
+    seen = {}
+    real_stepper = train_mod.Stepper
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_stepper(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod.torch, "compile", fake_compile)
+    monkeypatch.setattr(train_mod, "Stepper", spy)
+    run_training(tiny_config(epochs=1, compile=True, attack_steps=1), tmp_path / "run", progress=False)
+    assert isinstance(seen["attack_model"], Compiled) and seen["attack_model"].inner is not None

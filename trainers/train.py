@@ -73,6 +73,12 @@ def save_atomic(obj, path: Path) -> None:
         raise
 
 
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -194,11 +200,12 @@ def run_training(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     (x_train, y_train), (x_val, y_val) = load_data(cfg, device)
-    if not resume and rank == 0:
+    if rank == 0 and not resume:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "model.py", source)
         meta = {"scaler_version": _version(), "torch": torch.__version__, "world_size": world}
         cfg.extra = {**cfg.extra, **meta}
+    if rank == 0 and (not resume or epochs is not None):  # a resume that extends the run records it
         write_text_atomic(out / "config.json", cfg.to_json())
     steps_per_epoch = _steps_per_epoch(len(y_train), cfg)
     autocast_dtype = resolve_precision(cfg.precision, device)
@@ -233,9 +240,13 @@ def run_training(
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
-    step_model = train_model
+    # Attacks (most of the work) use the plain module, compiled too with --compile; the outer
+    # loss goes through DDP when there is one.
+    attack_model = torch.compile(model) if cfg.compile else model
     if cfg.compile:
-        step_model = torch.compile(train_model)
+        step_model = attack_model if world == 1 else torch.compile(train_model)
+    else:
+        step_model = train_model
     stepper = Stepper(
         step_model,
         optimizer,
@@ -244,7 +255,7 @@ def run_training(
         autocast_dtype=autocast_dtype,
         attack_generator=attack_gen,
         war=war,
-        attack_model=model,
+        attack_model=attack_model,
         ema=ema,
     )
 
@@ -318,11 +329,9 @@ def run_training(
             }
             save_atomic(ckpt, out / "last.pt")
             if is_best:
-                shutil.copyfile(out / "last.pt", out / ".best.tmp")
-                os.replace(out / ".best.tmp", out / "best.pt")
+                _copy_atomic(out / "last.pt", out / "best.pt")
             if epoch + 1 in cfg.save_epochs:
-                shutil.copyfile(out / "last.pt", out / f".epoch_{epoch + 1}.tmp")
-                os.replace(out / f".epoch_{epoch + 1}.tmp", out / f"epoch_{epoch + 1}.pt")
+                _copy_atomic(out / "last.pt", out / f"epoch_{epoch + 1}.pt")
             with open(out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             if progress:
