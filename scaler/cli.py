@@ -344,7 +344,7 @@ def compare(
 
 
 # --------------------------------------------------------------------------- train / eval
-def _train_model_spec(model, block, depths, widths, channels, activation, path_ok=True):
+def _train_model_spec(model, block, depths, widths, channels, activation):
     """(model label, spec dict or None) for `scaler train`: a preset, a model file, or spec flags."""
     from pathlib import Path
 

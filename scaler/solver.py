@@ -103,18 +103,21 @@ class Solution:
             "objective": list(self.objective),
             "published": self.published,
             "published_match": bool(pub and pub.spec == self.spec),
-            "published_spec": (
-                {
-                    "depths": list(pub.spec.depths),
-                    "widths": list(pub.spec.widths),
-                    "params": count(pub.spec).params,
-                    "flops": count(pub.spec).flops,
-                }
-                if pub
-                else None
-            ),
+            "published_spec": _published_spec(pub),
             "spec": self.spec.to_dict(),
         }
+
+
+def _published_spec(preset) -> dict | None:
+    if preset is None:
+        return None
+    cost = count(preset.spec)
+    return {
+        "depths": list(preset.spec.depths),
+        "widths": list(preset.spec.widths),
+        "params": cost.params,
+        "flops": cost.flops,
+    }
 
 
 def _ratios(values) -> list[float]:
@@ -128,7 +131,7 @@ def get_rule(name: str) -> Rule:
     return RULES[name]
 
 
-def _poly_fit(f, degree: int = 3) -> tuple[float, ...]:
+def _poly_fit(f) -> tuple[float, ...]:
     """Exact coefficients (constant first) of a polynomial of degree <= 3 from 4 samples."""
     xs = [1.0, 2.0, 3.0, 4.0]
     ys = [f(x) for x in xs]

@@ -42,7 +42,7 @@ def one_step(model, compile_model=False, channels_last=False):
     return net
 
 
-def test_channels_last_and_folded_bn_give_the_same_update():
+def test_channels_last_gives_the_same_update():
     torch.manual_seed(0)
     model = build_model(SPEC)
     a = one_step(copy.deepcopy(model))
