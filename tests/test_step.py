@@ -107,3 +107,41 @@ def test_channels_last_hazard_is_detected():
     assert channels_last_hazard(build_model(ArchSpec("basic", (1, 1, 1), (8, 16, 32))), cpu)
     assert channels_last_hazard(build_model(SPEC), cpu) is None
     assert channels_last_hazard(build_model(ArchSpec("robust", (1, 1, 1), (16, 32, 64))), cpu) is None
+
+
+def test_bench_falls_back_to_nchw_for_hazard_models():
+    """Run in a subprocess: on failure this is a segfault, not an exception."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scaler.cli",
+            "bench",
+            "train",
+            "--block",
+            "basic",
+            "--depths",
+            "1,1,1",
+            "--channels",
+            "8,16,32",
+            "--batch-size",
+            "39",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--no-reference",
+            "--precision",
+            "fp32",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-500:]
+    assert json.loads(res.stdout)["channels_last"] is False

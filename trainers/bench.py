@@ -117,6 +117,7 @@ def bench_train(
     ours_model = copy.deepcopy(model).to(dev)
     if channels_last and channels_last_hazard(ours_model, dev):
         channels_last = False  # see channels_last_hazard: a torch CPU bug for tiny shortcuts
+        cfg.channels_last = False  # the Stepper lays out its inputs by the config
     if channels_last:
         ours_model = ours_model.to(memory_format=torch.channels_last)
     step_model = torch.compile(ours_model) if compile else ours_model
