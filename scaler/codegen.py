@@ -8,14 +8,13 @@ numbers and fixed identifiers reach the templates, so no spec can inject code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from scaler.cost import count
 from scaler.errors import ScalerError
+from scaler.fileio import write_text_atomic
 from scaler.spec import ArchSpec
 
 BLOCK_TEMPLATES = {"basic": ("basic_block.py.j2", "BasicBlock"), "robust": ("robust_block.py.j2", "RobustResBlock")}
@@ -98,26 +97,7 @@ def render(spec: ArchSpec, provenance: Provenance | None = None) -> str:
 
 def write_atomic(path: Path, text: str, *, force: bool = False, parents: bool = False) -> Path:
     """Write `text` to `path` via a temp file + rename: the target is whole or untouched."""
-    path = Path(path)
-    if path.exists() and path.is_dir():
-        raise ScalerError(f"{path} is a directory; give a file path")
-    if path.exists() and not force:
-        raise ScalerError(f"{path} exists; pass --force to overwrite it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        if not parents:
-            raise ScalerError(f"directory {parent} does not exist; create it or pass --parents")
-        parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text, force=force, parents=parents)
 
 
 def emit(spec: ArchSpec, path: Path | str, *, provenance: Provenance | None = None, force=False, parents=False):

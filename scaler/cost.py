@@ -96,6 +96,23 @@ def count(spec: ArchSpec) -> Cost:
     )
 
 
+def payload(spec: ArchSpec, cost: Cost | None = None) -> dict:
+    """The JSON view of a spec and its exact cost, shared by `scaler count`, `solve` and studies."""
+    cost = cost if cost is not None else count(spec)
+    return {
+        "name": spec.name,
+        "block": spec.block,
+        "depths": list(spec.depths),
+        "widths": list(spec.widths),
+        "channels": list(spec.channels),
+        "activation": spec.activation,
+        "num_classes": spec.num_classes,
+        "params": cost.params,
+        "flops": cost.flops,
+        "breakdown": cost.breakdown,
+    }
+
+
 _exact_block = lru_cache(maxsize=65536)(block_cost)
 
 

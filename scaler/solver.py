@@ -8,10 +8,10 @@ Two steps, the same for every rule:
    (`tests/test_solver.py` checks both against sympy's symbolic solve).
 2. Integer. Every configuration in the rule's neighbourhood of the continuous point is costed
    exactly and the minimum of this objective is chosen, compared in order:
-     a. excess = max(0, |cost/target - 1| - TOLERANCE)   (distance to the budget, beyond 5%)
+     a. excess = max(0, |cost/target - 1| - TOLERANCE)   (distance to the budget, beyond TOLERANCE, 2.5%)
      b. Euclidean distance to the continuous point        (distance to the rule's ratios/scale)
      c. |cost/target - 1|                                   (tie-break: closest to the budget)
-   so the rule's shape wins among configurations within 5% of the budget, and the budget wins
+   so the rule's shape wins among configurations within 2.5% of the budget, and the budget wins
    otherwise. Configurations over a cap (`--max-params`, `--max-flops`) are never chosen.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from scaler.cost import Cost, continuous_cost, count, params_flops
+from scaler.cost import Cost, continuous_cost, count, params_flops, payload
 from scaler.errors import ScalerError
 from scaler.parsing import format_count
 from scaler.presets import PRESETS
@@ -80,13 +80,7 @@ class Solution:
         pub = PRESETS[self.published] if self.published else None
         return {
             "rule": self.rule,
-            "block": self.spec.block,
-            "depths": list(self.spec.depths),
-            "widths": list(self.spec.widths),
-            "channels": list(self.spec.channels),
-            "params": self.cost.params,
-            "flops": self.cost.flops,
-            "breakdown": self.cost.breakdown,
+            **payload(self.spec, self.cost),
             "target": {"metric": self.target.metric, "value": self.target.value},
             "cap": {"metric": self.cap.metric, "value": self.cap.value} if self.cap else None,
             "capped": self.capped,

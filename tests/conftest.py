@@ -33,7 +33,7 @@ def numel(model) -> int:
 def run_cli(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `scaler ARGS` in a fresh interpreter, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "scaler.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+        [sys.executable, "-m", "scaler_cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
     )
 
 

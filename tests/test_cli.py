@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from scaler.cli import main
 from scaler.presets import PRESETS
+from scaler_cli.app import main
 
 
 def run(capsys, *args):
@@ -118,7 +118,7 @@ def test_solve_path_imports_no_torch():
     import sys
 
     code = (
-        "import sys; from scaler.cli import main; main(['solve', '--flops', '10G', '--json']); "
+        "import sys; from scaler_cli.app import main; main(['solve', '--flops', '10G', '--json']); "
         "bad = [m for m in ('torch', 'fvcore', 'sympy') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -148,7 +148,7 @@ def test_missing_parent_is_an_error_unless_asked(tmp_path):
 
 
 def test_failed_render_writes_nothing(tmp_path, monkeypatch):
-    import scaler.codegen as cg
+    import scaler.fileio as cg
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")

@@ -42,7 +42,7 @@ def torchrun(*args):
         "--nproc_per_node",
         "2",
         "-m",
-        "scaler.cli",
+        "scaler_cli",
         "train",
         *args,
     ]
@@ -62,7 +62,7 @@ def losses(run):
 
 
 def test_ddp_two_processes_tracks_single_process_and_resumes(tmp_path):
-    from scaler.cli import main
+    from scaler_cli.app import main
 
     single = tmp_path / "single"
     assert main(["train", *ARGS, "--epochs", "3", "--out", str(single)]) == 0

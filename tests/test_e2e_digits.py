@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from scaler.cli import main
+from scaler_cli.app import main
 
 pytestmark = pytest.mark.slow
 

@@ -71,7 +71,7 @@ def test_precision_resolution():
 def test_bench_cli_json(capsys):
     import json
 
-    from scaler.cli import main
+    from scaler_cli.app import main
 
     assert (
         main(
@@ -119,7 +119,7 @@ def test_bench_falls_back_to_nchw_for_hazard_models():
         [
             sys.executable,
             "-m",
-            "scaler.cli",
+            "scaler_cli",
             "bench",
             "train",
             "--block",

@@ -8,7 +8,8 @@ import torch
 from scaler.errors import ScalerError
 from scaler.spec import ArchSpec
 from trainers.config import RECIPES, make_config
-from trainers.train import lr_at, run_training
+from trainers.run import resume, train
+from trainers.schedule import lr_at
 
 TINY = ArchSpec("basic", (1, 1, 1), (16, 32, 64)).to_dict()
 
@@ -33,7 +34,7 @@ def tiny_config(**overrides):
 
 def test_run_directory_contents(tmp_path):
     out = tmp_path / "run"
-    run_training(tiny_config(epochs=2, save_epochs=(1,)), out, progress=False)
+    train(tiny_config(epochs=2, save_epochs=(1,)), out, progress=False)
     assert {p.name for p in out.iterdir()} == {
         "model.py",
         "config.json",
@@ -71,10 +72,10 @@ def _weights(path):
 @pytest.mark.parametrize("method", ["pgd-at", "trades"])
 def test_resume_is_bit_identical(tmp_path, method):
     cfg = dict(method=method, ema=0.9) if method == "trades" else dict(method=method)
-    run_training(tiny_config(**cfg), tmp_path / "full", progress=False)
-    run_training(tiny_config(**cfg), tmp_path / "broken", progress=False, stop_after=2)
+    train(tiny_config(**cfg), tmp_path / "full", progress=False)
+    train(tiny_config(**cfg), tmp_path / "broken", progress=False, stop_after=2)
     assert torch.load(tmp_path / "broken" / "last.pt", weights_only=True)["epoch"] == 2
-    run_training(None, tmp_path / "broken", resume=True, progress=False)
+    resume(tmp_path / "broken", progress=False)
     a, b = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "broken" / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
@@ -85,13 +86,13 @@ def test_resume_is_bit_identical(tmp_path, method):
 
 def test_refuses_to_clobber_a_run_and_resume_needs_one(tmp_path):
     out = tmp_path / "run"
-    run_training(tiny_config(epochs=1), out, progress=False)
+    train(tiny_config(epochs=1), out, progress=False)
     with pytest.raises(ScalerError, match="not empty"):
-        run_training(tiny_config(epochs=1), out, progress=False)
+        train(tiny_config(epochs=1), out, progress=False)
     with pytest.raises(ScalerError, match="already finished"):
-        run_training(None, out, resume=True, progress=False)
+        resume(out, progress=False)
     with pytest.raises(ScalerError, match="nothing to resume"):
-        run_training(None, tmp_path / "nothing", resume=True, progress=False)
+        resume(tmp_path / "nothing", progress=False)
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -108,7 +109,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setitem(losses.LOSSES, "pgd-at", flaky)
     out = tmp_path / "run"
     with pytest.raises(ScalerError, match="diverged at epoch 2"):
-        run_training(tiny_config(), out, progress=False)
+        train(tiny_config(), out, progress=False)
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
 
 
@@ -162,7 +163,7 @@ def test_weight_decay_exclusion():
     ],
 )
 def test_train_eval_bad_input(tmp_path, capsys, args, message):
-    from scaler.cli import main
+    from scaler_cli.app import main
 
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04 not a checkpoint")
     code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
@@ -173,7 +174,7 @@ def test_train_eval_bad_input(tmp_path, capsys, args, message):
 
 def test_war_adapts_lambda(tmp_path):
     out = tmp_path / "war"
-    run_training(tiny_config(method="trades", war_zeta=5.0, epochs=2), out, progress=False)
+    train(tiny_config(method="trades", war_zeta=5.0, epochs=2), out, progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["lambda"] is not None and r["lambda"] >= 0 for r in records)
     ckpt = torch.load(out / "last.pt", weights_only=True)
@@ -182,7 +183,7 @@ def test_war_adapts_lambda(tmp_path):
 
 def test_war_calibrate_measures_zeta_on_a_thin_network(tmp_path):
     out = tmp_path / "war"
-    run_training(tiny_config(method="trades", war_calibrate=True, epochs=1), out, progress=False)
+    train(tiny_config(method="trades", war_calibrate=True, epochs=1), out, progress=False)
     calib = out / "war-calibration"
     thin = json.loads((calib / "config.json").read_text())["spec"]
     assert thin["planes"] == [8, 16, 32]  # halved (16, 32, 64); also the channels_last-hazard regression
@@ -192,8 +193,8 @@ def test_war_calibrate_measures_zeta_on_a_thin_network(tmp_path):
 
 
 def test_train_a_model_file(tmp_path, capsys):
-    from scaler.cli import main
     from scaler.codegen import emit
+    from scaler_cli.app import main
 
     path = emit(ArchSpec.from_dict(TINY), tmp_path / "net.py")
     out = tmp_path / "run"
@@ -226,16 +227,16 @@ def test_train_a_model_file(tmp_path, capsys):
 
 def test_resume_that_extends_epochs_is_recorded(tmp_path):
     out = tmp_path / "run"
-    run_training(tiny_config(epochs=1), out, progress=False)
-    run_training(None, out, resume=True, progress=False, epochs=2)
+    train(tiny_config(epochs=1), out, progress=False)
+    resume(out, progress=False, epochs=2)
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
     with pytest.raises(ScalerError, match="already finished 2"):
-        run_training(None, out, resume=True, progress=False)
+        resume(out, progress=False)
 
 
 def test_compile_also_compiles_the_attack(tmp_path, monkeypatch):
     """Attacks are most of the work: with --compile they must run on the compiled module."""
-    import trainers.train as train_mod
+    import trainers.run as train_mod
 
     compiled = []
 
@@ -255,10 +256,13 @@ def test_compile_also_compiles_the_attack(tmp_path, monkeypatch):
     real_stepper = train_mod.Stepper
 
     def spy(*args, **kwargs):
-        seen.update(kwargs)
+        seen.update(kwargs, args=args)
         return real_stepper(*args, **kwargs)
 
     monkeypatch.setattr(train_mod.torch, "compile", fake_compile)
     monkeypatch.setattr(train_mod, "Stepper", spy)
-    run_training(tiny_config(epochs=1, compile=True, attack_steps=1), tmp_path / "run", progress=False)
-    assert isinstance(seen["attack_model"], Compiled) and seen["attack_model"].inner is not None
+    train(tiny_config(epochs=1, compile=True, attack_steps=1), tmp_path / "run", progress=False)
+    attack_model, (step_model, optimizer, *_) = seen["attack_model"], seen["args"]
+    assert isinstance(attack_model, Compiled) and step_model is attack_model
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in attack_model.inner.parameters()} == trained  # wraps the model being trained

@@ -8,29 +8,13 @@ Randomness comes from an explicit `torch.Generator`, so attacks are reproducible
 from __future__ import annotations
 
 import logging
-import re
 from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from scaler.errors import ScalerError
-
-
-def parse_eps(value: str | float) -> float:
-    """'8/255' -> 0.0313..., '0.031' -> 0.031."""
-    if isinstance(value, (int, float)):
-        out = float(value)
-    else:
-        text = value.strip()
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*/\s*([0-9]*\.?[0-9]+)", text)
-        try:
-            out = float(m.group(1)) / float(m.group(2)) if m else float(text)
-        except (ValueError, ZeroDivisionError):
-            raise ScalerError(f"cannot read {value!r} as a size; use a float or a fraction like 8/255") from None
-    if not 0 <= out <= 1:
-        raise ScalerError(f"size {value!r} must lie in [0, 1] (inputs are in [0, 1])")
-    return out
+from trainers.config import parse_eps  # noqa: F401  (re-exported: attacks take sizes as text too)
 
 
 @contextmanager
@@ -179,7 +163,7 @@ class _Collect(logging.Handler):
 
 
 def autoattack(
-    model, x, y, *, eps: float, version: str = "standard", seed: int = 0, batch_size: int = 250
+    model, x, y, *, eps: float, version: str = "standard", seed: int = 0, batch_size: int = 250, progress: bool = False
 ) -> tuple[torch.Tensor, list[str]]:
     """AutoAttack through `pyautoattack` (seeded). version: 'standard' (APGD-CE, APGD-T, FAB-T,
     Square) or 'compact' (NARes AA-Compact: APGD-CE with 1 restart + APGD-T with 9 targets).

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from scaler.errors import ScalerError
 from trainers.config import make_config
-from trainers.step import Stepper, channels_last_hazard, make_optimizer, resolve_device, resolve_precision
+from trainers.step import Stepper, make_optimizer, resolve_device, resolve_precision, training_layout
 
 
 def _timer(device):
@@ -115,9 +115,7 @@ def bench_train(
     result = {"method": method, "batch_size": batch_size, "steps": steps, "device": str(dev)}
 
     ours_model = copy.deepcopy(model).to(dev)
-    if channels_last and channels_last_hazard(ours_model, dev):
-        channels_last = False  # see channels_last_hazard: a torch CPU bug for tiny shortcuts
-        cfg.channels_last = False  # the Stepper lays out its inputs by the config
+    channels_last = cfg.channels_last = training_layout(ours_model, dev, channels_last)  # the Stepper reads cfg
     if channels_last:
         ours_model = ours_model.to(memory_format=torch.channels_last)
     step_model = torch.compile(ours_model) if compile else ours_model

@@ -7,9 +7,27 @@ run's epochs, so a recipe's 75/90-of-100 schedule scales to short runs.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 from scaler.errors import ScalerError
+
+
+def parse_eps(value: str | float) -> float:
+    """'8/255' -> 0.0313..., '0.031' -> 0.031."""
+    if isinstance(value, (int, float)):
+        out = float(value)
+    else:
+        text = value.strip()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*/\s*([0-9]*\.?[0-9]+)", text)
+        try:
+            out = float(m.group(1)) / float(m.group(2)) if m else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ScalerError(f"cannot read {value!r} as a size; use a float or a fraction like 8/255") from None
+    if not 0 <= out <= 1:
+        raise ScalerError(f"size {value!r} must lie in [0, 1] (inputs are in [0, 1])")
+    return out
+
 
 METHODS = ("standard", "pgd-at", "trades", "mart")
 SCHEDULES = ("step", "cosine", "onecycle")
@@ -184,8 +202,10 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def make_config(recipe: str | None, overrides: dict) -> TrainConfig:
-    """Defaults, then the recipe, then every explicit (non-None) override."""
+def make_config(recipe: str | None, overrides: dict, *, milestone_epochs: tuple[int, ...] | None = None) -> TrainConfig:
+    """Defaults, then the recipe, then every explicit (non-None) override, then the policies that
+    depend on the result: `milestone_epochs` (step-schedule epochs, e.g. 75,90) become fractions of
+    the run's epochs, and digits (not mirror-symmetric) train with crops only unless told."""
     cfg = TrainConfig()
     if recipe is not None:
         if recipe not in RECIPES:
@@ -193,8 +213,19 @@ def make_config(recipe: str | None, overrides: dict) -> TrainConfig:
         for k, v in RECIPES[recipe].items():
             setattr(cfg, k, v)
         cfg.recipe = recipe
+    known = {f.name for f in fields(TrainConfig)}
     for k, v in overrides.items():
+        if k not in known:
+            raise ScalerError(f"unknown training option {k!r}")
         if v is not None:
             setattr(cfg, k, v)
+    if milestone_epochs is not None:
+        if any(m < 1 or m > cfg.epochs for m in milestone_epochs):
+            raise ScalerError(
+                f"--milestones must lie in 1..{cfg.epochs} (the run's epochs), got {list(milestone_epochs)}"
+            )
+        cfg.milestones = tuple(m / cfg.epochs for m in milestone_epochs)
+    if overrides.get("augment") is None and cfg.dataset == "digits" and cfg.augment == "crop-flip":
+        cfg.augment = "crop"
     cfg.validate()
     return cfg

@@ -7,37 +7,56 @@ from pathlib import Path
 
 import torch
 
+from scaler.builder import build_from_source
 from scaler.errors import ScalerError
+from trainers import checkpoint
 from trainers.data import NUM_CLASSES, load_split
-from trainers.evaluate import evaluate
+from trainers.evaluation import evaluate
 from trainers.step import resolve_device
-from trainers.train import build_from_source, load_checkpoint
+
+
+def find_checkpoint(target: str | Path) -> Path:
+    """best.pt of a run directory (last.pt while it has none), or the checkpoint file given."""
+    path = Path(target)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise ScalerError(f"{path} holds no checkpoint yet (no best.pt or last.pt)")
+    if not path.is_file():
+        raise ScalerError(f"no checkpoint at {path} (expected a run directory with best.pt, or a .pt file)")
+    return path
 
 
 def load_trained(target: str | Path, device="cpu"):
-    """(model in eval mode, run config dict, checkpoint path) from a run directory or checkpoint."""
-    path = Path(target)
-    ckpt_path = path / "best.pt" if path.is_dir() else path
-    if path.is_dir() and not ckpt_path.is_file():
-        ckpt_path = path / "last.pt"
-    if not ckpt_path.is_file():
-        raise ScalerError(f"no checkpoint at {path} (expected a run directory with best.pt, or a .pt file)")
-    ckpt = load_checkpoint(ckpt_path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ScalerError(f"{ckpt_path} is not a scaler checkpoint (no 'model' entry)")
+    """(model in eval mode, run config dict, checkpoint info) from a run directory or checkpoint."""
+    ckpt_path = find_checkpoint(target)
+    ckpt = checkpoint.restore_model_state(ckpt_path)
     run_dir = ckpt_path.parent
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
     source = ckpt.get("source") or ((run_dir / "model.py").read_text() if (run_dir / "model.py").is_file() else None)
     if source is None:
         raise ScalerError(f"{ckpt_path} carries no model source and {run_dir / 'model.py'} is missing")
+    weights = ckpt["model"]
     classes = (
-        ckpt["model"]["fc.weight"].shape[0]
-        if "fc.weight" in ckpt["model"]
+        weights["fc.weight"].shape[0]
+        if "fc.weight" in weights
         else NUM_CLASSES.get(config.get("dataset", "cifar10"), 10)
     )
-    model = build_from_source(source, classes)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), config, ckpt_path
+    model = build_from_source(source, classes, str(run_dir / "model.py"))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:240]
+        raise ScalerError(f"{ckpt_path} does not fit its model: {first}") from None
+    epochs = config.get("epochs")
+    info = {
+        "checkpoint": str(ckpt_path),
+        "epoch": ckpt.get("epoch"),
+        "epochs": epochs,
+        "unfinished": bool(epochs and ckpt.get("epoch") is not None and ckpt["epoch"] < epochs),
+    }
+    return model.to(device).eval(), config, info
 
 
 def evaluate_run(
@@ -52,9 +71,13 @@ def evaluate_run(
     batch_size=256,
     per_block=False,
     device="auto",
+    progress=False,
+    announce=None,
 ):
+    """(results, info) for a run directory or checkpoint; `announce(line)` is told which
+    checkpoint and epoch is evaluated before the (possibly long) attacks start."""
     dev = resolve_device(device)
-    model, config, ckpt_path = load_trained(target, dev)
+    model, config, info = load_trained(target, dev)
     model = model.to(memory_format=torch.contiguous_format)
     dataset = dataset or config.get("dataset", "cifar10")
     data_dir = data_dir or config.get("data_dir")
@@ -62,7 +85,20 @@ def evaluate_run(
     x, y = load_split(dataset, "test", data_dir)
     if n is not None:
         x, y = x[:n], y[:n]
+    info.update(dataset=dataset, n=len(y), eps=eps)
+    if announce is not None:
+        of = f" of {info['epochs']}" if info["epochs"] else ""
+        why = " (no best.pt yet: the run has not validated)" if info["checkpoint"].endswith("last.pt") else ""
+        announce(f"evaluating {info['checkpoint']}, epoch {info['epoch']}{of}{why}, on {len(y)} {dataset} test points")
     results = evaluate(
-        model, x.to(dev), y.to(dev), attacks, eps=eps, seed=seed, batch_size=batch_size, per_block=per_block
+        model,
+        x.to(dev),
+        y.to(dev),
+        attacks,
+        eps=eps,
+        seed=seed,
+        batch_size=batch_size,
+        per_block=per_block,
+        progress=progress,
     )
-    return results, {"checkpoint": str(ckpt_path), "dataset": dataset, "n": len(y), "eps": eps}
+    return results, info

@@ -59,6 +59,20 @@ def channels_last_hazard(model, device) -> str | None:
     return None
 
 
+def training_layout(model, device, channels_last: bool) -> bool:
+    """Whether training uses channels_last: asked for and safe for this model here. The one place
+    that decides it (train and bench both ask); a refusal is said once on stderr."""
+    if not channels_last:
+        return False
+    hazard = channels_last_hazard(model, device)
+    if hazard:
+        import sys
+
+        print(f"note: training in NCHW, not channels_last: {hazard}", file=sys.stderr)
+        return False
+    return True
+
+
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
@@ -124,6 +138,7 @@ class Stepper:
                 steps=cfg.attack_steps,
                 generator=self.gen,
                 autocast_dtype=self.dtype,
+                fold_bn=self.fold_bn,
             )
         start = cfg.attack_start
         if cfg.method == "mart" and start == "normal":
@@ -142,6 +157,7 @@ class Stepper:
             start_std=std,
             generator=self.gen,
             autocast_dtype=self.dtype,
+            fold_bn=self.fold_bn,
         )
 
     def loss(self, x, x_adv, y):

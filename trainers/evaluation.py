@@ -37,19 +37,29 @@ def logits_of(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     return out
 
 
-def adversarial(model, name: str, x, y, *, eps: float, seed: int, batch_size: int, messages: list[str]):
-    """The adversarial version of (x, y) under attack `name`, in batches, seeded."""
+def adversarial(
+    model, name: str, x, y, *, eps: float, seed: int, batch_size: int, messages: list[str], progress: bool = False
+):
+    """The adversarial version of (x, y) under attack `name`, in batches, seeded. `progress` shows
+    a bar per attack with its ETA on stderr."""
     if name == "clean":
         return x
     if name in ("aa", "aa-compact"):
         x_adv, msgs = autoattack(
-            model, x, y, eps=eps, version="standard" if name == "aa" else "compact", seed=seed, batch_size=batch_size
+            model,
+            x,
+            y,
+            eps=eps,
+            version="standard" if name == "aa" else "compact",
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
         )
         messages.extend(f"AutoAttack: {m}" for m in msgs)
         return x_adv
     gen = torch.Generator(device=x.device).manual_seed(seed)
     out = []
-    for i in range(0, len(x), batch_size):
+    for i in _bar(range(0, len(x), batch_size), name, progress):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         if name == "fgsm":
             out.append(fgsm(model, xb, yb, eps=eps))
@@ -60,6 +70,16 @@ def adversarial(model, name: str, x, y, *, eps: float, seed: int, batch_size: in
         else:
             raise ScalerError(f"unknown attack {name!r}")
     return torch.cat(out)
+
+
+def _bar(iterable, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit="batch", leave=False, file=sys.stderr)
 
 
 def lipschitz(f_x: torch.Tensor, f_adv: torch.Tensor, x: torch.Tensor, x_adv: torch.Tensor) -> float:
@@ -78,6 +98,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 256,
     per_block: bool = False,
+    progress: bool = False,
 ) -> dict:
     """{attack: {accuracy, stable, lip, n}} plus 'warnings' (gradient-masking sanity flags)."""
     results: dict = {}
@@ -85,7 +106,9 @@ def evaluate(
     clean_logits = logits_of(model, x, batch_size)
     clean_pred = clean_logits.argmax(1)
     for name in attacks:
-        x_adv = adversarial(model, name, x, y, eps=eps, seed=seed, batch_size=batch_size, messages=messages)
+        x_adv = adversarial(
+            model, name, x, y, eps=eps, seed=seed, batch_size=batch_size, messages=messages, progress=progress
+        )
         adv_logits = clean_logits if name == "clean" else logits_of(model, x_adv, batch_size)
         pred = adv_logits.argmax(1)
         results[name] = {

@@ -1,0 +1,130 @@
+"""The compiler's Python API, in the style of timm: one entry per job, names or specs accepted.
+
+    import scaler
+    spec = scaler.get_spec("robustresnet-a1")
+    scaler.count(spec).params                       # 19_222_738, no torch needed
+    sol = scaler.solve(flops="10G")                 # RobustScaling at 10 GFLOPs
+    model = scaler.create_model(sol.spec, num_classes=100)
+    scaler.emit("wrn-34-10", "wrn.py")
+
+The CLI (`scaler_cli`) calls exactly these. torch is imported only by `create_model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from scaler.errors import ScalerError
+from scaler.spec import ArchSpec
+
+ModelRef = "str | ArchSpec | dict"
+
+
+def get_spec(model: str | ArchSpec | dict, **changes) -> ArchSpec:
+    """A spec from a preset name, a spec, or a spec dict; keyword `changes` replace fields."""
+    if isinstance(model, ArchSpec):
+        spec = model
+    elif isinstance(model, dict):
+        spec = ArchSpec.from_dict(model)
+    elif isinstance(model, str):
+        from scaler.presets import get_preset
+
+        spec = get_preset(model).spec
+    else:
+        raise ScalerError(f"a model is a preset name, an ArchSpec or a spec dict, not {type(model).__name__}")
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return replace(spec, **changes) if changes else spec
+
+
+def count(model: str | ArchSpec | dict):
+    """Exact params and fvcore FLOPs (`scaler.cost.Cost`) from the closed forms, without torch."""
+    from scaler.cost import count as count_spec
+
+    return count_spec(get_spec(model))
+
+
+def solve(
+    flops: int | float | str | None = None,
+    params: int | float | str | None = None,
+    *,
+    rule: str = "robustscaling",
+    max_params: int | float | str | None = None,
+    max_flops: int | float | str | None = None,
+    block: str | None = None,
+    depths: tuple[int, int, int] | None = None,
+    round_to: int = 1,
+    num_classes: int = 10,
+    activation: str = "relu",
+):
+    """The architecture `rule` prescribes for a budget (`scaler.solver.Solution`). Budgets are
+    numbers or strings such as '10G'; give one target and optionally a cap on the other metric."""
+    from scaler.solver import solve as solve_budget
+
+    target, cap = budgets(flops, params, max_flops, max_params)
+    return solve_budget(
+        rule,
+        target,
+        cap=cap,
+        block=block,
+        depths=depths,
+        round_to=round_to,
+        num_classes=num_classes,
+        activation=activation,
+    )
+
+
+def budgets(flops, params, max_flops=None, max_params=None):
+    """(target, cap) Budgets from the four budget arguments, refusing contradictory combinations."""
+    from scaler.solver import Budget
+
+    if flops is not None and params is not None:
+        raise ScalerError("give one target, --flops or --params (cap the other with --max-params/--max-flops)")
+    if flops is None and params is None:
+        raise ScalerError("give a budget: --flops 10G or --params 40M")
+    if flops is not None:
+        if max_flops is not None:
+            raise ScalerError("--max-flops caps a --params target; with --flops give --max-params")
+        target = Budget("flops", _budget(flops, "--flops"))
+        cap = Budget("params", _budget(max_params, "--max-params")) if max_params is not None else None
+    else:
+        if max_params is not None:
+            raise ScalerError("--max-params caps a --flops target; with --params give --max-flops")
+        target = Budget("params", _budget(params, "--params"))
+        cap = Budget("flops", _budget(max_flops, "--max-flops")) if max_flops is not None else None
+    return target, cap
+
+
+def _budget(value, what: str) -> int:
+    from scaler.parsing import parse_budget
+
+    return parse_budget(value if isinstance(value, str) else repr(value), what)
+
+
+def emit(
+    model: str | ArchSpec | dict,
+    path: str | Path,
+    *,
+    force: bool = False,
+    parents: bool = False,
+    rule: str | None = None,
+    budget: str | None = None,
+) -> Path:
+    """Write the standalone model file for `model`; refuses to overwrite unless `force`."""
+    from scaler.codegen import Provenance
+    from scaler.codegen import emit as emit_file
+
+    provenance = Provenance(rule=rule, budget=budget) if rule or budget else None
+    return emit_file(get_spec(model), path, provenance=provenance, force=force, parents=parents)
+
+
+def create_model(model: str | ArchSpec | dict | Path, num_classes: int | None = None):
+    """A freshly initialised torch model from a preset, a spec, or a model file (`*.py` defining
+    `build_model`). `num_classes` defaults to the spec's (or the file's own default)."""
+    if isinstance(model, Path) or (isinstance(model, str) and model.endswith(".py")):
+        from scaler.builder import load_model_file
+
+        return load_model_file(model, num_classes)
+    from scaler.builder import build_model
+
+    return build_model(get_spec(model), num_classes)

@@ -1,0 +1,3 @@
+from scaler_cli.app import entry
+
+entry()

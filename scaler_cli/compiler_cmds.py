@@ -1,0 +1,219 @@
+"""Compiler commands: zoo, count, emit, solve, compare (no torch on any of these paths)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+import scaler
+from scaler.errors import ScalerError
+from scaler.parsing import format_count, parse_list
+from scaler_cli.app import app
+from scaler_cli.options import SPEC_OPTIONS, spec_from_options, with_options
+from scaler_cli.output import fmt_list, table
+
+
+def _preset_payload(spec, preset=None) -> dict:
+    from scaler.cost import payload
+
+    out = payload(spec)
+    out["published"] = (
+        {
+            "params": preset.published_params,
+            "flops": preset.published_flops,
+            "source": preset.source,
+            "table": preset.table,
+            "note": preset.note,
+        }
+        if preset
+        else None
+    )
+    return out
+
+
+def _vs(ours: int, published: float | None) -> str:
+    if not published:
+        return "-"
+    return f"{format_count(published)} ({(ours / published - 1) * 100:+.2f}%)"
+
+
+@app.command()
+def zoo(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+    """Table of the published models: our exact counts beside the papers' numbers."""
+    from scaler.presets import PRESETS
+
+    if as_json:
+        print(json.dumps([_preset_payload(p.spec, p) for p in PRESETS.values()], indent=2))
+        return
+    rows, notes = [], []
+    for p in PRESETS.values():
+        c = scaler.count(p.spec)
+        mark = " *" if p.note else ""
+        rows.append(
+            [
+                p.name,
+                p.spec.block,
+                fmt_list(p.spec.depths),
+                fmt_list(p.spec.widths),
+                f"{c.params:,}",
+                format_count(c.flops),
+                format_count(p.published_params) if p.published_params else "-",
+                (format_count(p.published_flops) if p.published_flops else "-") + mark,
+            ]
+        )
+        if p.note:
+            notes.append(f"* {p.name}: {p.note}")
+    headers = ["name", "block", "depths", "widening", "params", "FLOPs", "pub. params", "pub. FLOPs"]
+    print(table(headers, rows, right={4, 5, 6, 7}))
+    print("FLOPs: fvcore multiply-adds on one 1x3x32x32 input (eval-mode BN and pooling included).")
+    for n in notes:
+        print(n)
+
+
+@app.command(name="count")
+@with_options(SPEC_OPTIONS, into="spec_opts")
+def count_cmd(
+    name: Optional[str] = typer.Argument(None, help="Preset name (see `scaler zoo`)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    spec_opts: dict = None,
+) -> None:
+    """Exact params and FLOPs of a preset or of a spec given by flags."""
+    from scaler.presets import get_preset
+
+    spec = spec_from_options(name, spec_opts)
+    preset = get_preset(name) if name else None
+    payload = _preset_payload(spec, preset)
+    if as_json:
+        print(json.dumps(payload, indent=2))
+        return
+    print(f"model      {spec.name or '-'}  ({spec.describe()}, {spec.activation}, {spec.num_classes} classes)")
+    print(f"channels   {fmt_list(spec.channels)}  (stem, P1, P2, P3)")
+    pub_params = f"   published {_vs(payload['params'], preset.published_params)}" if preset else ""
+    pub_flops = f"   published {_vs(payload['flops'], preset.published_flops)}" if preset else ""
+    print(f"params     {payload['params']:,}{pub_params}")
+    print(f"FLOPs      {payload['flops']:,}{pub_flops}")
+    print("breakdown  " + ", ".join(f"{k} {format_count(v)}" for k, v in payload["breakdown"].items()))
+    if preset:
+        print(f"source     {preset.source}, {preset.table}")
+        if preset.note:
+            print(f"note       {preset.note}")
+
+
+@app.command()
+@with_options(SPEC_OPTIONS, into="spec_opts")
+def emit(
+    name: Optional[str] = typer.Argument(None, help="Preset name (see `scaler zoo`)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="File to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    parents: bool = typer.Option(False, "--parents", help="Create missing parent directories."),
+    spec_opts: dict = None,
+) -> None:
+    """Write a standalone PyTorch model file (needs only torch) for a preset or spec."""
+    if not output:
+        raise ScalerError("give the output file with -o PATH")
+    spec = spec_from_options(name, spec_opts)
+    path = scaler.emit(spec, output, force=force, parents=parents)
+    print(f"wrote {path} ({spec.describe()})")
+
+
+def _print_solution(sol) -> None:
+    from scaler.presets import PRESETS
+
+    s, c = sol.spec, sol.cost
+    cont = sol.continuous
+    cap = (f", cap {sol.cap}" + (" (binding)" if sol.capped else "")) if sol.cap else ""
+    print(f"rule        {sol.rule}  ({s.block} block)")
+    print(f"target      {sol.target}{cap}")
+    print(f"depths      {fmt_list(s.depths)}   (continuous {', '.join(f'{d:.2f}' for d in cont.depths)})")
+    print(f"widening    {fmt_list(s.widths)}   (continuous {', '.join(f'{w:.2f}' for w in cont.widths)})")
+    print(f"channels    {fmt_list(s.channels)}  (stem, P1, P2, P3)")
+    print(f"params      {c.params:,}  ({format_count(c.params)})")
+    print(f"FLOPs       {c.flops:,}  ({format_count(c.flops)})")
+    print(f"error       {sol.error * 100:+.2f}% vs target")
+    print(f"r_D         {sol.r_d:.3f}  (continuous {cont.r_d:.3f})")
+    d, w = s.depths, s.widths
+    print(f"ratios      D {':'.join(f'{x / d[2]:.2f}' for x in d)}   W {':'.join(f'{x / w[2]:.2f}' for x in w)}")
+    if sol.published:
+        p = PRESETS[sol.published]
+        pc = scaler.count(p.spec)
+        same = "identical" if p.spec == s else "differs"
+        print(
+            f"published   {p.name}: depths {fmt_list(p.spec.depths)}, widening {fmt_list(p.spec.widths)}, "
+            f"{format_count(pc.params)} params, {format_count(pc.flops)} FLOPs ({same})"
+        )
+    else:
+        print("published   none of this rule's family within 1.5x of the budget")
+
+
+@app.command()
+def solve(
+    flops: Optional[str] = typer.Option(None, help="Target FLOPs (multiply-adds), e.g. 10G."),
+    params: Optional[str] = typer.Option(None, help="Target parameter count, e.g. 40M."),
+    max_params: Optional[str] = typer.Option(None, help="Cap on params when targeting FLOPs."),
+    max_flops: Optional[str] = typer.Option(None, help="Cap on FLOPs when targeting params."),
+    rule: str = typer.Option("robustscaling", help="robustscaling, robustwrn or uniform."),
+    block: Optional[str] = typer.Option(None, help="basic or robust (default: the rule's)."),
+    depths: Optional[str] = typer.Option(None, help="robustwrn: fixed depths (default 5,5,5)."),
+    round_to: int = typer.Option(1, help="robustwrn: round channels to a multiple of this."),
+    classes: int = typer.Option(10, help="Number of classes."),
+    activation: str = typer.Option("relu", help="relu or silu."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    emit_path: Optional[str] = typer.Option(None, "--emit", help="Also write the model file here."),
+    force: bool = typer.Option(False, "--force", help="With --emit: overwrite an existing file."),
+    parents: bool = typer.Option(False, "--parents", help="With --emit: create missing parent directories."),
+) -> None:
+    """The architecture a scaling rule prescribes for a FLOPs or params budget."""
+    sol = scaler.solve(
+        flops,
+        params,
+        rule=rule,
+        max_params=max_params,
+        max_flops=max_flops,
+        block=block,
+        depths=parse_list(depths, "--depths") if depths is not None else None,
+        round_to=round_to,
+        num_classes=classes,
+        activation=activation,
+    )
+    if emit_path:
+        scaler.emit(sol.spec, emit_path, force=force, parents=parents, rule=sol.rule, budget=str(sol.target))
+    if as_json:
+        print(json.dumps(sol.to_dict(), indent=2))
+    else:
+        _print_solution(sol)
+        if emit_path:
+            print(f"wrote       {emit_path}")
+
+
+@app.command()
+def compare(
+    flops: Optional[str] = typer.Option(None, help="Target FLOPs, e.g. 10G."),
+    params: Optional[str] = typer.Option(None, help="Target params, e.g. 40M."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+) -> None:
+    """The three rules side by side at one budget."""
+    from scaler.rules import RULES
+
+    sols = [scaler.solve(flops, params, rule=name) for name in RULES]
+    if as_json:
+        print(json.dumps([s.to_dict() for s in sols], indent=2))
+        return
+    rows = [
+        [
+            s.rule,
+            s.spec.block,
+            fmt_list(s.spec.depths),
+            fmt_list(s.spec.widths),
+            format_count(s.cost.params),
+            format_count(s.cost.flops),
+            f"{s.error * 100:+.2f}%",
+            f"{s.r_d:.3f}",
+            s.published or "-",
+        ]
+        for s in sols
+    ]
+    print(f"target {sols[0].target}")
+    headers = ["rule", "block", "depths", "widening", "params", "FLOPs", "error", "r_D", "nearest published"]
+    print(table(headers, rows, right={4, 5, 6, 7}))

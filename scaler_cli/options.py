@@ -1,0 +1,213 @@
+"""Options shared by several commands, declared once.
+
+`with_options(TABLE, into="name")` adds every option of TABLE to a command's signature and hands
+the command one dict `name` of the values given (None where not given). Commands therefore list
+only their own options; a new spec knob or training option is one row here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from scaler.errors import ScalerError
+from scaler.parsing import parse_list
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One command-line option: its type, typer declaration and how its text becomes a value."""
+
+    name: str
+    type: Any
+    help: str
+    decls: tuple[str, ...] = ()
+    parse: Callable[[Any], Any] | None = None
+    default: Any = None
+
+    def parameter(self) -> inspect.Parameter:
+        option = typer.Option(self.default, *self.decls, help=self.help, show_default=False)
+        return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=self.type)
+
+
+def with_options(table: list[Opt], into: str):
+    """Decorator: append `table`'s options to the command and pass their parsed values as `into`."""
+
+    def decorate(func):
+        sig = inspect.signature(func)
+        own = [p for p in sig.parameters.values() if p.name != into]
+        added = [o.parameter() for o in table]
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            values = {}
+            for o in table:
+                raw = kwargs.pop(o.name)
+                values[o.name] = o.parse(raw) if (o.parse and raw is not None) else raw
+            return func(*args, **{into: values}, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own + added)
+        wrapper.__annotations__ = {**func.__annotations__, **{o.name: o.type for o in table}}
+        return wrapper
+
+    return decorate
+
+
+# --------------------------------------------------------------------------- architecture
+SPEC_OPTIONS = [
+    Opt("block", Optional[str], "Spec flags instead of a preset: basic or robust."),
+    Opt("depths", Optional[str], "Blocks per stage, e.g. 14,14,7.", parse=lambda t: parse_list(t, "--depths")),
+    Opt(
+        "widths",
+        Optional[str],
+        "Widening factors per stage, e.g. 5,7,3 (planes 16W1, 32W2, 64W3).",
+        parse=lambda t: parse_list(t, "--widths", kind=float, minimum=1e-9),
+    ),
+    Opt(
+        "channels",
+        Optional[str],
+        "Planes per stage instead of --widths, e.g. 80,224,192.",
+        parse=lambda t: parse_list(t, "--channels"),
+    ),
+    Opt("activation", Optional[str], "relu or silu (default relu, or the preset's)."),
+    Opt("classes", Optional[int], "Number of classes (default 10)."),
+]
+STRUCTURE = ("block", "depths", "widths", "channels")
+
+
+def spec_from_options(name: str | None, opts: dict):
+    """A spec from a preset name or from --block/--depths/--widths|--channels, then the other
+    options (activation, classes) applied on top."""
+    from scaler.api import get_spec
+    from scaler.spec import ArchSpec, widths_to_planes
+
+    given = {k for k in STRUCTURE if opts.get(k) is not None}
+    if name is not None:
+        if given:
+            raise ScalerError("give a preset name or --block/--depths/--widths, not both")
+        base = get_spec(name)
+    else:
+        if not {"block", "depths"} <= given or not given & {"widths", "channels"}:
+            raise ScalerError("give a preset name, or --block, --depths and --widths (or --channels)")
+        if {"widths", "channels"} <= given:
+            raise ScalerError("give --widths or --channels, not both")
+        planes = opts["channels"] if "channels" in given else widths_to_planes(opts["widths"])
+        base = ArchSpec(opts["block"], opts["depths"], planes)
+    return get_spec(base, activation=opts.get("activation"), num_classes=opts.get("classes"))
+
+
+def model_from_options(model: str | None, opts: dict) -> tuple[str, object]:
+    """(label, spec or None) for commands that also take a model file: a preset, a `.py` file with
+    build_model(), or spec flags."""
+    if model is not None and (model.endswith(".py") or Path(model).is_file()):
+        if any(opts.get(k) is not None for k in STRUCTURE):
+            raise ScalerError("give a model file or --block/--depths/--widths, not both")
+        if not Path(model).is_file():
+            raise ScalerError(f"model file {model} not found")
+        return str(Path(model).resolve()), None
+    if model is None and opts.get("block") is None:
+        raise ScalerError("give MODEL (a preset or a model file) or --block/--depths/--widths")
+    return model or "spec", spec_from_options(model, opts)
+
+
+# --------------------------------------------------------------------------- training
+def _defaults():
+    from trainers.config import TrainConfig
+
+    return TrainConfig()
+
+
+def _eps(text: str) -> float:
+    from trainers.config import parse_eps
+
+    return parse_eps(text)
+
+
+def _int_list(what: str):
+    return lambda t: tuple(parse_list(t, what, n=len(t.split(","))))
+
+
+def _train_opts() -> list[Opt]:
+    d = _defaults()
+
+    def o(name, typ, help, decls=(), parse=None, show=True):
+        shown = getattr(d, name, None)
+        if show and shown is not None:
+            shown = f"{shown:.5g}" if isinstance(shown, float) else shown
+            help = f"{help} [default: {shown}]"
+        return Opt(name, typ, help, decls, parse)
+
+    return [
+        o("dataset", Optional[str], "cifar10, cifar100, digits (scikit-learn, offline) or synthetic."),
+        o("data_dir", Optional[str], "Directory with the dataset archives (never downloaded).", show=False),
+        o("val", Optional[str], "Validation set: holdout (taken from train) or cifar10.1."),
+        o("val_size", Optional[int], "Held-out training points [default: 1000, or 10% of small sets].", show=False),
+        o("val_n", Optional[int], "Validation points attacked after each validated epoch."),
+        o("method", Optional[str], "standard, pgd-at, trades or mart."),
+        o("beta", Optional[float], "TRADES/MART robust-loss weight."),
+        o("epochs", Optional[int], "Training epochs."),
+        o("batch_size", Optional[int], "Global batch size."),
+        o("lr", Optional[float], "Peak SGD learning rate."),
+        o("momentum", Optional[float], "SGD momentum."),
+        o("nesterov", Optional[bool], "Nesterov momentum.", ("--nesterov/--no-nesterov",)),
+        o("weight_decay", Optional[float], "L2 weight decay."),
+        o(
+            "wd_exclude_bn_bias",
+            Optional[bool],
+            "Exclude BN weights and biases from weight decay.",
+            ("--wd-exclude-bn-bias/--wd-all",),
+        ),
+        o("schedule", Optional[str], "Learning-rate schedule: step, cosine or onecycle."),
+        o(
+            "milestones",
+            Optional[str],
+            "Step schedule: epochs where the LR drops 10x, e.g. 75,90 [default: 75% and 90% of --epochs].",
+            parse=_int_list("--milestones"),
+            show=False,
+        ),
+        o("warmup_epochs", Optional[float], "onecycle: warm-up epochs."),
+        o("grad_clip", Optional[float], "Max gradient norm (0: off)."),
+        o("ema", Optional[float], "Weight EMA decay, e.g. 0.995 (0: off)."),
+        o("label_smoothing", Optional[float], "Label smoothing of the clean CE loss."),
+        o("eps", Optional[str], "L-inf radius, e.g. 8/255.", parse=_eps),
+        o("attack_steps", Optional[int], "Training attack steps (0: no attack)."),
+        o("attack_step", Optional[str], "Training attack step size, e.g. 2/255.", parse=_eps),
+        o("attack_start", Optional[str], "Attack start: normal, uniform or none."),
+        o("war_zeta", Optional[float], "WAR: target l_nat/l_rob ratio (turns WAR on).", show=False),
+        o("augment", Optional[str], "crop-flip, crop or none [default: crop-flip; crop on digits].", show=False),
+        o("best_metric", Optional[str], "Validation metric that picks best.pt: pgd20 or cw40."),
+        o(
+            "save_epochs",
+            Optional[str],
+            "Also keep checkpoints after these epochs, e.g. 75,90.",
+            parse=_int_list("--save-epochs"),
+            show=False,
+        ),
+        o("eval_every", Optional[int], "Validate every N epochs (and always after the last)."),
+        o("seed", Optional[int], "Seed of data order, augmentation, attacks and init."),
+        o("device", Optional[str], "auto, cpu or cuda."),
+        o("precision", Optional[str], "auto, fp32 or bf16 (autocast for training; evaluation is fp32)."),
+        o("channels_last", Optional[bool], "channels_last tensors.", ("--channels-last/--no-channels-last",)),
+        o("compile", Optional[bool], "torch.compile the model and attack model.", ("--compile/--no-compile",)),
+    ]
+
+
+TRAIN_OPTIONS = _train_opts()
+
+
+def train_config(model: str | None, spec_opts: dict, train_opts: dict, recipe: str | None, war_calibrate: bool):
+    """The TrainConfig the train options describe (defaults < recipe < flags)."""
+    from trainers.config import make_config
+
+    label, spec = model_from_options(model, spec_opts)
+    overrides = {k: v for k, v in train_opts.items() if k != "milestones"}
+    overrides.update(model=label, spec=spec.to_dict() if spec is not None else None)
+    if war_calibrate:
+        overrides["war_calibrate"] = True
+    return make_config(recipe, overrides, milestone_epochs=train_opts.get("milestones"))

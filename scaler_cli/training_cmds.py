@@ -1,0 +1,173 @@
+"""One-model commands: train, eval, bench train (torch is imported inside them only)."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from scaler.errors import ScalerError
+from scaler_cli.app import CONTEXT, app
+from scaler_cli.options import SPEC_OPTIONS, TRAIN_OPTIONS, model_from_options, train_config, with_options
+from scaler_cli.output import table
+
+bench_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT, help="Benchmarks."
+)
+app.add_typer(bench_app, name="bench")
+
+ARCH_OPTIONS = [o for o in SPEC_OPTIONS if o.name != "classes"]  # training takes the classes from the data
+
+
+@app.command()
+@with_options(TRAIN_OPTIONS, into="train_opts")
+@with_options(ARCH_OPTIONS, into="spec_opts")
+def train(
+    model: Optional[str] = typer.Argument(None, help="Preset name or a model file with build_model()."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory (created; must be new or empty)."),
+    recipe: Optional[str] = typer.Option(None, help="Published recipe: bat, nares, trades-paper or mart-paper."),
+    war_calibrate: bool = typer.Option(
+        False, "--war-calibrate", help="WAR: measure zeta on a half-width copy first (trades/mart)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    stop_after: Optional[int] = typer.Option(None, help="End after this epoch (the run stays resumable)."),
+    distributed: bool = typer.Option(False, "--distributed", help="DDP: one process per device under torchrun."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or epoch lines."),
+    spec_opts: dict = None,
+    train_opts: dict = None,
+) -> None:
+    """Adversarially train a model; writes model.py, config.json, metrics.jsonl and checkpoints."""
+    import trainers
+
+    if not out:
+        raise ScalerError("give the run directory with --out DIR")
+    if resume:
+        given = [k for k, v in {**spec_opts, **train_opts}.items() if v is not None and k != "epochs"]
+        if model is not None or recipe is not None or given:
+            raise ScalerError("--resume continues the run's own config; only --epochs may change it")
+        result = trainers.resume(
+            out, epochs=train_opts["epochs"], progress=not quiet, stop_after=stop_after, distributed=distributed
+        )
+    else:
+        cfg = train_config(model, spec_opts, train_opts, recipe, war_calibrate)
+        result = trainers.train(cfg, out, progress=not quiet, stop_after=stop_after, distributed=distributed)
+    if result:
+        print(json.dumps(result))
+
+
+@app.command(name="eval")
+def eval_cmd(
+    target: str = typer.Argument(..., help="Run directory (its best.pt, else last.pt) or a checkpoint file."),
+    dataset: Optional[str] = typer.Option(None, help="Test set [default: the run's dataset]."),
+    data_dir: Optional[str] = typer.Option(None, help="Dataset directory [default: the run's]."),
+    attacks: str = typer.Option("clean,pgd20,cw40", help="From clean,fgsm,pgd20,cw40,aa,aa-compact."),
+    eps: Optional[str] = typer.Option(None, help="L-inf radius [default: the run's, else 8/255]."),
+    n: Optional[int] = typer.Option(None, help="Evaluate the first n test points [default: all]."),
+    seed: int = typer.Option(0, help="Seed of the attacks' random starts."),
+    batch_size: int = typer.Option(256, help="Evaluation batch size."),
+    per_block_lipschitz: bool = typer.Option(False, "--per-block-lipschitz", help="LIP at every block output."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Evaluate a trained model: accuracy, stable accuracy and empirical Lipschitz per attack."""
+    import sys
+
+    import trainers
+    from trainers.config import parse_eps
+    from trainers.evaluation import parse_attacks
+
+    names = parse_attacks(attacks)
+    if n is not None and n < 1:
+        raise ScalerError("--n must be >= 1")
+    if batch_size < 1:
+        raise ScalerError("--batch-size must be >= 1")
+    results, info = trainers.evaluate(
+        target,
+        attacks=names,
+        dataset=dataset,
+        data_dir=data_dir,
+        eps=parse_eps(eps) if eps else None,
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        per_block=per_block_lipschitz,
+        device=device,
+        progress=not quiet,
+        announce=(lambda line: print(line, file=sys.stderr)) if not quiet else None,
+    )
+    if as_json:
+        print(json.dumps({**results, "checkpoint": info}, indent=2))
+        return
+    print(
+        f"{info['checkpoint']} (epoch {info['epoch']}{', unfinished run' if info.get('unfinished') else ''}; "
+        f"{info['dataset']}, {info['n']} points, eps {info['eps']:.5f})"
+    )
+    rows = [
+        [name, f"{r['accuracy']:.2f}", f"{r['stable']:.2f}", f"{r['lip']:.3f}"]
+        for name, r in results.items()
+        if name != "warnings"
+    ]
+    print(table(["attack", "accuracy %", "stable %", "LIP"], rows, right={1, 2, 3}))
+    for name, r in results.items():
+        if name != "warnings" and "per_block_lip" in r:
+            print("per-block LIP (pgd20): " + ", ".join(f"{k} {v:.2f}" for k, v in r["per_block_lip"].items()))
+    for w in results["warnings"]:
+        print(f"warning: {w}")
+
+
+@bench_app.command(name="train")
+@with_options(ARCH_OPTIONS, into="spec_opts")
+def bench_train_cmd(
+    model: Optional[str] = typer.Argument(None, help="Preset name or model file."),
+    method: str = typer.Option("pgd-at", help="pgd-at, trades or mart."),
+    batch_size: int = typer.Option(64, help="Batch size."),
+    steps: int = typer.Option(5, help="Timed steps (after warm-up)."),
+    warmup: int = typer.Option(2, help="Untimed warm-up steps."),
+    precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="channels_last tensors."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time the fp32 reference loop."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    spec_opts: dict = None,
+) -> None:
+    """Images/s of full adversarial training steps (bat recipe attack) vs a plain fp32 loop."""
+    import scaler
+    from trainers.bench import bench_train
+
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ScalerError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    label, spec = model_from_options(model, spec_opts)
+    net = scaler.create_model(spec if spec is not None else label)
+    flops = scaler.count(spec).flops if spec is not None else None
+    result = bench_train(
+        net,
+        method=method,
+        batch_size=batch_size,
+        steps=steps,
+        warmup=warmup,
+        precision=precision,
+        compile=compile_model,
+        channels_last=channels_last,
+        device=device,
+        reference=reference,
+        flops_per_image=flops,
+    )
+    result["model"] = label
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    layout = "channels_last" if result.get("channels_last", channels_last) else "NCHW"
+    print(
+        f"{label}: {method}, batch {batch_size}, {result['precision']}, "
+        f"{layout}{', compiled' if compile_model else ''} on {result['device']}"
+    )
+    print(f"ours       {result['images_per_s']:.1f} images/s ({result['seconds_per_step'] * 1000:.1f} ms/step)")
+    if reference:
+        print(
+            f"reference  {result['reference_images_per_s']:.1f} images/s (fp32 NCHW)   speedup {result['speedup']:.2f}x"
+        )
+    if "tflops_per_s" in result:
+        print(f"achieved   {result['tflops_per_s']:.2f} TFLOP/s (cost-model FLOPs x 3 x (attack steps + 1))")

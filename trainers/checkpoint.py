@@ -1,0 +1,144 @@
+"""The run directory and its checkpoint format: one `save`/`restore` pair for train, eval, resume.
+
+    model.py        the model source (emitted from the templates, or the user's file)
+    config.json     everything needed to reproduce the run
+    metrics.jsonl   one object per epoch
+    last.pt         written after every epoch; resuming continues from it bit-identically
+    best.pt         best validation robustness (copy of a last.pt)
+    epoch_N.pt      for each N in `save_epochs`
+    .lock           held by the process that owns the run (see `RunLock`)
+
+A checkpoint is a dict: version, model (state dict), optimizer, epoch, iteration, best, rng, war,
+ema, lr and the model source, so one file is enough to rebuild and evaluate the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+
+from scaler.errors import ScalerError
+from scaler.fileio import atomic_write, write_text_atomic
+
+CHECKPOINT_VERSION = 1
+LOCK_NAME = ".lock"
+
+
+def save(state: dict, path: Path) -> None:
+    """Write a checkpoint atomically (a crash leaves the previous file)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def copy(src: Path, dst: Path) -> None:
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def restore(path: Path) -> dict:
+    """A checkpoint read with weights_only=True; one-line errors for unreadable files."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's messages run to many lines: keep the first
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ScalerError(
+            f"cannot read checkpoint {path} (not a torch checkpoint, or truncated?): {type(exc).__name__}: {first}"
+        ) from None
+    return ckpt
+
+
+def restore_model_state(path: Path) -> dict:
+    """A scaler checkpoint's dict, refusing files that are not one."""
+    ckpt = restore(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ScalerError(f"{path} is not a scaler checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def write_text(path: Path, text: str) -> None:
+    write_text_atomic(path, text)
+
+
+def append_metrics(out: Path, record: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_config(out: Path) -> dict:
+    path = out / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScalerError(f"{out} is not a run directory ({path} is missing)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ScalerError(f"cannot read {path}: {exc}") from None
+
+
+def is_started(out: Path) -> bool:
+    """A run directory that holds a run's config but no checkpoint yet (stopped before epoch 1)."""
+    return (out / "config.json").is_file() and not (out / "last.pt").is_file()
+
+
+class RunLock:
+    """Exclusive ownership of a run directory: a second run or resume is refused while a live
+    process holds it; a lock left by a crashed process (dead pid on this host) is taken over."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and self._alive(owner):
+                    raise ScalerError(
+                        f"{self.path.parent} is in use by process {owner.get('pid')} on {owner.get('host')}; "
+                        f"wait for it to finish (or remove {self.path} if that process is gone)"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its owner died
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return
+        raise ScalerError(f"cannot lock {self.path.parent}: another process keeps taking it")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _owner(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # half-written or unreadable: treated as stale
+
+    @staticmethod
+    def _alive(owner: dict) -> bool:
+        if owner.get("host") != socket.gethostname():
+            return True  # another machine's process: cannot check, assume alive
+        pid = owner.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True

@@ -1,0 +1,62 @@
+"""WAR's zeta measured on a thin copy of the model (seed 002: zeta is the ratio l_nat / l_rob of the
+thin network trained with its tuned beta, at convergence)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from scaler.builder import build_from_source
+from scaler.errors import ScalerError
+from trainers import checkpoint
+from trainers.config import TrainConfig
+from trainers.data import NUM_CLASSES, batches
+from trainers.step import Stepper, make_optimizer, resolve_device
+
+MEASURE_BATCHES = 8
+
+
+def calibrate_war(cfg: TrainConfig, out: Path, progress: bool = True) -> float:
+    """Train the model with planes halved and the tuned beta inside OUT/war-calibration; return zeta."""
+    from scaler.spec import ArchSpec
+    from trainers.run import train
+
+    if cfg.spec is None:
+        raise ScalerError("--war-calibrate needs a preset or spec model (it trains a thinner copy)")
+    spec = ArchSpec.from_dict(cfg.spec)
+    low = 16 if spec.block == "robust" else 1
+    thin = replace(spec, planes=tuple(max(low, p // 2) for p in spec.planes), name=None)
+    thin_cfg = replace(cfg, spec=thin.to_dict(), war_calibrate=False, war_zeta=None, save_epochs=(), extra={})
+    cal_dir = out / "war-calibration"
+    train(thin_cfg, cal_dir, progress=progress)
+    return measure_ratio(thin_cfg, cal_dir)
+
+
+def measure_ratio(cfg: TrainConfig, run_dir: Path) -> float:
+    """l_nat / l_rob of a trained run's last.pt, summed over the first training batches."""
+    from trainers.run import load_data
+
+    device = resolve_device(cfg.device)
+    source = (run_dir / "model.py").read_text()
+    model = build_from_source(source, NUM_CLASSES.get(cfg.dataset, 10)).to(device)
+    model.load_state_dict(checkpoint.restore_model_state(run_dir / "last.pt")["model"])
+    (x, y), _ = load_data(cfg, device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    stepper = Stepper(
+        model, make_optimizer(model, cfg), cfg, device=device, autocast_dtype=None, attack_generator=gen, war=None
+    )
+    nat, rob = 0.0, 0.0
+    for idx in list(batches(len(y), cfg.batch_size, None, device))[:MEASURE_BATCHES]:
+        x_adv = stepper.adversarial(x[idx], y[idx])
+        model.train()
+        with torch.no_grad():
+            _, l_nat, l_rob, _ = stepper.loss_fn(model, x[idx], x_adv, y[idx], cfg.beta)
+        nat, rob = nat + float(l_nat), rob + float(l_rob)
+    if rob <= 0:
+        raise ScalerError("WAR calibration measured a zero robust loss; cannot derive zeta")
+    zeta = nat / rob
+    checkpoint.write_text(run_dir / "war_zeta.json", json.dumps({"zeta": zeta, "beta": cfg.beta}))
+    return zeta
