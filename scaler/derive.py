@@ -22,9 +22,8 @@ import sympy as sp
 OUTPUT = Path(__file__).with_name("_closed_forms.py")
 KINDS = ("params", "conv", "linear", "norm", "pool")
 
-# Symbols: channels and resolutions. `proj` is 1 when a block has a shortcut conv, else 0;
-# `pre` is 1 when the block evaluates its bn1 pre-activation (the robust block only needs it
-# for the shortcut).
+# Symbols: channels and resolutions. `proj` is 1 when a block has a shortcut conv, else 0; the
+# robust block evaluates its bn1 pre-activation only then (it feeds only the shortcut).
 cin, cout, h, ho, proj = sp.symbols("cin cout h ho proj", integer=True, nonnegative=True)
 w, wg, se, scales = sp.symbols("w wg se scales", integer=True, nonnegative=True)
 classes, stem = sp.symbols("classes stem", integer=True, nonnegative=True)

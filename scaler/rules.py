@@ -119,7 +119,7 @@ class RatioRule(Rule):
 
 @dataclass(frozen=True)
 class GammaRule(Rule):
-    """RobustWRN (seed 000): fixed depths, planes = gamma * base planes (w 10-10-4 by default).
+    """RobustWRN (Huang et al., NeurIPS 2021): fixed depths, planes = gamma * base planes (w 10-10-4 by default).
 
     Scale variable t = gamma. Channels round to the nearest multiple of `round_to`; the integer
     neighbourhood is the floor/ceil multiple of every stage's channels."""
@@ -152,7 +152,7 @@ class GammaRule(Rule):
 
 ROBUSTSCALING = RatioRule(
     name="robustscaling",
-    summary="RobustScaling (seed 001): D 2:2:1, W 2:2.5:1, r_D = 0.7, integer widening factors",
+    summary="RobustScaling (Huang et al., CVPR 2023): D 2:2:1, W 2:2.5:1, r_D = 0.7, integer widening factors",
     default_block="robust",
     depth_ratios=(2, 2, 1),
     width_ratios=(2, 2.5, 1),
@@ -171,7 +171,7 @@ UNIFORM = RatioRule(
 )
 ROBUSTWRN = GammaRule(
     name="robustwrn",
-    summary="RobustWRN (seed 000): WRN-34 depths, width config w 10-10-4 scaled by gamma",
+    summary="RobustWRN (Huang et al., NeurIPS 2021): WRN-34 depths, width config w 10-10-4 scaled by gamma",
     default_block="basic",
 )
 

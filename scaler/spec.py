@@ -1,6 +1,6 @@
 """The architecture spec: an immutable, validated, JSON-round-trippable description of a CIFAR CNN.
 
-Every model in scaler shares one skeleton (reference section 1): a 3x3 stem, three stages with
+Every model in scaler shares one skeleton (the WRN skeleton of Zagoruyko & Komodakis, as both Huang et al. papers use it): a 3x3 stem, three stages with
 strides (1, 2, 2) and a BN-act-pool-linear head. A spec fixes what varies: the block type, the
 per-stage depths and planes, the stem width, the activation, the classes, the input resolution and
 an optional input normalisation. Planes are the ground truth; widening factors are the derived view
@@ -21,7 +21,7 @@ ACTIVATIONS = ("relu", "silu")
 WIDTH_BASES = (16, 32, 64)
 """Planes per unit widening factor in stages 1..3 (P_i = base_i * W_i)."""
 
-# RobustResBlock hyper-parameters (reference section 3): other values build other models.
+# RobustResBlock hyper-parameters (Huang et al., CVPR 2023, Sec. 4.1): other values build other models.
 ROBUST_SCALES = 8
 ROBUST_BASE_WIDTH = 10
 ROBUST_CARDINALITY = 4

@@ -9,7 +9,7 @@ from scaler.builder import build_model
 from scaler.cost import continuous_cost, count, params_flops
 from scaler.presets import PRESETS
 from scaler.spec import ArchSpec
-from tests.conftest import fvcore_flops, numel
+from scaler.verify import fvcore_flops, numel
 
 # name: (exact params, fvcore total in G from the reference table, 3 decimals)
 REFERENCE = {
