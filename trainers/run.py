@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from scaler.builder import build_from_source
-from scaler.errors import ScalerError
+from scaler.errors import Interrupted, ScalerError
 from trainers import checkpoint
 from trainers.config import TrainConfig
 from trainers.data import NUM_CLASSES, holdout, load_cifar101, load_split
@@ -147,7 +147,8 @@ def _run(cfg, out: Path, *, resuming: bool, progress, stop_after, distributed, e
 def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, device, progress, stop_after) -> dict:
     # Build the model and load the data before writing anything: bad input leaves no run behind.
     torch.manual_seed(cfg.seed)
-    model = build_from_source(source, NUM_CLASSES.get(cfg.dataset, 10), "model.py").to(device)
+    label = cfg.model if (cfg.spec is None and not resuming) else str(out / "model.py")  # where errors point
+    model = build_from_source(source, NUM_CLASSES.get(cfg.dataset, 10), label).to(device)
     cfg.channels_last = training_layout(model, device, cfg.channels_last)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -189,7 +190,7 @@ def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, devic
         )
     except KeyboardInterrupt:
         saved = f"last.pt holds epoch {state.epoch}" if (out / "last.pt").is_file() else "no epoch finished yet"
-        raise KeyboardInterrupt(
+        raise Interrupted(
             f"stopped during epoch {state.epoch + 1}; {saved}. Continue with: scaler train --resume --out {out}"
         ) from None
 
