@@ -1,4 +1,8 @@
-"""Small shared builders for the trainer tests (a module, not conftest: importable by name)."""
+"""Small shared builders for the tests (a module, not conftest: importable by name)."""
+
+import pickle
+
+import numpy as np
 
 from scaler.spec import ArchSpec
 from trainers.config import make_config
@@ -40,3 +44,17 @@ def tiny_config(**overrides):
     )
     base.update(overrides)
     return make_config(None, base)
+
+
+def write_cifar10(root, n=6, corrupt=None):
+    """A CIFAR-10 python-version folder in the standard layout with `n` random images per batch."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"x"] * 10}))
+    if corrupt:
+        (folder / corrupt).write_bytes(b"\x80\x04garbage")
+    return folder
