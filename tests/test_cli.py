@@ -132,3 +132,26 @@ def test_solve_path_imports_no_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_version_and_short_help(capsys):
+    from scaler import __version__
+
+    assert run(capsys, "--version")[:2] == (0, f"scaler {__version__}\n")
+    code, out, _ = run(capsys, "count", "-h")
+    assert code == 0 and "--block" in out and "--json" in out
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "count", "emit", "solve"])
+def test_every_option_is_described(name):
+    import typer
+
+    from scaler_cli.app import _register, app
+
+    _register()
+    command = typer.main.get_command(app).commands[name]
+    undescribed = [p.name for p in command.params if not getattr(p, "help", None)]
+    assert not undescribed
+    if name == "train":  # defaults come from TrainConfig, shown in the help
+        helps = {p.name: p.help for p in command.params}
+        assert "[default: 100]" in helps["epochs"] and "[default: 8/255]" in helps["eps"]
