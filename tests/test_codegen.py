@@ -2,8 +2,8 @@
 
 import site
 import subprocess
-import sysconfig
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from tests_support import TINY_ARGS, tiny_config
 
 from scaler.errors import ScalerError
 from scaler_cli.app import main
+from tests_support import TINY_ARGS, tiny_config
 from trainers import checkpoint
 from trainers.run import resume, train
 
