@@ -24,7 +24,7 @@ QUICK = {"zoo", "count", "solve", "compare", "emit", "space", "--help", "-h", "-
 SMALLER = [  # (pattern, replacement) applied to slow commands only
     (r"--epochs \d+", "--epochs 2"),
     (r"--eval-every \d+", "--eval-every 1"),
-    (r"--n \d+", "--n 16"),
+    (r"--n \d+", "--n 4"),
     (r"--steps \d+", "--steps 1"),
     (r"--batch-size \d+", "--batch-size 16"),
     (r"--attack-steps \d+", "--attack-steps 1"),
