@@ -84,6 +84,7 @@ def render(spec: ArchSpec, provenance: Provenance | None = None) -> str:
             spec_json=json.dumps(spec.to_dict(), sort_keys=True),
             act=ACTIVATIONS[spec.activation],
             normalize=spec.mean is not None,
+            same_padding=spec.padding == "same",
             mean=list(spec.mean) if spec.mean else None,
             std=list(spec.std) if spec.std else None,
             stem=spec.stem,

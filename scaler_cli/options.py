@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,10 @@ def with_options(table: list[Opt], into: str):
 
 
 # --------------------------------------------------------------------------- architecture
+def _triple(what: str):
+    return lambda t: parse_list(t, what, kind=float, minimum=-math.inf)
+
+
 SPEC_OPTIONS = [
     Opt("block", Optional[str], "Spec flags instead of a preset: basic or robust."),
     Opt("depths", Optional[str], "Blocks per stage, e.g. 14,14,7.", parse=lambda t: parse_list(t, "--depths")),
@@ -77,6 +82,14 @@ SPEC_OPTIONS = [
     ),
     Opt("activation", Optional[str], "relu or silu (default relu, or the preset's)."),
     Opt("classes", Optional[int], "Number of classes (default 10)."),
+    Opt("normalize", Optional[str], "Normalise inputs inside the model: none, cifar10 or cifar100 (mean/std)."),
+    Opt(
+        "mean", Optional[str], "Custom per-channel input mean, e.g. 0.5,0.5,0.5 (with --std).", parse=_triple("--mean")
+    ),
+    Opt(
+        "std", Optional[str], "Custom per-channel input std, e.g. 0.25,0.25,0.25 (with --mean).", parse=_triple("--std")
+    ),
+    Opt("padding", Optional[str], "Strided 3x3 convs: symmetric (default) or same (TensorFlow, DeepMind's WRNs)."),
 ]
 STRUCTURE = ("block", "depths", "widths", "channels")
 
@@ -99,7 +112,29 @@ def spec_from_options(name: str | None, opts: dict):
             raise ScalerError("give --widths or --channels, not both")
         planes = opts["channels"] if "channels" in given else widths_to_planes(opts["widths"])
         base = ArchSpec(opts["block"], opts["depths"], planes)
-    return get_spec(base, activation=opts.get("activation"), num_classes=opts.get("classes"))
+    spec = get_spec(
+        base, activation=opts.get("activation"), num_classes=opts.get("classes"), padding=opts.get("padding")
+    )
+    return _normalized(spec, opts)
+
+
+def _normalized(spec, opts: dict):
+    """`spec` with --normalize NAME or --mean/--std applied (one of the two, both halves of the pair)."""
+    from dataclasses import replace
+
+    from scaler.spec import NORMALIZATIONS
+
+    name, mean, std = opts.get("normalize"), opts.get("mean"), opts.get("std")
+    if name is not None and (mean is not None or std is not None):
+        raise ScalerError("give --normalize or --mean/--std, not both")
+    if name is not None:
+        if name not in NORMALIZATIONS:
+            raise ScalerError(f"unknown normalisation {name!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        mean, std = NORMALIZATIONS[name] or (None, None)
+        return replace(spec, mean=mean, std=std)
+    if (mean is None) != (std is None):
+        raise ScalerError("give both --mean and --std, or neither")
+    return replace(spec, mean=mean, std=std) if mean is not None else spec
 
 
 def model_from_options(model: str | None, opts: dict) -> tuple[str, object]:
