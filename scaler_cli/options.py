@@ -230,17 +230,43 @@ def _train_opts() -> list[Opt]:
         o("precision", Optional[str], "auto, fp32 or bf16 (autocast for training; evaluation is fp32)."),
         o("channels_last", Optional[bool], "channels_last tensors.", ("--channels-last/--no-channels-last",)),
         o("compile", Optional[bool], "torch.compile the model and attack model.", ("--compile/--no-compile",)),
+        o(
+            "init_from",
+            Optional[str],
+            "Fine-tune: start from the weights of this run directory or checkpoint (e.g. `scaler import`'s); "
+            "the model is its own unless MODEL is given.",
+            show=False,
+        ),
     ]
 
 
 TRAIN_OPTIONS = _train_opts()
 
 
+def _init_model(init: str):
+    """(label, spec) of the model in the --init-from run: its spec, or its model.py."""
+    from scaler.spec import ArchSpec
+    from trainers.run_eval import run_model
+
+    if not Path(init).exists():
+        raise ScalerError(f"--init-from {init}: no such run directory or checkpoint")
+    _, spec = run_model(init)
+    if spec is not None:
+        return f"init-from {init}", ArchSpec.from_dict(spec)
+    if not (Path(init) / "model.py").is_file():
+        raise ScalerError(f"--init-from {init} records no model: give MODEL to train")
+    return str((Path(init) / "model.py").resolve()), None
+
+
 def train_config(model: str | None, spec_opts: dict, train_opts: dict, recipe: str | None, war_calibrate: bool):
     """The TrainConfig the train options describe (defaults < recipe < flags)."""
     from trainers.config import make_config
 
-    label, spec = model_from_options(model, spec_opts)
+    init = train_opts.get("init_from")
+    if model is None and init is not None and not any(v is not None for v in spec_opts.values()):
+        label, spec = _init_model(init)
+    else:
+        label, spec = model_from_options(model, spec_opts)
     overrides = {k: v for k, v in train_opts.items() if k != "milestones"}
     overrides.update(model=label, spec=spec.to_dict() if spec is not None else None)
     if war_calibrate:
