@@ -90,6 +90,7 @@ def export_cmd(
     ),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="File to write (a raw state dict)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    parents: bool = typer.Option(False, "--parents", help="Create missing parent directories."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Write a run's weights in another codebase's names (e.g. for a RobustBench submission)."""
@@ -97,7 +98,7 @@ def export_cmd(
         raise ScalerError("give the output file with -o FILE.pt")
     from trainers.interop import export_run
 
-    result = export_run(target, output, to=to, force=force)
+    result = export_run(target, output, to=to, force=force, parents=parents)
     if as_json:
         print(json.dumps(result, indent=2))
         return

@@ -92,6 +92,7 @@ SPEC_OPTIONS = [
     Opt("padding", Optional[str], "Strided 3x3 convs: symmetric (default) or same (TensorFlow, DeepMind's WRNs)."),
 ]
 STRUCTURE = ("block", "depths", "widths", "channels")
+SPEC_FLAGS_NOT_FOR_FILES = ("activation", "normalize", "mean", "std", "padding")
 
 
 def spec_from_options(name: str | None, opts: dict):
@@ -143,6 +144,9 @@ def model_from_options(model: str | None, opts: dict) -> tuple[str, object]:
     if model is not None and (model.endswith(".py") or Path(model).is_file()):
         if any(opts.get(k) is not None for k in STRUCTURE):
             raise ScalerError("give a model file or --block/--depths/--widths, not both")
+        ignored = [k for k in SPEC_FLAGS_NOT_FOR_FILES if opts.get(k) is not None]
+        if ignored:
+            raise ScalerError(f"--{ignored[0]} changes a spec, not a model file: emit the file with it instead")
         if not Path(model).is_file():
             raise ScalerError(f"model file {model} not found")
         return str(Path(model).resolve()), None
@@ -248,8 +252,6 @@ def _init_model(init: str):
     from scaler.spec import ArchSpec
     from trainers.run_eval import run_model
 
-    if not Path(init).exists():
-        raise ScalerError(f"--init-from {init}: no such run directory or checkpoint")
     _, spec = run_model(init)
     if spec is not None:
         return f"init-from {init}", ArchSpec.from_dict(spec)
@@ -263,11 +265,15 @@ def train_config(model: str | None, spec_opts: dict, train_opts: dict, recipe: s
     from trainers.config import make_config
 
     init = train_opts.get("init_from")
+    if init is not None and not Path(init).exists():
+        raise ScalerError(f"--init-from {init}: no such run directory or checkpoint")
     if model is None and init is not None and not any(v is not None for v in spec_opts.values()):
         label, spec = _init_model(init)
     else:
         label, spec = model_from_options(model, spec_opts)
     overrides = {k: v for k, v in train_opts.items() if k != "milestones"}
+    if init is not None:
+        overrides["init_from"] = str(Path(init).resolve())  # a resume from elsewhere finds it
     overrides.update(model=label, spec=spec.to_dict() if spec is not None else None)
     if war_calibrate:
         overrides["war_calibrate"] = True

@@ -5,6 +5,7 @@ published models (copied, compacted, from ../shared/fixtures/upstream-state-dict
 state dicts with exactly those keys and shapes and random values.
 """
 
+import argparse
 import json
 import math
 from dataclasses import replace
@@ -334,11 +335,14 @@ def test_unreadable_files_are_one_line(capsys, tmp_path, tiny_wrn):
     torch.save([torch.zeros(1)], listed)
     unknown = tmp_path / "unknown.pt"
     torch.save({"features.weight": torch.zeros(1)}, unknown)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1)}, pickled)
     for path, message in [
         (truncated, "truncated"),
         (garbage, "truncated"),
         (listed, "holds no state dict"),
         (unknown, "unknown checkpoint layout"),
+        (pickled, "argparse.Namespace) that weights_only=True will not unpickle"),
         (tmp_path / "absent.pt", "not found"),
     ]:
         _one_line(*run(capsys, "import", path, *TINY, "-o", tmp_path / "r"), message)
@@ -379,8 +383,9 @@ def test_import_eval_finetune_export_through_the_cli(capsys, tmp_path, tiny_wrn)
     assert code == 0, err
     tuned = torch.load(ft / "last.pt", weights_only=True)["model"]
     assert torch.allclose(tuned["stem.weight"], state["conv1.weight"], atol=1e-9)  # started from the import
-    assert json.loads((ft / "config.json").read_text())["init_from"] == str(run_dir)
+    assert json.loads((ft / "config.json").read_text())["init_from"] == str(run_dir.resolve())
     _one_line(*run(capsys, "train", "--init-from", run_dir, "wrn-a1", "--out", tmp_path / "x"), "does not fit")
+    _one_line(*run(capsys, "train", "--init-from", tmp_path / "nope", "--out", tmp_path / "x"), "no such run directory")
 
     exported = tmp_path / "rb.pt"
     code, out, err = run(capsys, "export", run_dir, "--to", "robustbench", "-o", exported)
@@ -406,3 +411,27 @@ def test_export_picks_the_robustbench_class():
         pick(replace(PRESETS["wrn-34-r"].spec, padding="same"))
     with pytest.raises(ScalerError, match="basic blocks"):
         export_target(PRESETS["robustresnet-a1"].spec, "wideresnet")
+
+
+def test_import_into_model_files(capsys, tmp_path, tiny_wrn):
+    """An emitted file carries its spec, so it is checked like one; a user's own file (no spec line)
+    takes only checkpoints in its own names; spec-changing flags do not apply to files."""
+    from scaler.codegen import emit
+
+    path, state = tiny_wrn
+    emitted = emit(ArchSpec("basic", (1, 1, 1), (16, 32, 64)), tmp_path / "net.py")
+    code, _, err = run(capsys, "import", path, "--model", emitted, "-o", tmp_path / "a")
+    assert code == 0, err
+    assert (tmp_path / "a" / "model.py").read_text() == emitted.read_text()
+    same = emit(ArchSpec("basic", (1, 1, 1), (16, 32, 64), padding="same"), tmp_path / "same.py")
+    _one_line(*run(capsys, "import", path, "--model", same, "-o", tmp_path / "b"), "--padding symmetric")
+    _one_line(*run(capsys, "import", path, "--model", emitted, "--padding", "same", "-o", tmp_path / "b"), "--padding")
+    own = tmp_path / "own.py"
+    own.write_text("\n".join(line for line in emitted.read_text().splitlines() if not line.startswith("spec: ")))
+    _one_line(*run(capsys, "import", path, "--model", own, "-o", tmp_path / "b"), "carries no scaler spec")
+    assert not (tmp_path / "b").exists()
+    # a checkpoint of our own (wrapped as 'model', like the trainer's) into the user's own file
+    ours = tmp_path / "ours.pt"
+    torch.save({"model": torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"], "epoch": 3}, ours)
+    code, out, err = run(capsys, "import", ours, "--model", own, "-o", tmp_path / "c", "--json")
+    assert code == 0 and json.loads(out)["format"] == "scaler", err

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 from scaler.errors import ScalerError
 
@@ -109,8 +108,6 @@ class TrainConfig:
             raise ScalerError("WAR applies to the lambda-form losses: use --method trades or mart")
         if self.war_zeta is not None and self.war_zeta <= 0:
             raise ScalerError("--war-zeta must be > 0")
-        if self.init_from is not None and not Path(self.init_from).exists():
-            raise ScalerError(f"--init-from {self.init_from}: no such run directory or checkpoint")
 
     def milestone_epochs(self) -> list[int]:
         return sorted({max(1, round(f * self.epochs)) for f in self.milestones})

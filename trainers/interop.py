@@ -230,7 +230,9 @@ def run_spec(run_dir: Path, source: str) -> ArchSpec | None:
     return spec
 
 
-def export_run(target: str | Path, out: str | Path, *, to: str = "robustbench", force: bool = False) -> dict:
+def export_run(
+    target: str | Path, out: str | Path, *, to: str = "robustbench", force: bool = False, parents: bool = False
+) -> dict:
     """Write the weights of a run (its best.pt, else last.pt) or checkpoint file in layout `to`, as a
     raw state dict that the matching class loads strictly."""
     from trainers.run_eval import find_checkpoint
@@ -255,7 +257,7 @@ def export_run(target: str | Path, out: str | Path, *, to: str = "robustbench", 
     for key in ours:
         state[goal.layout.upstream_key(key)] = weights[key]
     try:
-        atomic_write(Path(out), lambda tmp: torch.save(state, tmp), force=force)
+        atomic_write(Path(out), lambda tmp: torch.save(state, tmp), force=force, parents=parents)
     except OSError as exc:
         raise ScalerError(f"cannot write {out}: {exc.strerror or exc}") from None
     return {
