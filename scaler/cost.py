@@ -108,6 +108,8 @@ def payload(spec: ArchSpec, cost: Cost | None = None) -> dict:
         "widths": list(spec.widths),
         "channels": list(spec.channels),
         "activation": spec.activation,
+        "normalize": spec.normalization,
+        "padding": spec.padding,
         "num_classes": spec.num_classes,
         "params": cost.params,
         "flops": cost.flops,

@@ -147,3 +147,12 @@ def test_same_padded_emitted_file_is_ruff_clean(tmp_path, block):
     assert subprocess.run([*ruff, "check", "--no-cache", str(path)], capture_output=True).returncode == 0
     fmt = [*ruff, "format", "--check", "--no-cache", "--line-length", "120", str(path)]
     assert subprocess.run(fmt, capture_output=True).returncode == 0
+
+
+def test_count_reports_normalisation_and_padding(capsys):
+    code, out, _ = run(capsys, "count", "wrn-70-16", "--normalize", "cifar10", "--padding", "same", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["normalize"] == "cifar10" and data["padding"] == "same"
+    assert data["flops"] == count(PRESETS["wrn-70-16"].spec).flops
+    code, out, _ = run(capsys, "count", "wrn-70-16", "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2")
+    assert code == 0 and "normalize custom" in out and "padding" not in out
