@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from scaler.errors import ScalerError
+from scaler.layouts import FORMATS
 from scaler_cli.app import app
 from scaler_cli.options import SPEC_OPTIONS, model_from_options, with_options
 
@@ -22,8 +23,7 @@ def import_cmd(
     source_format: Optional[str] = typer.Option(
         None,
         "--from",
-        help="Force the layout: wideresnet, dmwideresnet, robustwideresnet, preactresnet or scaler "
-        "[default: detected from the keys].",
+        help=f"Force the layout: {', '.join(FORMATS)} [default: detected from the keys].",
     ),
     dataset: Optional[str] = typer.Option(
         None, help="Dataset `scaler eval` uses [default: cifar10/cifar100 by classes]."
@@ -85,8 +85,7 @@ def export_cmd(
     to: str = typer.Option(
         "robustbench",
         "--to",
-        help="robustbench (the RobustBench class that computes the model) or a layout: wideresnet, "
-        "dmwideresnet, robustwideresnet, preactresnet, scaler.",
+        help=f"robustbench (the RobustBench class that computes the model) or a layout: {', '.join(FORMATS)}.",
     ),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="File to write (a raw state dict)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),

@@ -312,6 +312,8 @@ def _one_line(code, out, err, message):
         (lambda s: None, ["--from", "dmwideresnet"], "--padding same"),
         (lambda s: None, ["--from", "nope"], "unknown checkpoint format"),
         (lambda s: s.update({"mu": torch.zeros(3, 1, 1)}), ["--from", "preactresnet"], "mu but no sigma"),
+        (lambda s: None, ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (lambda s: None, ["--dataset", "cifar100"], "--dataset cifar100 has 100 classes, the checkpoint 10"),
     ],
 )
 def test_bad_checkpoints_are_one_line_and_write_nothing(capsys, tmp_path, tiny_wrn, mutate, args, message):

@@ -136,17 +136,19 @@ def import_checkpoint(
 ) -> dict:
     """Write run directory `out` holding the checkpoint's weights in the model of `source`."""
     from trainers.config import make_config
-    from trainers.data import NUM_CLASSES
+    from trainers.data import DATASETS, NUM_CLASSES
 
     out = Path(out)
     _check_out(out, force)
+    if dataset is not None and dataset not in DATASETS:
+        raise ScalerError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     state = read_state_dict(checkpoint_path)
     weights, layout, dropped = convert(state, source, spec, fmt, str(checkpoint_path))
     classes = int(weights["fc.weight"].shape[0]) if "fc.weight" in weights else None
     if dataset is None:
         by_classes = {10: "cifar10", 100: "cifar100"}
         if classes not in by_classes:
-            raise ScalerError(f"the model has {classes} classes: give the dataset with --dataset")
+            raise ScalerError(f"cannot tell the dataset of a {classes}-class model: give --dataset")
         dataset = by_classes[classes]
     elif dataset in NUM_CLASSES and classes is not None and NUM_CLASSES[dataset] != classes:
         raise ScalerError(f"--dataset {dataset} has {NUM_CLASSES[dataset]} classes, the checkpoint {classes}")
