@@ -290,21 +290,32 @@ def _constructor(layout: Layout, spec: ArchSpec, wrn: tuple[int, int] | None, st
 
 @dataclass(frozen=True)
 class ImportPlan:
-    """Our key -> the checkpoint's key for every tensor of the model, and the checkpoint keys
-    dropped (unused upstream modules, mu/sigma re-created by the model's normalisation)."""
+    """Our key -> the checkpoint's key for every tensor the checkpoint gives, the checkpoint keys
+    dropped (unused upstream modules, mu/sigma re-created by the model's normalisation) and our
+    BatchNorm counters a checkpoint saved before PyTorch 0.4.1 lacks (to start at 0)."""
 
     mapping: dict[str, str]
     dropped: tuple[str, ...]
+    counters: tuple[str, ...] = ()
+
+
+COUNTER = ".num_batches_tracked"
+"""BatchNorm's step counter: used only with momentum=None (ours is 0.1), so it changes no output;
+PyTorch itself starts it at 0 when an old checkpoint lacks it."""
 
 
 def plan_import(layout: Layout, source: Mapping[str, tuple], target: Mapping[str, tuple]) -> ImportPlan:
     """Match a checkpoint's shapes (`source`, its keys) to the model's (`target`, our keys, in module
     order) through `layout`. Refuses the first missing tensor or shape mismatch in module order, then
-    the first checkpoint tensor left over, in one line that names key, expected and found shape."""
-    mapping, problems = {}, []
+    the first checkpoint tensor left over, in one line that names key, expected and found shape.
+    BatchNorm counters may be missing only all together (see COUNTER)."""
+    mapping, problems, counters = {}, [], []
+    no_counters = not any(k.endswith(COUNTER) for k in source)  # an old checkpoint: none at all
     for key, shape in target.items():
         theirs = layout.upstream_key(key)
-        if theirs not in source:
+        if theirs not in source and no_counters and key.endswith(COUNTER):
+            counters.append(key)
+        elif theirs not in source:
             problems.append(f"missing tensor {theirs} (our {key}, expected shape {list(shape)})")
         elif tuple(source[theirs]) != tuple(shape):
             found = tuple(source[theirs])
@@ -329,4 +340,4 @@ def plan_import(layout: Layout, source: Mapping[str, tuple], target: Mapping[str
             f"(shape {list(source[extra[0]])}) has no place in the model"
             + (f" ({len(extra) - 1} more)" if len(extra) > 1 else "")
         )
-    return ImportPlan(mapping, tuple(dropped))
+    return ImportPlan(mapping, tuple(dropped), tuple(counters))

@@ -55,6 +55,8 @@ def import_cmd(
         print(json.dumps(result, indent=2))
         return
     dropped = f", dropped {_summarize(result['dropped'])}" if result["dropped"] else ""
+    if result["zeroed_counters"]:
+        dropped += f", {result['zeroed_counters']} BatchNorm counters started at 0 (a pre-0.4.1 checkpoint)"
     print(f"imported {checkpoint} ({result['upstream']}) into {output}: {result['tensors']} tensors{dropped}")
     print(f"evaluate: scaler eval {output}    fine-tune: scaler train --init-from {output} --out RUN")
 

@@ -437,3 +437,25 @@ def test_import_into_model_files(capsys, tmp_path, tiny_wrn):
     torch.save({"model": torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"], "epoch": 3}, ours)
     code, out, err = run(capsys, "import", ours, "--model", own, "-o", tmp_path / "c", "--json")
     assert code == 0 and json.loads(out)["format"] == "scaler", err
+
+
+def test_half_precision_and_pre_0_4_1_checkpoints_load(capsys, tmp_path, tiny_wrn):
+    """fp16 tensors become the model's fp32; a checkpoint without any BatchNorm counter (saved before
+    PyTorch 0.4.1) starts them at 0, but one missing only some is refused."""
+    _, state = tiny_wrn
+    old = {
+        k: v.half() if v.is_floating_point() else v for k, v in state.items() if not k.endswith("num_batches_tracked")
+    }
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    code, out, err = run(capsys, "import", path, *TINY, "-o", tmp_path / "r", "--json")
+    assert code == 0, err
+    assert json.loads(out)["zeroed_counters"] == 7  # 3 blocks x 2 BN + the head BN
+    weights = torch.load(tmp_path / "r" / "best.pt", weights_only=True)["model"]
+    assert weights["stem.weight"].dtype == torch.float32
+    assert torch.equal(weights["stem.weight"], old["conv1.weight"].float())
+    assert int(weights["bn.num_batches_tracked"]) == 0
+    partial = dict(state)
+    partial.pop("bn1.num_batches_tracked")
+    torch.save(partial, path)
+    _one_line(*run(capsys, "import", path, *TINY, "-o", tmp_path / "s"), "missing tensor bn1.num_batches_tracked")

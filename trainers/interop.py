@@ -98,8 +98,8 @@ def meta_model(source: str, num_classes: int | None, label: str) -> torch.nn.Mod
 
 
 def convert(state: Mapping[str, torch.Tensor], source: str, spec: ArchSpec | None, fmt: str | None, label: str):
-    """(weights in our names and the model's dtypes, layout, dropped keys), after every check;
-    the weights have been loaded strictly into the model."""
+    """(weights in our names and the model's dtypes, layout, ImportPlan), after every check; the
+    weights have been loaded strictly into the model."""
     layout = get_layout(fmt) if fmt else detect(state)
     stored = stored_normalization(state) if layout.normalization == "buffers" else None
     check_spec(layout, spec, stored)
@@ -108,12 +108,17 @@ def convert(state: Mapping[str, torch.Tensor], source: str, spec: ArchSpec | Non
     plan = plan_import(
         layout, {k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in target.items()}
     )
-    weights = {key: _own(state[theirs].to(dtype=target[key].dtype)) for key, theirs in plan.mapping.items()}
+    weights = {}
+    for key, value in target.items():
+        if key in plan.mapping:
+            weights[key] = _own(state[plan.mapping[key]].to(dtype=value.dtype))
+        else:  # a BatchNorm counter an old checkpoint lacks
+            weights[key] = torch.zeros((), dtype=value.dtype)
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as exc:  # the plan covers every key and shape: only a dtype surprise gets here
         raise ScalerError(f"checkpoint does not load into the model: {' '.join(str(exc).split())[:240]}") from None
-    return weights, layout, plan.dropped
+    return weights, layout, plan
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -143,7 +148,7 @@ def import_checkpoint(
     if dataset is not None and dataset not in DATASETS:
         raise ScalerError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     state = read_state_dict(checkpoint_path)
-    weights, layout, dropped = convert(state, source, spec, fmt, str(checkpoint_path))
+    weights, layout, plan = convert(state, source, spec, fmt, str(checkpoint_path))
     classes = int(weights["fc.weight"].shape[0]) if "fc.weight" in weights else None
     if dataset is None:
         by_classes = {10: "cifar10", 100: "cifar100"}
@@ -157,7 +162,8 @@ def import_checkpoint(
         "format": layout.name,
         "upstream": layout.upstream,
         "tensors": len(weights),
-        "dropped": list(dropped),
+        "dropped": list(plan.dropped),
+        "zeroed_counters": len(plan.counters),
     }
     cfg = make_config(None, {"model": label, "spec": spec.to_dict() if spec else None, "dataset": dataset})
     cfg.data_dir = data_dir
