@@ -4,6 +4,8 @@ FLOPs follow fvcore (one multiply-add = one flop; eval-mode BatchNorm and adapti
 counted; elementwise ops not), so `count(spec).flops` equals
 `FlopCountAnalysis(model.eval(), torch.rand(1, 3, R, R)).total()` of the rendered model and
 `count(spec).params` equals the sum of `numel` over its parameters, to the integer.
+Input normalisation (elementwise) and "same" padding (same output sizes) change neither, so the
+spec's `mean`/`std`/`padding` do not enter here.
 
 A stage costs its first block plus (depth - 1) identical identity blocks, so a whole network is six
 block evaluations: microseconds, with neither torch nor sympy imported. `continuous_cost` evaluates
@@ -106,6 +108,8 @@ def payload(spec: ArchSpec, cost: Cost | None = None) -> dict:
         "widths": list(spec.widths),
         "channels": list(spec.channels),
         "activation": spec.activation,
+        "normalize": spec.normalization,
+        "padding": spec.padding,
         "num_classes": spec.num_classes,
         "params": cost.params,
         "flops": cost.flops,

@@ -2,9 +2,9 @@
 
 Every model in scaler shares one skeleton (the WRN skeleton of Zagoruyko & Komodakis, as both Huang et al. papers use it): a 3x3 stem, three stages with
 strides (1, 2, 2) and a BN-act-pool-linear head. A spec fixes what varies: the block type, the
-per-stage depths and planes, the stem width, the activation, the classes, the input resolution and
-an optional input normalisation. Planes are the ground truth; widening factors are the derived view
-P1/16, P2/32, P3/64.
+per-stage depths and planes, the stem width, the activation, the classes, the input resolution, an
+optional input normalisation and the padding of strided 3x3 convolutions. Planes are the ground
+truth; widening factors are the derived view P1/16, P2/32, P3/64.
 """
 
 from __future__ import annotations
@@ -27,6 +27,23 @@ ROBUST_BASE_WIDTH = 10
 ROBUST_CARDINALITY = 4
 ROBUST_SE_REDUCTION = 64
 ROBUST_EXPANSION = 4
+
+PADDINGS = ("symmetric", "same")
+"""Padding of strided 3x3 convs: 1 on every side, or TensorFlow "same" (total max((ceil(R/s)-1)s+3-R, 0),
+the extra pixel right/bottom). Both give ceil(R/s) outputs, so costs do not depend on it; "same" is
+what DeepMind's WideResNets (RobustBench's DMWideResNet) use: (0, 1, 0, 1) on even inputs."""
+
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]] | None] = {
+    "none": None,
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+"""Named per-channel (mean, std) of the inputs, as DeepMind's and RobustBench's models normalise
+inside the model (inputs stay in [0, 1])."""
+
+OPTIONAL_FIELDS = {"padding": "symmetric"}
+"""Fields added after the first spec format: `to_dict` writes them only when they differ from this
+default, so older specs, and the files and runs that embed them, stay byte-identical."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -55,6 +72,16 @@ def widths_to_planes(widths: tuple[float, ...]) -> tuple[int, int, int]:
     return tuple(planes)  # type: ignore[return-value]
 
 
+def normalization_name(mean, std) -> str:
+    """The NORMALIZATIONS name of (mean, std) (equal to 1e-6), 'custom' for other values."""
+    if mean is None:
+        return "none"
+    for name, pair in NORMALIZATIONS.items():
+        if pair is not None and all(abs(a - b) <= 1e-6 for a, b in zip((*mean, *std), (*pair[0], *pair[1]))):
+            return name
+    return "custom"
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """One concrete network. Immutable; build variants with `dataclasses.replace`."""
@@ -69,6 +96,7 @@ class ArchSpec:
     resolution: int = 32
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    padding: str = "symmetric"
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +128,8 @@ class ArchSpec:
         for label, v in (("stem", self.stem), ("num_classes", self.num_classes), ("resolution", self.resolution)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ScalerError(f"{label} must be a positive whole number, got {v!r}")
+        if self.padding not in PADDINGS:
+            raise ScalerError(f"unknown padding {self.padding!r}; choose one of {', '.join(PADDINGS)}")
         if self.num_classes < 2:
             raise ScalerError(f"num_classes must be >= 2, got {self.num_classes}")
         if self.block == "robust":
@@ -155,6 +185,11 @@ class ArchSpec:
             cin = cout
         return plan
 
+    @property
+    def normalization(self) -> str:
+        """'none', the name of a known normalisation ('cifar10'), or 'custom'."""
+        return normalization_name(self.mean, self.std)
+
     def describe(self) -> str:
         """A short human label, e.g. 'robust d14-14-7 w5-7-3'."""
         w = "-".join(f"{x:g}" for x in self.widths)
@@ -166,6 +201,9 @@ class ArchSpec:
         for key in ("depths", "planes", "strides", "mean", "std"):
             if d[key] is not None:
                 d[key] = list(d[key])
+        for key, default in OPTIONAL_FIELDS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     def to_json(self) -> str:

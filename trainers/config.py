@@ -77,6 +77,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     recipe: str | None = None
+    init_from: str | None = None  # run directory or checkpoint whose weights replace the fresh init
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
