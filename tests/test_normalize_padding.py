@@ -13,8 +13,8 @@ from scaler.cost import count
 from scaler.errors import ScalerError
 from scaler.presets import PRESETS
 from scaler.spec import NORMALIZATIONS, ArchSpec
+from scaler.verify import fvcore_flops, numel
 from scaler_cli.app import main
-from tests.conftest import fvcore_flops, numel
 
 CIFAR10 = NORMALIZATIONS["cifar10"]
 
