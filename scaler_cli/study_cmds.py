@@ -126,13 +126,15 @@ def sweep(
         raise
     if as_json:
         print(json.dumps(summary.to_dict(), indent=2))
-        return
-    print(
-        f"{summary.study}: {summary.complete} trials completed, {summary.failed} failed, "
-        f"{summary.skipped} already complete, {summary.pending} left, in {summary.seconds:.1f}s"
-    )
-    for arch_id, line in summary.errors.items():
-        print(f"failed: arch {arch_id}: {line}")
+    else:
+        print(
+            f"{summary.study}: {summary.complete} trials completed, {summary.failed} failed, "
+            f"{summary.skipped} already complete, {summary.pending} left, in {summary.seconds:.1f}s"
+        )
+        for arch_id, line in summary.errors.items():
+            print(f"failed: arch {arch_id}: {line}")
+    if summary.failed:
+        raise typer.Exit(1)  # scripts notice; the other trials' results are stored
 
 
 def _interrupt(signum, frame):
@@ -165,7 +167,7 @@ def results(
     if not rows:
         print(f"{study}: no trials{' match' if where else ''}")
         return
-    print(table(*_table(rows), right=set(range(2, 14))))
+    print(table(*_table(rows), right={0, *range(4, 16)}))
     for r in rows:
         if r["status"] == "failed":
             print(f"failed: arch {r['arch_id']} after {r['attempts']} attempts: {r['error']}")
