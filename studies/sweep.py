@@ -278,6 +278,11 @@ def _drive(ray, todo: list[TrialTask], store: Store, options, device: str, summa
                     line = error_line(exc)
                     if tries[task.arch_id] <= options.retries:
                         queue.append(task)
+                        note = f"trial {task.arch_id} attempt {tries[task.arch_id]} failed, retrying: {line}"
+                        if bar is not None:
+                            bar.write(note, file=sys.stderr)
+                        elif announce:
+                            announce(note)
                         continue
                     store.fail(task.arch_id, line)
                     summary.failed += 1
