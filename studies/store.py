@@ -22,6 +22,8 @@ from scaler.errors import ScalerError
 SCHEMA_VERSION = 1
 DB_NAME = "results.sqlite"
 STATUSES = ("pending", "complete", "failed")
+STUDY_ENTRIES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "trials", ".lock")
+"""What a study directory holds; a directory with anything else is not taken for a new study."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -83,6 +85,13 @@ class Store:
         study = Path(study_dir)
         if study.exists() and not study.is_dir():
             raise ScalerError(f"--out {study} is a file, not a study directory")
+        if study.is_dir() and not (study / DB_NAME).exists():
+            foreign = sorted(p.name for p in study.iterdir() if p.name not in STUDY_ENTRIES)
+            if foreign:
+                raise ScalerError(
+                    f"--out {study} holds other files ({', '.join(foreign[:3])}) and no {DB_NAME}: "
+                    "give a new or empty directory for the study"
+                )
         study.mkdir(parents=True, exist_ok=True)
         path = study / DB_NAME
         conn = _connect(path)

@@ -317,3 +317,10 @@ def test_packages_never_import_upwards():
                     names = [node.module]
                 bad += [f"{path.relative_to(ROOT)} imports {n}" for n in names if n.split(".")[0] in above]
     assert not bad, bad
+
+
+def test_a_directory_that_is_not_a_study_is_not_taken_over(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ScalerError, match="holds other files"):
+        Store.create(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
