@@ -111,6 +111,8 @@ def sweep(
     options = options or SweepOptions()
     options.validate()
     config.validate()
+    if options.address:
+        check_reachable(options.address)  # before anything is written
     t0 = time.time()
     study = Path(study_dir).resolve()
     archs = list(space.archs) if arch_ids is None else [space.by_id(i) for i in arch_ids]
@@ -197,6 +199,22 @@ class _ray_session:
             import ray
 
             ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse an address nothing listens on in seconds (Ray itself retries for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # 'auto', ray:// client addresses: Ray resolves and reports those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ScalerError(
+            f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); "
+            "start one with `ray start --head --port=6379` there, or leave out --address for a local Ray"
+        ) from None
 
 
 def _worker_pythonpath() -> str:

@@ -324,3 +324,13 @@ def test_a_directory_that_is_not_a_study_is_not_taken_over(tmp_path):
     with pytest.raises(ScalerError, match="holds other files"):
         Store.create(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_unreachable_cluster_is_one_line_and_writes_nothing(tmp_path, capsys):
+    space = write(tmp_path, "depths: 1\nwidths: 1\n")
+    study = tmp_path / "study"
+    args = ["sweep", str(space), "--out", str(study), "--dataset", "digits", "--address", "127.0.0.1:1", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach a Ray cluster at 127.0.0.1:1" in err
+    assert not study.exists()
