@@ -22,7 +22,7 @@ from scaler.errors import ScalerError
 SCHEMA_VERSION = 1
 DB_NAME = "results.sqlite"
 STATUSES = ("pending", "complete", "failed")
-STUDY_ENTRIES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "trials", ".lock")
+STUDY_ENTRIES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "trials", "errors", ".lock")
 """What a study directory holds; a directory with anything else is not taken for a new study."""
 
 _SCHEMA = """

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from studies.store import Store
 from studies.trial import TrialTask, run_trial
 
 TRIALS_DIR = "trials"
+ERRORS_DIR = "errors"
 VOLATILE_CONFIG = ("device", "compile", "data_dir", "channels_last", "extra", "model", "spec")
 """TrainConfig fields a rerun may change without changing results (or that vary per trial)."""
 DEFAULT_TEST_ATTACKS = ("clean", "fgsm", "pgd20", "cw40")
@@ -294,6 +296,7 @@ def _drive(ray, todo: list[TrialTask], store: Store, options, device: str, summa
                     store.record_attempt(task.arch_id, time.time() - started, gpus, cpus)
                     tries[task.arch_id] = tries.get(task.arch_id, 0) + 1
                     line = error_line(exc)
+                    _keep_traceback(task, tries[task.arch_id], exc)
                     if tries[task.arch_id] <= options.retries:
                         queue.append(task)
                         note = f"trial {task.arch_id} attempt {tries[task.arch_id]} failed, retrying: {line}"
@@ -329,6 +332,20 @@ def _drive(ray, todo: list[TrialTask], store: Store, options, device: str, summa
     finally:
         if bar is not None:
             bar.close()
+
+
+def _keep_traceback(task: TrialTask, attempt: int, exc: BaseException) -> None:
+    """The whole story of a failed attempt (Ray's remote traceback) in STUDY/errors/<arch-id>.log,
+    since the store keeps one line."""
+    run = Path(task.run_dir)
+    logs = run.parent.parent / ERRORS_DIR  # outside the run directory, which a fresh start needs empty
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{task.arch_id}.log", "a") as fh:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # Ray colours its tracebacks
+            fh.write(f"--- attempt {attempt} failed at {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}\n")
+    except OSError:
+        pass  # the error line still reaches the store
 
 
 def _bar(enabled: bool, total: int):

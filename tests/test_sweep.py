@@ -142,6 +142,8 @@ def test_a_failing_trial_is_recorded_as_failed_while_the_others_finish(ray_local
     assert ok.status == "complete" and ok.attempts == 1
     assert failed.status == "failed" and failed.attempts == 2 and failed.error.startswith("cannot read")
     assert "\n" not in failed.error
+    log = (study / "errors" / "2.log").read_text()
+    assert log.count("--- attempt") == 2 and 'File "' in log and "\x1b[" not in log  # the whole traceback
 
 
 def test_trial_resources_the_cluster_cannot_hold_are_refused_in_one_line(ray_local, tmp_path, capsys):
