@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import scaler
 from scaler_cli.app import main
 from studies.results import load_records
@@ -153,3 +155,28 @@ def test_trial_resources_the_cluster_cannot_hold_are_refused_in_one_line(ray_loc
     assert "--cpus-per-trial 64 but the Ray cluster has 2 CPUs" in capsys.readouterr().err
     assert main([*args, "--gpus-per-trial", "1"]) == 2
     assert "--gpus-per-trial 1 but the Ray cluster has 0 GPUs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_next_run_picks_up_where_it_stopped(ray_local, tmp_path, capsys):
+    space = space_file(tmp_path, "[1, 1, 1]")
+    study = tmp_path / "study"
+    run = study / "trials" / "1"
+    args = [str(space), "--out", str(study), "--epochs", "3", *FAST]
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "scaler_cli", "sweep", *args, "--address", address, "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    first = (run / "metrics.jsonl").read_text()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped: 0 trials completed, 1 left" in err and "Traceback" not in err
+    with Store.open(study) as store:
+        assert store.get(1).status == "pending" and store.get(1).attempts == 0
+    rc, summary = sweep_json(capsys, *args)
+    assert rc == 0 and summary["complete"] == 1
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3] and lines[0] + "\n" == first.splitlines(True)[0]
