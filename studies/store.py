@@ -149,20 +149,30 @@ class Store:
     # ----------------------------------------------------------------- trials
     def add(self, arch_id: int, spec: dict, params: int, flops: int) -> TrialRow:
         """The row of `arch_id`, inserted as pending when new; refuses a different spec under that id."""
-        row = self.get(arch_id)
-        if row is None:
-            with self.conn:
-                self.conn.execute(
-                    "INSERT INTO trials (arch_id, spec, params, flops, status, updated) VALUES (?, ?, ?, ?, ?, ?)",
-                    (arch_id, json.dumps(spec, sort_keys=True), params, flops, "pending", time.time()),
+        return self.add_many([(arch_id, spec, params, flops)])[arch_id]
+
+    def add_many(self, items: list[tuple[int, dict, int, int]]) -> dict[int, TrialRow]:
+        """`add` for many (arch_id, spec, params, flops) at once, in one transaction (15,625 rows
+        of NARes take a fraction of a second)."""
+        known = {r.arch_id: r for r in self.trials()}
+        for arch_id, spec, _, _ in items:
+            if arch_id in known and known[arch_id].spec != spec:
+                raise ScalerError(
+                    f"{self.path.parent}: architecture {arch_id} was another network in this study; "
+                    "the space changed, choose a new --out"
                 )
-            return self.get(arch_id)
-        if row.spec != spec:
-            raise ScalerError(
-                f"{self.path.parent}: architecture {arch_id} was another network in this study; "
-                "the space changed, choose a new --out"
-            )
-        return row
+        new = [
+            (arch_id, json.dumps(spec, sort_keys=True), params, flops, "pending", time.time())
+            for arch_id, spec, params, flops in items
+            if arch_id not in known
+        ]
+        if new:
+            with self.conn:
+                self.conn.executemany(
+                    "INSERT INTO trials (arch_id, spec, params, flops, status, updated) VALUES (?, ?, ?, ?, ?, ?)", new
+                )
+            known = {r.arch_id: r for r in self.trials()}
+        return {arch_id: known[arch_id] for arch_id, *_ in items}
 
     def get(self, arch_id: int) -> TrialRow | None:
         cur = self.conn.execute("SELECT * FROM trials WHERE arch_id = ?", (arch_id,))

@@ -34,6 +34,8 @@ ERRORS_DIR = "errors"
 VOLATILE_CONFIG = ("device", "compile", "data_dir", "channels_last", "extra", "model", "spec")
 """TrainConfig fields a rerun may change without changing results (or that vary per trial)."""
 DEFAULT_TEST_ATTACKS = ("clean", "fgsm", "pgd20", "cw40")
+DEFAULT_CLASSES = 10
+"""Spaces cost networks for 10 classes unless they say otherwise; trials train the data's classes."""
 
 
 @dataclass
@@ -119,17 +121,25 @@ def sweep(
     study = Path(study_dir).resolve()
     archs = list(space.archs) if arch_ids is None else [space.by_id(i) for i in arch_ids]
     classes = NUM_CLASSES.get(config.dataset, 10)
+    odd = {a.spec.num_classes for a in archs} - {classes, DEFAULT_CLASSES}
+    if odd:  # a space costed for other classes than the data has: its records would lie
+        raise ScalerError(
+            f"the space sets num_classes {sorted(odd)[0]} but --dataset {config.dataset} has {classes} classes"
+        )
     cfg = json_config(config)
     store = Store.create(study)
     lock = RunLock(study)
     try:
         lock.acquire()
         store.bind(study_settings(space, cfg, options))
-        todo, skipped = [], 0
+        items = []
         for a in archs:
             spec = {**a.spec.to_dict(), "num_classes": classes, "name": None}
-            params, flops = _cost(spec)
-            row = store.add(a.arch_id, spec, params, flops)
+            items.append((a.arch_id, spec, *_cost(spec)))
+        rows = store.add_many(items)
+        todo, skipped = [], 0
+        for a, (_, spec, _, _) in zip(archs, items):
+            row = rows[a.arch_id]
             if row.status == "complete":
                 skipped += 1
                 continue

@@ -334,3 +334,18 @@ def test_an_unreachable_cluster_is_one_line_and_writes_nothing(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach a Ray cluster at 127.0.0.1:1" in err
     assert not study.exists()
+
+
+def test_a_space_costed_for_other_classes_than_the_data_is_refused(tmp_path, capsys):
+    space = write(tmp_path, "depths: 1\nwidths: 1\nnum_classes: 100\n")
+    assert main(["space", str(space), "--json"]) == 0
+    assert (
+        json.loads(capsys.readouterr().out)["archs"][0]["params"]
+        == scaler.count(
+            scaler.get_spec({"block": "basic", "depths": [1, 1, 1], "planes": [16, 32, 64], "num_classes": 100})
+        ).params
+    )
+    study = tmp_path / "study"
+    assert main(["sweep", str(space), "--out", str(study), "--dataset", "digits", "--quiet"]) == 2
+    assert "num_classes 100 but --dataset digits has 10 classes" in capsys.readouterr().err
+    assert not study.exists()
