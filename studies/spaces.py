@@ -28,6 +28,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 from scaler.cost import params_flops
@@ -98,11 +99,15 @@ class Space:
     def __len__(self) -> int:
         return len(self.archs)
 
+    @cached_property
+    def _index(self) -> dict[int, Arch]:
+        return {a.arch_id: a for a in self.archs}
+
     def by_id(self, arch_id: int) -> Arch:
-        for a in self.archs:
-            if a.arch_id == arch_id:
-                return a
-        raise ScalerError(f"space {self.name} has no architecture {arch_id}")
+        try:
+            return self._index[arch_id]
+        except KeyError:
+            raise ScalerError(f"space {self.name} has no architecture {arch_id}") from None
 
     def fingerprint(self) -> str:
         """A hash of every (id, spec): a study refuses a space that numbers architectures otherwise."""
