@@ -282,66 +282,90 @@ def error_line(exc: BaseException) -> str:
 
 def _drive(ray, todo: list[TrialTask], store: Store, options, device: str, summary: SweepSummary, announce) -> None:
     cpus, gpus, fit = _resources(ray, options, device)
-    remote = ray.remote(run_trial).options(num_cpus=cpus, num_gpus=gpus, max_retries=0, retry_exceptions=False)
     if announce:
         announce(f"sweep: {len(todo)} trials, {cpus:g} CPUs and {gpus:g} GPUs each, up to {fit} at once")
-    queue = list(reversed(todo))  # pop() from the end: arch id order
-    running: dict = {}  # ref -> (task, submitted at)
-    tries: dict[int, int] = {}
-    bar = _bar(options.progress, len(todo))
-    try:
-        while queue or running:
-            while queue and len(running) < fit:
-                task = queue.pop()
-                Path(task.run_dir, ".lock").unlink(missing_ok=True)  # stale: we hold the study lock
-                running[remote.remote(task)] = (task, time.time())
-            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in done:
-                task, started = running.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except BaseException as exc:  # noqa: BLE001 - every trial failure is recorded, not raised
-                    store.record_attempt(task.arch_id, time.time() - started, gpus, cpus)
-                    tries[task.arch_id] = tries.get(task.arch_id, 0) + 1
-                    line = error_line(exc)
-                    _keep_traceback(task, tries[task.arch_id], exc)
-                    if tries[task.arch_id] <= options.retries:
-                        queue.append(task)
-                        note = f"trial {task.arch_id} attempt {tries[task.arch_id]} failed, retrying: {line}"
-                        if bar is not None:
-                            bar.write(note, file=sys.stderr)
-                        elif announce:
-                            announce(note)
+    _Driver(ray, store, options, summary, announce, cpus, gpus, fit).run(todo)
+
+
+class _Driver:
+    """The submit / wait / record loop; one method per event."""
+
+    def __init__(self, ray, store, options, summary, announce, cpus, gpus, fit):
+        self.ray, self.store, self.options, self.summary, self.announce = ray, store, options, summary, announce
+        self.cpus, self.gpus, self.fit = cpus, gpus, fit
+        self.remote = ray.remote(run_trial).options(num_cpus=cpus, num_gpus=gpus, max_retries=0, retry_exceptions=False)
+        self.running: dict = {}  # ref -> (task, submitted at)
+        self.tries: dict[int, int] = {}
+        self.bar = None
+
+    def run(self, todo: list[TrialTask]) -> None:
+        queue = list(reversed(todo))  # pop() from the end: arch id order
+        self.bar = _bar(self.options.progress, len(todo))
+        try:
+            while queue or self.running:
+                while queue and len(self.running) < self.fit:
+                    self.submit(queue.pop())
+                done, _ = self.ray.wait(list(self.running), num_returns=1, timeout=1.0)
+                for ref in done:
+                    task, started = self.running.pop(ref)
+                    try:
+                        result = self.ray.get(ref)
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except BaseException as exc:  # noqa: BLE001 - every trial failure is recorded, not raised
+                        if self.failed(task, started, exc):
+                            queue.append(task)
                         continue
-                    store.fail(task.arch_id, line)
-                    summary.failed += 1
-                    summary.pending -= 1
-                    summary.errors[task.arch_id] = line
-                    if bar is not None:
-                        bar.update(1)
-                    elif announce:
-                        announce(f"trial {task.arch_id} failed: {line}")
-                    continue
-                store.record_attempt(task.arch_id, result["seconds"], gpus, cpus)
-                store.complete(task.arch_id, result)
-                summary.complete += 1
-                summary.pending -= 1
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.set_postfix_str(f"done {summary.complete} running {len(running)} failed {summary.failed}")
-    except KeyboardInterrupt:
-        for ref in running:
-            ray.cancel(ref, force=True)
-        raise KeyboardInterrupt(
-            f"stopped: {summary.complete} trials completed, {summary.pending} left (their last.pt kept); "
-            "run the same command to continue"
-        ) from None
-    finally:
-        if bar is not None:
-            bar.close()
+                    self.completed(task, result)
+                if self.bar is not None:
+                    s = self.summary
+                    self.bar.set_postfix_str(f"done {s.complete} running {len(self.running)} failed {s.failed}")
+        except KeyboardInterrupt:
+            for ref in self.running:
+                self.ray.cancel(ref, force=True)
+            raise KeyboardInterrupt(
+                f"stopped: {self.summary.complete} trials completed, {self.summary.pending} left "
+                "(their last.pt kept); run the same command to continue"
+            ) from None
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def submit(self, task: TrialTask) -> None:
+        Path(task.run_dir, ".lock").unlink(missing_ok=True)  # stale: we hold the study lock
+        self.running[self.remote.remote(task)] = (task, time.time())
+
+    def completed(self, task: TrialTask, result: dict) -> None:
+        self.store.record_attempt(task.arch_id, result["seconds"], self.gpus, self.cpus)
+        self.store.complete(task.arch_id, result)
+        self.summary.complete += 1
+        self.summary.pending -= 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def failed(self, task: TrialTask, started: float, exc: BaseException) -> bool:
+        """Record a failed attempt; True if the trial gets another one."""
+        self.store.record_attempt(task.arch_id, time.time() - started, self.gpus, self.cpus)
+        attempt = self.tries[task.arch_id] = self.tries.get(task.arch_id, 0) + 1
+        line = error_line(exc)
+        _keep_traceback(task, attempt, exc)
+        if attempt <= self.options.retries:
+            self.say(f"trial {task.arch_id} attempt {attempt} failed, retrying: {line}")
+            return True
+        self.store.fail(task.arch_id, line)
+        self.summary.failed += 1
+        self.summary.pending -= 1
+        self.summary.errors[task.arch_id] = line
+        if self.bar is not None:
+            self.bar.update(1)
+        self.say(f"trial {task.arch_id} failed after {attempt} attempts: {line}")
+        return False
+
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        elif self.announce:
+            self.announce(line)
 
 
 def _keep_traceback(task: TrialTask, attempt: int, exc: BaseException) -> None:
