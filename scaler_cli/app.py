@@ -47,7 +47,12 @@ def _root(
 
 
 def _register() -> None:
-    from scaler_cli import compiler_cmds, interop_cmds, training_cmds  # noqa: F401  (commands register on import)
+    from scaler_cli import (  # noqa: F401  (commands register on import)
+        compiler_cmds,
+        interop_cmds,
+        study_cmds,
+        training_cmds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -261,9 +261,8 @@ def _init_model(init: str):
 
 
 def train_config(model: str | None, spec_opts: dict, train_opts: dict, recipe: str | None, war_calibrate: bool):
-    """The TrainConfig the train options describe (defaults < recipe < flags)."""
-    from trainers.config import make_config
-
+    """The TrainConfig the train options describe (defaults < recipe < flags). With --init-from and
+    no model given, the model is the one of that run."""
     init = train_opts.get("init_from")
     if init is not None and not Path(init).exists():
         raise ScalerError(f"--init-from {init}: no such run directory or checkpoint")
@@ -271,10 +270,18 @@ def train_config(model: str | None, spec_opts: dict, train_opts: dict, recipe: s
         label, spec = _init_model(init)
     else:
         label, spec = model_from_options(model, spec_opts)
-    overrides = {k: v for k, v in train_opts.items() if k != "milestones"}
+    fields = dict(model=label, spec=spec.to_dict() if spec is not None else None)
     if init is not None:
-        overrides["init_from"] = str(Path(init).resolve())  # a resume from elsewhere finds it
-    overrides.update(model=label, spec=spec.to_dict() if spec is not None else None)
+        fields["init_from"] = str(Path(init).resolve())  # a resume from elsewhere finds it
     if war_calibrate:
-        overrides["war_calibrate"] = True
+        fields["war_calibrate"] = True
+    return recipe_config(train_opts, recipe, **fields)
+
+
+def recipe_config(train_opts: dict, recipe: str | None, **fields):
+    """The TrainConfig of the train options without a model (sweeps set one per trial)."""
+    from trainers.config import make_config
+
+    overrides = {k: v for k, v in train_opts.items() if k != "milestones"}
+    overrides.update(fields)
     return make_config(recipe, overrides, milestone_epochs=train_opts.get("milestones"))
