@@ -1,0 +1,1 @@
+"""Studies: sweeps, results, benchmarks, search and analyses over many architectures (above trainers)."""
