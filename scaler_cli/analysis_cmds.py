@@ -93,3 +93,107 @@ def synthetic(
         raise ScalerError("--limit must be >= 1")
     path = synth.write(output, synth.generate(seed, epochs, limit=limit), force=force)
     print(f"wrote {path} (synthetic: exact MACs/params, invented metrics; not measured)")
+
+
+def _budget_list(text: str | None):
+    if text is None:
+        return None
+    from scaler.parsing import parse_budget
+
+    return [parse_budget(t.strip(), "--budgets") for t in text.split(",") if t.strip()]
+
+
+@app.command()
+def analyze(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    metric: Optional[str] = typer.Option(None, help="Robust accuracy [default: test_aa_acc, else test_pgd_acc, ...]."),
+    budgets: Optional[str] = typer.Option(
+        None, help="FLOPs budgets of the rule check, e.g. 5G,10G [default: 5G..40G in range]."
+    ),
+    top: int = typer.Option(10, help="Pareto rows to print per front (all with --json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Pareto fronts, Kendall tau, stage distributions, accuracy vs r_D and the rule check."""
+    from studies.analysis import analyze as run_analysis
+    from studies.benchmark import load
+
+    report = run_analysis(load(source), metric, _budget_list(budgets))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    _print_analysis(report, top)
+
+
+def _fmt(x: float) -> str:
+    from scaler.parsing import format_count
+
+    return format_count(int(x))
+
+
+def _print_analysis(r: dict, top: int) -> None:
+    m = r["metric"]
+    b = r["best"]
+    print(f"{r['source']}: {r['records']} architectures; robust accuracy = {m}")
+    print(f"best: {arch_label(b['arch'])}  {m} {b['acc']:.2f}  ({_fmt(b['flops'])} FLOPs, {_fmt(b['params'])} params)")
+    for key, label in (("pareto_flops", "FLOPs"), ("pareto_params", "params")):
+        front = r[key]
+        print(f"\nPareto front: {m} vs {label} ({len(front)} architectures; the {min(top, len(front))} most accurate)")
+        rows = [[arch_label(e["arch"]), _fmt(e["flops"]), _fmt(e["params"]), f"{e['acc']:.2f}"] for e in front[-top:]]
+        print(table(["arch", "FLOPs", "params", m], rows, right={1, 2, 3}))
+    print(f"\nKendall tau-b against {m}")
+    print(table(["quantity", "tau"], [[k.replace("_", " "), f"{v:+.3f}"] for k, v in r["kendall"].items()], right={1}))
+    frac = round(r["stages"]["fraction"] * 100)
+    for kind, letter in (("depth", "D"), ("width", "W")):
+        print(f"\nStage shares of total {kind}: top {frac}% vs bottom {frac}% by {m}")
+        rows = [
+            [
+                f"{e['total']:g}",
+                e["n"],
+                ":".join(f"{s:.2f}" for s in e["top_share"]),
+                ":".join(f"{s:.2f}" for s in e["bottom_share"]),
+                f"{e['top_acc']:.2f}",
+                f"{e['bottom_acc']:.2f}",
+            ]
+            for e in r["stages"][kind]
+        ]
+        share = f"{letter}1:{letter}2:{letter}3"
+        print(
+            table(
+                [f"total {kind}", "n", f"top {share}", f"bottom {share}", "top acc", "bottom acc"],
+                rows,
+                right={0, 1, 4, 5},
+            )
+        )
+    rd = r["r_d"]
+    print(f"\n{m} vs r_D = sum D / (sum D + sum W)")
+    rows = [[f"{e['lo']:.3f}-{e['hi']:.3f}", e["n"], f"{e['mean']:.2f}", f"{e['max']:.2f}"] for e in rd["bins"]]
+    print(table(["r_D", "n", "mean", "max"], rows, right={1, 2, 3}))
+    q = rd["quadratic"]
+    if q:
+        peak = f"peak at r_D {q['peak_r_d']:.3f}" if q["peak_r_d"] is not None else "no interior peak"
+        print(
+            f"quadratic fit: {q['a']:.1f} r^2 + {q['b']:.1f} r + {q['c']:.1f} ({peak}); best arch at r_D {rd['best_r_d']:.3f}"
+        )
+    if r["rules"]:
+        print("\nRule check: each rule's solution (or its nearest measured architecture) vs the best within the budget")
+        rows = []
+        for e in r["rules"]:
+            rows.append(
+                [_fmt(e["budget"]), "best measured", arch_label(e["best"]["arch"]), f"{e['best']['acc']:.2f}", "-", "1"]
+            )
+            for s in e["rules"]:
+                if "error" in s:
+                    rows.append(["", s["rule"], s["error"], "-", "-", "-"])
+                    continue
+                where = "" if s["in_space"] else "~"
+                rows.append(
+                    [
+                        "",
+                        s["rule"],
+                        f"{where}{arch_label(s['measured']['arch'])}",
+                        f"{s['measured']['acc']:.2f}",
+                        f"{s['gap']:+.2f}",
+                        f"{s['rank_within']}/{e['measured_within']}",
+                    ]
+                )
+        print(table(["budget", "rule", "arch (~: nearest measured)", m, "gap", "rank"], rows, right={3, 4, 5}))
