@@ -18,6 +18,12 @@ from scaler_cli.output import table
 SOURCE_HELP = "A NARes-format .jsonl file or a study directory."
 
 
+def arch_label(arch: dict) -> str:
+    from studies.benchmark import arch_text
+
+    return arch_text(arch)
+
+
 @app.command()
 def search(
     benchmark: str = typer.Argument(..., help=SOURCE_HELP),
@@ -47,15 +53,6 @@ def search(
         print(json.dumps(report, indent=2))
         return
     _print_search(report)
-
-
-def arch_label(arch: dict) -> str:
-    """'d4-5-7 w8-10-16' for D1..W3 archs, 'key=value ...' otherwise."""
-    d = [arch[k] for k in sorted(arch) if k[:1] == "D" and k[1:].isdigit()]
-    w = [arch[k] for k in sorted(arch) if k[:1] == "W" and k[1:].isdigit()]
-    if d and w and len(d) + len(w) == len(arch):
-        return f"d{'-'.join(map(str, d))} w{'-'.join(map(str, w))}"
-    return " ".join(f"{k}={v}" for k, v in arch.items())
 
 
 def _print_search(r: dict) -> None:
@@ -197,3 +194,56 @@ def _print_analysis(r: dict, top: int) -> None:
                     ]
                 )
         print(table(["budget", "rule", "arch (~: nearest measured)", m, "gap", "rank"], rows, right={3, 4, 5}))
+
+
+def _arch_list(texts: list[str] | None):
+    """--arch D1=4,W1=8,... (repeatable) into arch dicts."""
+    out = []
+    for text in texts or []:
+        try:
+            out.append({k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(","))})
+        except ValueError:
+            raise ScalerError(f"--arch {text!r}: write it as D1=4,W1=8,D2=4,W2=8,D3=4,W3=8") from None
+    return out
+
+
+@app.command()
+def plot(
+    kind: str = typer.Argument(..., help="pareto, curves, rd, stages or lipschitz."),
+    source: str = typer.Argument(
+        ..., help=SOURCE_HELP + " curves: also a run directory; lipschitz: a run directory or eval JSON."
+    ),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Image file: .png, .svg or .pdf."),
+    metric: Optional[str] = typer.Option(None, help="Robust accuracy [default: test_aa_acc, else test_pgd_acc, ...]."),
+    budgets: Optional[str] = typer.Option(None, help="pareto: FLOPs budgets whose rule solutions are marked."),
+    arch: Optional[list[str]] = typer.Option(None, help="curves: an arch to draw, D1=4,W1=8,... (repeatable)."),
+    n: int = typer.Option(256, help="lipschitz on a run: test points attacked."),
+    device: str = typer.Option("auto", help="lipschitz on a run: auto, cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing image."),
+) -> None:
+    """Draw one of the seeds' figures from a benchmark, a study or a run."""
+    from studies import plots
+
+    if kind not in plots.KINDS:
+        raise ScalerError(f"unknown plot {kind!r}; choose one of {', '.join(plots.KINDS)}")
+    if not output:
+        raise ScalerError("give the image file with -o FILE.png (or .svg, .pdf)")
+    plots.image_format(output)
+    if n < 1:
+        raise ScalerError("--n must be >= 1")
+    if kind == "curves":
+        fig = plots.curves(source, metric, _arch_list(arch))
+    elif kind == "lipschitz":
+        fig = plots.lipschitz(source, n, device)
+    else:
+        from studies.benchmark import load
+
+        bench = load(source)
+        if kind == "pareto":
+            fig = plots.pareto(bench, metric, _budget_list(budgets))
+        elif kind == "rd":
+            fig = plots.rd(bench, metric)
+        else:
+            fig = plots.stages(bench, metric)
+    path = plots.save(fig, output, force=force)
+    print(f"wrote {path}")

@@ -177,6 +177,15 @@ class Benchmark:
         return [tuple(int(v) for v in np.unique(self.archs[:, j])) for j in range(len(self.keys))]
 
 
+def arch_text(arch: Mapping) -> str:
+    """'d4-5-7 w8-10-16' for D1..W3 archs, 'key=value ...' otherwise."""
+    d = [arch[k] for k in sorted(arch) if k[:1] == "D" and k[1:].isdigit()]
+    w = [arch[k] for k in sorted(arch) if k[:1] == "W" and k[1:].isdigit()]
+    if d and w and len(d) + len(w) == len(arch):
+        return f"d{'-'.join(map(str, d))} w{'-'.join(map(str, w))}"
+    return " ".join(f"{k}={v}" for k, v in arch.items())
+
+
 def objective_metric(metric: str) -> str:
     """`metric` if a search may optimise it; test metrics are refused with one line."""
     _check_metric(metric)

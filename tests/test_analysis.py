@@ -82,7 +82,9 @@ def test_analyze_on_a_space_where_depth_alone_matters():
     front = report["pareto_flops"]
     assert front[-1]["acc"] == bench.metric("test_pgd_acc").max()
     assert all(a["flops"] < b["flops"] and a["acc"] < b["acc"] for a, b in zip(front, front[1:]))
+    assert [c["budget"] for c in report["rules"]] == [4e9, 5e9]
     for check in report["rules"]:
+        assert [r["rule"] for r in check["rules"]] == ["robustscaling", "robustwrn", "uniform"]
         inside = bench.metric("macs") <= check["budget"]
         assert check["best"]["acc"] == bench.metric("test_pgd_acc")[inside].max()
         for rule in check["rules"]:
