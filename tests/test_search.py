@@ -185,3 +185,17 @@ def test_cli_search_refuses_bad_input_in_one_line(capsys, grid, args, message):
     code = main(["search", str(grid), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_study_directory_is_read_through_studies_results(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    recs = [record({"D1": d, "W1": 8}, 30.0 + d) for d in (4, 5, 7)]
+    seen = []
+    fake = types.ModuleType("studies.results")
+    fake.load_records = lambda path: seen.append(path) or recs
+    monkeypatch.setitem(sys.modules, "studies.results", fake)
+    bench = benchmark.load(tmp_path)
+    assert seen == [tmp_path] and len(bench) == 3
+    assert bench.objective({"D1": 7, "W1": 8}) == 37.0 and bench.query((5, 8)) is recs[1]
