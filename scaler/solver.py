@@ -119,7 +119,10 @@ def _ratios(values) -> list[float]:
     return [round(v / last, 4) for v in values]
 
 
-def get_rule(name: str) -> Rule:
+def get_rule(name: str | Rule) -> Rule:
+    """A registered rule by name; a `Rule` object is used as it is (studies sweep variants of one)."""
+    if isinstance(name, Rule):
+        return name
     if name not in RULES:
         raise ScalerError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
     return RULES[name]
@@ -165,7 +168,7 @@ def _spec_for(point: Point, block: str, base: ArchSpec) -> ArchSpec:
 
 
 def solve(
-    rule_name: str,
+    rule_name: str | Rule,
     target: Budget,
     *,
     cap: Budget | None = None,

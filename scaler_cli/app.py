@@ -47,7 +47,7 @@ def _root(
 
 
 def _register() -> None:
-    from scaler_cli import analysis_cmds, compiler_cmds, training_cmds  # noqa: F401  (commands register on import)
+    from scaler_cli import analysis_cmds, compiler_cmds, study_cmds, training_cmds  # noqa: F401  (commands register on import)
 
 
 def main(argv: list[str] | None = None) -> int:

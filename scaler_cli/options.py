@@ -203,11 +203,17 @@ TRAIN_OPTIONS = _train_opts()
 
 def train_config(model: str | None, spec_opts: dict, train_opts: dict, recipe: str | None, war_calibrate: bool):
     """The TrainConfig the train options describe (defaults < recipe < flags)."""
+    label, spec = model_from_options(model, spec_opts)
+    fields = dict(model=label, spec=spec.to_dict() if spec is not None else None)
+    if war_calibrate:
+        fields["war_calibrate"] = True
+    return recipe_config(train_opts, recipe, **fields)
+
+
+def recipe_config(train_opts: dict, recipe: str | None, **fields):
+    """The TrainConfig of the train options without a model (sweeps set one per trial)."""
     from trainers.config import make_config
 
-    label, spec = model_from_options(model, spec_opts)
     overrides = {k: v for k, v in train_opts.items() if k != "milestones"}
-    overrides.update(model=label, spec=spec.to_dict() if spec is not None else None)
-    if war_calibrate:
-        overrides["war_calibrate"] = True
+    overrides.update(fields)
     return make_config(recipe, overrides, milestone_epochs=train_opts.get("milestones"))

@@ -40,3 +40,24 @@ def run_cli(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedP
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, no dashboard), shut down at the end. Workers get
+    this checkout on PYTHONPATH so they import the code under test."""
+    import os
+    from pathlib import Path
+
+    ray = pytest.importorskip("ray")
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    yield ray
+    ray.shutdown()

@@ -100,7 +100,8 @@ def evaluate(
     per_block: bool = False,
     progress: bool = False,
 ) -> dict:
-    """{attack: {accuracy, stable, lip, n}} plus 'warnings' (gradient-masking sanity flags)."""
+    """{attack: {accuracy, stable, lip, loss, n}} plus 'warnings' (gradient-masking sanity flags);
+    loss is the mean cross-entropy of the (attacked) logits, as NARes records it."""
     results: dict = {}
     messages: list[str] = []
     clean_logits = logits_of(model, x, batch_size)
@@ -115,6 +116,7 @@ def evaluate(
             "accuracy": 100.0 * (pred == y).float().mean().item(),
             "stable": 100.0 * (pred == clean_pred).float().mean().item(),
             "lip": 0.0 if name == "clean" else lipschitz(clean_logits, adv_logits, x, x_adv),
+            "loss": torch.nn.functional.cross_entropy(adv_logits, y).item(),
             "n": len(y),
         }
         if per_block and name == "pgd20":

@@ -162,6 +162,12 @@ def validate(model, ema, x_val, y_val, cfg) -> dict:
         "val_cw40": r["cw40"]["accuracy"],
         "val_stable": r["pgd20"]["stable"],
         "val_lip": r["pgd20"]["lip"],
+        # the rest of what NARes records per epoch (studies export it)
+        "val_loss": r["clean"]["loss"],
+        "val_pgd20_loss": r["pgd20"]["loss"],
+        "val_cw40_loss": r["cw40"]["loss"],
+        "val_cw40_stable": r["cw40"]["stable"],
+        "val_cw40_lip": r["cw40"]["lip"],
     }
 
 

@@ -1,0 +1,321 @@
+"""The sweep driver: one Ray task per architecture, results into results.sqlite.
+
+    sweep(space, "study", config, SweepOptions(test_attacks=("clean", "pgd20")))
+
+Ray: an already initialised Ray is used as it is; else `address` connects to a running cluster
+(`ray start --head` ...); else an embedded local Ray is started on this machine's CPUs/GPUs and
+shut down at the end. Each trial declares its CPUs and GPUs, so Ray runs as many at once as the
+cluster holds (capped by `max_concurrent`).
+
+Guarantees: the driver is the only writer of the store and holds STUDY_DIR/.lock (so a trial
+directory's own lock is stale whenever the driver submits it, and is cleared); complete trials are
+skipped; a failing attempt (exception, NaN, dead worker or node) is retried up to `retries` times,
+resuming from the trial's last.pt, then recorded as failed with its one-line error while the sweep
+goes on; Ctrl-C cancels the running trials (their last.pt stays) and the next run picks up there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from scaler.errors import ScalerError
+from studies.spaces import Space
+from studies.store import Store
+from studies.trial import TrialTask, run_trial
+
+TRIALS_DIR = "trials"
+VOLATILE_CONFIG = ("device", "compile", "data_dir", "channels_last", "extra", "model", "spec")
+"""TrainConfig fields a rerun may change without changing results (or that vary per trial)."""
+DEFAULT_TEST_ATTACKS = ("clean", "fgsm", "pgd20", "cw40")
+
+
+@dataclass
+class SweepOptions:
+    test_attacks: tuple[str, ...] = DEFAULT_TEST_ATTACKS
+    test_n: int | None = None
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # None: 1 on a cluster with GPUs (unless --device cpu), else 0
+    max_concurrent: int | None = None  # None: as many as the cluster's resources hold
+    retries: int = 2
+    progress: bool = True
+
+    def validate(self) -> None:
+        from trainers.evaluation import ATTACKS
+
+        for a in self.test_attacks:
+            if a not in ATTACKS:
+                raise ScalerError(f"unknown test attack {a!r}; choose from {','.join(ATTACKS)}")
+        if not self.test_attacks:
+            raise ScalerError("--test-attacks is empty")
+        if self.test_n is not None and self.test_n < 1:
+            raise ScalerError("--test-n must be >= 1")
+        if self.cpus_per_trial <= 0:
+            raise ScalerError("--cpus-per-trial must be > 0")
+        if self.gpus_per_trial is not None and self.gpus_per_trial < 0:
+            raise ScalerError("--gpus-per-trial must be >= 0")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ScalerError("--max-concurrent must be >= 1")
+        if self.retries < 0:
+            raise ScalerError("--retries must be >= 0")
+
+
+@dataclass
+class SweepSummary:
+    study: str
+    trials: int  # in this sweep's selection
+    skipped: int  # complete before this run
+    complete: int  # completed by this run
+    failed: int  # recorded as failed by this run
+    pending: int  # left to do (interrupted)
+    seconds: float
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def study_settings(space: Space, config: dict, options: SweepOptions) -> dict:
+    """What a study is bound to: a rerun with other values is refused (see `Store.bind`)."""
+    return {
+        "space": space.name,
+        "space_fingerprint": space.fingerprint(),
+        "train": {k: v for k, v in config.items() if k not in VOLATILE_CONFIG},
+        "test": {"attacks": list(options.test_attacks), "n": options.test_n},
+    }
+
+
+def trial_config(config: dict, spec: dict, arch_id: int) -> dict:
+    return {**config, "model": f"arch-{arch_id}", "spec": spec}
+
+
+def sweep(
+    space: Space,
+    study_dir: str | Path,
+    config,
+    options: SweepOptions | None = None,
+    *,
+    arch_ids: list[int] | None = None,
+    announce=None,
+) -> SweepSummary:
+    """Run every architecture of `space` (or those in `arch_ids`) not yet complete in `study_dir`
+    with TrainConfig `config`; `announce(line)` hears what starts. See the module docstring."""
+    from trainers.checkpoint import RunLock
+    from trainers.data import NUM_CLASSES
+
+    options = options or SweepOptions()
+    options.validate()
+    config.validate()
+    t0 = time.time()
+    study = Path(study_dir).resolve()
+    archs = list(space.archs) if arch_ids is None else [space.by_id(i) for i in arch_ids]
+    classes = NUM_CLASSES.get(config.dataset, 10)
+    cfg = json_config(config)
+    store = Store.create(study)
+    lock = RunLock(study)
+    try:
+        lock.acquire()
+        store.bind(study_settings(space, cfg, options))
+        todo, skipped = [], 0
+        for a in archs:
+            spec = {**a.spec.to_dict(), "num_classes": classes, "name": None}
+            params, flops = _cost(spec)
+            row = store.add(a.arch_id, spec, params, flops)
+            if row.status == "complete":
+                skipped += 1
+                continue
+            if row.status == "failed":
+                store.reopen(a.arch_id)
+            run_dir = str(study / TRIALS_DIR / str(a.arch_id))
+            threads = max(1, math.ceil(options.cpus_per_trial))
+            task_cfg = trial_config(cfg, spec, a.arch_id)
+            todo.append(TrialTask(a.arch_id, run_dir, task_cfg, tuple(options.test_attacks), options.test_n, threads))
+        summary = SweepSummary(str(study), len(archs), skipped, 0, 0, len(todo), 0.0)
+        if todo:
+            with _ray_session(options.address, announce) as ray:
+                _drive(ray, todo, store, options, config.device, summary, announce)
+        summary.seconds = time.time() - t0
+        return summary
+    finally:
+        lock.release()
+        store.close()
+
+
+def json_config(config) -> dict:
+    import json
+
+    return json.loads(config.to_json())
+
+
+def _cost(spec: dict) -> tuple[int, int]:
+    from scaler.spec import ArchSpec
+    from studies.spaces import cost_of
+
+    return cost_of(ArchSpec.from_dict(spec))
+
+
+# --------------------------------------------------------------------------- Ray
+class _ray_session:
+    """Use a running Ray, connect to `address`, or start an embedded one; shut down what we started."""
+
+    def __init__(self, address: str | None, announce):
+        self.address, self.announce, self.started = address, announce, False
+
+    def __enter__(self):
+        import logging
+
+        import ray
+
+        if ray.is_initialized():
+            return ray
+        env = {"env_vars": {"PYTHONPATH": _worker_pythonpath()}}
+        kwargs = dict(runtime_env=env, log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+        try:
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:
+                ray.init(include_dashboard=False, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+            raise ScalerError(f"cannot start {where}: {' '.join(str(exc).split())[:300]}") from None
+        self.started = True
+        if self.announce:
+            res = ray.cluster_resources()
+            self.announce(
+                f"ray: {'cluster ' + self.address if self.address else 'local'} with "
+                f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+            )
+        return ray
+
+    def __exit__(self, *exc):
+        if self.started:
+            import ray
+
+            ray.shutdown()
+
+
+def _worker_pythonpath() -> str:
+    """Workers import `studies` from where this driver did (editable checkouts, PYTHONPATH), so a
+    source tree works as well as an installed package."""
+    root = str(Path(__file__).resolve().parent.parent)
+    parts = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return os.pathsep.join(parts)
+
+
+def _resources(ray, options: SweepOptions, device: str) -> tuple[float, float, int]:
+    """(cpus, gpus) per trial and how many trials run at once; refuses what the cluster cannot hold."""
+    total = ray.cluster_resources()
+    cpus, gpus_total = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    gpus = options.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if gpus_total >= 1 and device != "cpu" else 0.0
+    if gpus > 0 and device == "cpu":
+        raise ScalerError("--gpus-per-trial with --device cpu: drop one of them")
+    if gpus > gpus_total:
+        raise ScalerError(f"--gpus-per-trial {gpus:g} but the Ray cluster has {gpus_total:g} GPUs")
+    if options.cpus_per_trial > cpus:
+        raise ScalerError(f"--cpus-per-trial {options.cpus_per_trial:g} but the Ray cluster has {cpus:g} CPUs")
+    fit = int(cpus // options.cpus_per_trial)
+    if gpus > 0:
+        fit = min(fit, int(gpus_total // gpus))
+    if options.max_concurrent is not None:
+        fit = min(fit, options.max_concurrent)
+    return options.cpus_per_trial, gpus, max(1, fit)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the store: the trial's own exception, not Ray's wrapping of it."""
+    import ray.exceptions as rex
+
+    if isinstance(exc, rex.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if cause is not None and not isinstance(cause, rex.RayTaskError):
+            exc = cause
+        else:
+            text = str(exc).strip().splitlines()
+            return " ".join((text[-1] if text else type(exc).__name__).split())[:500]
+    if isinstance(exc, rex.WorkerCrashedError):
+        return "the worker died (killed, or out of memory)"
+    lost = tuple(getattr(rex, n) for n in ("NodeDiedError", "ObjectLostError", "OwnerDiedError") if hasattr(rex, n))
+    if isinstance(exc, lost):
+        return f"the node running the trial was lost: {type(exc).__name__}"
+    if isinstance(exc, ScalerError):
+        return " ".join(str(exc).split())[:500]
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return " ".join(f"{type(exc).__name__}: {first}".split())[:500]
+
+
+def _drive(ray, todo: list[TrialTask], store: Store, options, device: str, summary: SweepSummary, announce) -> None:
+    cpus, gpus, fit = _resources(ray, options, device)
+    remote = ray.remote(run_trial).options(num_cpus=cpus, num_gpus=gpus, max_retries=0, retry_exceptions=False)
+    if announce:
+        announce(f"sweep: {len(todo)} trials, {cpus:g} CPUs and {gpus:g} GPUs each, up to {fit} at once")
+    queue = list(reversed(todo))  # pop() from the end: arch id order
+    running: dict = {}  # ref -> (task, submitted at)
+    tries: dict[int, int] = {}
+    bar = _bar(options.progress, len(todo))
+    try:
+        while queue or running:
+            while queue and len(running) < fit:
+                task = queue.pop()
+                Path(task.run_dir, ".lock").unlink(missing_ok=True)  # stale: we hold the study lock
+                running[remote.remote(task)] = (task, time.time())
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in done:
+                task, started = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - every trial failure is recorded, not raised
+                    store.record_attempt(task.arch_id, time.time() - started, gpus, cpus)
+                    tries[task.arch_id] = tries.get(task.arch_id, 0) + 1
+                    line = error_line(exc)
+                    if tries[task.arch_id] <= options.retries:
+                        queue.append(task)
+                        note = f"trial {task.arch_id} attempt {tries[task.arch_id]} failed, retrying: {line}"
+                        if bar is not None:
+                            bar.write(note, file=sys.stderr)
+                        elif announce:
+                            announce(note)
+                        continue
+                    store.fail(task.arch_id, line)
+                    summary.failed += 1
+                    summary.pending -= 1
+                    summary.errors[task.arch_id] = line
+                    if bar is not None:
+                        bar.update(1)
+                    elif announce:
+                        announce(f"trial {task.arch_id} failed: {line}")
+                    continue
+                store.record_attempt(task.arch_id, result["seconds"], gpus, cpus)
+                store.complete(task.arch_id, result)
+                summary.complete += 1
+                summary.pending -= 1
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.set_postfix_str(f"done {summary.complete} running {len(running)} failed {summary.failed}")
+    except KeyboardInterrupt:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        raise KeyboardInterrupt(
+            f"stopped: {summary.complete} trials completed, {summary.pending} left (their last.pt kept); "
+            "run the same command to continue"
+        ) from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="trial", desc="sweep", file=sys.stderr, dynamic_ncols=True)
