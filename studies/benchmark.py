@@ -105,7 +105,7 @@ class Benchmark:
     _index: dict[tuple, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._index = {tuple(int(v) for v in row): i for i, row in enumerate(self.archs)}
+        self._index = {tuple(float(v) for v in row): i for i, row in enumerate(self.archs)}
 
     def __len__(self) -> int:
         return len(self.archs)
@@ -113,9 +113,9 @@ class Benchmark:
     # ------------------------------------------------------------------ lookups
     def row(self, arch: Mapping | tuple | list) -> int:
         """Row of an architecture given as {'D1': 4, ...} or as a tuple in `keys` order."""
-        key = tuple(int(arch[k]) for k in self.keys) if isinstance(arch, Mapping) else tuple(map(int, arch))
+        key = tuple(float(arch[k]) for k in self.keys) if isinstance(arch, Mapping) else tuple(map(float, arch))
         if key not in self._index:
-            shown = ", ".join(f"{k}={v}" for k, v in zip(self.keys, key))
+            shown = ", ".join(f"{k}={_num(v)}" for k, v in zip(self.keys, key))
             raise ScalerError(f"architecture {shown} is not in {self.source}")
         return self._index[key]
 
@@ -127,7 +127,7 @@ class Benchmark:
         return True
 
     def arch(self, row: int) -> dict:
-        return {k: int(v) for k, v in zip(self.keys, self.archs[row])}
+        return {k: _num(v) for k, v in zip(self.keys, self.archs[row])}
 
     def query(self, arch) -> dict:
         """The full record (histories included) of one architecture."""
@@ -174,7 +174,13 @@ class Benchmark:
 
     def choices(self) -> list[tuple[int, ...]]:
         """Per key, the sorted values that occur."""
-        return [tuple(int(v) for v in np.unique(self.archs[:, j])) for j in range(len(self.keys))]
+        return [tuple(_num(v) for v in np.unique(self.archs[:, j])) for j in range(len(self.keys))]
+
+
+def _num(v) -> int | float:
+    """An int where the value is whole (depths, most widths), else the float (W = 10.1875)."""
+    v = float(v)
+    return int(v) if v.is_integer() else v
 
 
 def arch_text(arch: Mapping) -> str:
@@ -248,13 +254,17 @@ def _scalars(rec: dict, where: str) -> dict:
 def _build(scalars: list[dict], source: str, *, offsets=None, records=None) -> Benchmark:
     if not scalars:
         raise ScalerError(f"{source} holds no records")
-    keys = tuple(scalars[0]["_arch"])
+    first = scalars[0]["_arch"]
+    keys = tuple(k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not keys:
+        raise ScalerError(f"{source}: the records' arch has no numeric keys (D1, W1, ...)")
     try:
-        archs = np.array([[int(s["_arch"][k]) for k in keys] for s in scalars], dtype=np.int64)
+        archs = np.array([[float(s["_arch"][k]) for k in keys] for s in scalars], dtype=float)
     except (KeyError, TypeError, ValueError):
-        raise ScalerError(
-            f"{source}: every record's arch needs the keys {', '.join(keys)} with whole numbers"
-        ) from None
+        raise ScalerError(f"{source}: every record's arch needs the numeric keys {', '.join(keys)}") from None
+    for k in set(first) - set(keys):  # a study's constant non-numeric keys (block, activation)
+        if len({str(s["_arch"].get(k)) for s in scalars}) > 1:
+            raise ScalerError(f"{source}: the records differ in arch key {k!r}; analyse one {k} at a time")
     if len({tuple(r) for r in archs.tolist()}) != len(archs):
         raise ScalerError(f"{source}: an architecture appears twice; keep one record per architecture")
     columns = {m: np.array([s[m] for s in scalars], dtype=float) for m in METRICS}

@@ -109,7 +109,7 @@ def surrogate_pick(bench, acc, target, cap, *, seed: int = 0, epochs: int = 300)
     if not len(candidates):
         report["note"] = "every architecture of the space is measured"
         return report
-    cost = _costs(bench.keys, [tuple(int(choices[j][i]) for j, i in enumerate(c)) for c in candidates])
+    cost = _costs(bench.keys, [tuple(choices[j][i] for j, i in enumerate(c)) for c in candidates])
     if cost is None:
         report["note"] = "the space is not a D1..D3/W1..W3 WRN space: unmeasured costs unknown"
         return report
@@ -124,7 +124,7 @@ def surrogate_pick(bench, acc, target, cap, *, seed: int = 0, epochs: int = 300)
     preds = final.predict(surrogate.encode(inside, sizes))
     mean, std = preds.mean(0), preds.std(0)
     pick = int(np.argmax(mean))
-    arch = {k: int(choices[j][inside[pick][j]]) for j, k in enumerate(bench.keys)}
+    arch = {k: choices[j][inside[pick][j]] for j, k in enumerate(bench.keys)}
     report["best_predicted"] = {
         "arch": arch,
         "flops": float(cost[ok][pick, 1]),
@@ -139,11 +139,11 @@ def _unmeasured(bench, choices, sizes) -> np.ndarray | None:
     """Choice-index coordinates of every architecture of the product space not in the source."""
     if int(np.prod(sizes)) > MAX_SPACE:
         return None
-    measured = {tuple(int(v) for v in a) for a in bench.archs.tolist()}
+    measured = {tuple(float(v) for v in a) for a in bench.archs.tolist()}
     out = [
         idx
         for idx in itertools.product(*(range(s) for s in sizes))
-        if tuple(int(choices[j][i]) for j, i in enumerate(idx)) not in measured
+        if tuple(float(choices[j][i]) for j, i in enumerate(idx)) not in measured
     ]
     return np.array(out, dtype=np.int64).reshape(-1, len(sizes))
 
@@ -155,4 +155,7 @@ def _costs(keys, archs) -> np.ndarray | None:
     if set(keys) != set(KEYS):
         return None
     order = [keys.index(k) for k in KEYS]
-    return np.array([wrn_cost(tuple(a[i] for i in order)) for a in archs], dtype=float)
+    try:
+        return np.array([wrn_cost(tuple(a[i] for i in order)) for a in archs], dtype=float)
+    except ScalerError:  # widths that give fractional channels: not a grid the cost model can price
+        return None

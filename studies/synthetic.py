@@ -24,6 +24,7 @@ import numpy as np
 from scaler.cost import params_flops
 from scaler.errors import ScalerError
 from scaler.fileio import atomic_write
+from scaler.spec import widths_to_planes
 
 DEPTHS = (4, 5, 7, 9, 11)
 WIDTHS = (8, 10, 12, 14, 16)
@@ -41,7 +42,7 @@ def nares_archs(depths=DEPTHS, widths=WIDTHS) -> list[tuple[int, ...]]:
 def wrn_cost(arch: tuple[int, ...]) -> tuple[int, int]:
     """(params, MACs) of a three-stage basic-block WRN with planes 16*W1, 32*W2, 64*W3."""
     d1, w1, d2, w2, d3, w3 = arch
-    return params_flops("basic", (d1, d2, d3), (16 * w1, 32 * w2, 64 * w3))
+    return params_flops("basic", (int(d1), int(d2), int(d3)), widths_to_planes((w1, w2, w3)))
 
 
 def _scores(archs: np.ndarray, params: np.ndarray, rng: np.random.Generator) -> np.ndarray:
