@@ -13,9 +13,11 @@ import typer
 
 from scaler.errors import ScalerError
 from scaler_cli.app import app
+from scaler_cli.options import TRAIN_OPTIONS, recipe_config, with_options
 from scaler_cli.output import table
 
 SOURCE_HELP = "A NARes-format .jsonl file or a study directory."
+LIVE_TRAIN_OPTIONS = [o for o in TRAIN_OPTIONS if o.name != "seed"]  # --seed is the search's; trials use the default
 
 
 def arch_label(arch: dict) -> str:
@@ -25,38 +27,126 @@ def arch_label(arch: dict) -> str:
 
 
 @app.command()
+@with_options(LIVE_TRAIN_OPTIONS, into="train_opts")
 def search(
-    benchmark: str = typer.Argument(..., help=SOURCE_HELP),
+    benchmark: Optional[str] = typer.Argument(None, help=SOURCE_HELP + " Not with --live."),
     algo: str = typer.Option("evolution", help="random, local, evolution or bananas."),
     queries: int = typer.Option(500, help="Architectures each run may query (NARes: 500)."),
     runs: int = typer.Option(20, help="Independent runs (NARes: 400)."),
     seed: int = typer.Option(0, help="Seed of run 0; runs draw spawned seeds from it."),
     metric: str = typer.Option("val_pgd_acc", help="Objective: a validation or training metric."),
     workers: Optional[int] = typer.Option(None, help="Processes [default: one per CPU]."),
+    live: Optional[str] = typer.Option(
+        None, help="Search a space live (YAML file or nares, rrn-depth, ...): each query trains."
+    ),
+    out: Optional[str] = typer.Option(None, "--out", help="--live: the study directory (rerun to resume)."),
+    recipe: Optional[str] = typer.Option(
+        None, help="--live: published recipe: bat, nares, trades-paper or mart-paper."
+    ),
+    test_attacks: str = typer.Option("clean,fgsm,pgd20,cw40", help="--live: final test attacks of each trial."),
+    test_n: Optional[int] = typer.Option(None, help="--live: test on the first N test points [default: all]."),
+    address: Optional[str] = typer.Option(None, help="--live: Ray cluster (e.g. auto or HEAD:6379) [default: local]."),
+    gpus_per_trial: Optional[float] = typer.Option(None, help="--live: GPUs per trial."),
+    cpus_per_trial: float = typer.Option(1.0, help="--live: CPUs per trial."),
+    max_concurrent: Optional[int] = typer.Option(None, help="--live: most trials at once."),
+    retries: int = typer.Option(2, help="--live: retries of a failing trial."),
+    quiet: bool = typer.Option(False, "--quiet", help="--live: no progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    train_opts: dict = None,
 ) -> None:
-    """Search a tabular benchmark with NARes's algorithms; report the best architecture of each run."""
-    from studies.benchmark import load, objective_metric
-    from studies.search import ALGOS, Problem, summarize
-    from studies.search import search as run_search
+    """Search a tabular benchmark (or, with --live, a space trained on demand) with NARes's algorithms."""
+    from studies.benchmark import objective_metric
+    from studies.search import ALGOS
 
     objective_metric(metric)  # refuse a test metric before loading anything
     if algo not in ALGOS:
         raise ScalerError(f"unknown --algo {algo!r}; choose one of {', '.join(ALGOS)}")
     if workers is not None and workers < 1:
         raise ScalerError("--workers must be >= 1")
-    bench = load(benchmark)
-    problem = Problem.from_benchmark(bench, metric)
-    results = run_search(problem, algo, queries=queries, runs=runs, seed=seed, workers=workers)
-    report = summarize(bench, metric, algo, results, queries=queries, seed=seed)
+    if live is not None:
+        if benchmark is not None:
+            raise ScalerError("give a BENCHMARK file or --live SPACE, not both")
+        sweep_opts = dict(test_attacks=test_attacks, test_n=test_n, address=address, gpus_per_trial=gpus_per_trial)
+        sweep_opts.update(cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent, retries=retries, quiet=quiet)
+        report = _live(live, out, algo, queries, runs, seed, metric, recipe, train_opts, sweep_opts)
+    else:
+        if benchmark is None:
+            raise ScalerError(
+                "give a BENCHMARK file (NARes-format .jsonl or a study directory), or --live SPACE --out DIR"
+            )
+        given = [k for k, v in train_opts.items() if v is not None]
+        if out or recipe or given:
+            raise ScalerError("--out, --recipe and training options go with --live SPACE")
+        report = _tabular(benchmark, algo, queries, runs, seed, metric, workers)
     if as_json:
         print(json.dumps(report, indent=2))
         return
     _print_search(report)
 
 
+def _tabular(benchmark, algo, queries, runs, seed, metric, workers) -> dict:
+    from studies.benchmark import load
+    from studies.search import Problem, summarize
+    from studies.search import search as run_search
+
+    bench = load(benchmark)
+    problem = Problem.from_benchmark(bench, metric)
+    results = run_search(problem, algo, queries=queries, runs=runs, seed=seed, workers=workers)
+    return summarize(bench, metric, algo, results, queries=queries, seed=seed)
+
+
+def _live(space_ref, out, algo, queries, runs, seed, metric, recipe, train_opts, o) -> dict:
+    import signal
+    import sys
+
+    from studies.benchmark import load
+    from studies.live import live_search, remap
+    from studies.search import summarize
+    from studies.spaces import load_space
+    from studies.sweep import SweepOptions
+    from trainers.evaluation import parse_attacks
+
+    if not out:
+        raise ScalerError("--live needs the study directory: --out DIR")
+    if queries < 1 or runs < 1:
+        raise ScalerError("--queries and --runs must be >= 1")
+    space = load_space(space_ref)
+    cfg = recipe_config(train_opts, recipe)
+    options = SweepOptions(
+        test_attacks=tuple(parse_attacks(o["test_attacks"])),
+        test_n=o["test_n"],
+        address=o["address"],
+        cpus_per_trial=o["cpus_per_trial"],
+        gpus_per_trial=o["gpus_per_trial"],
+        max_concurrent=o["max_concurrent"],
+        retries=o["retries"],
+        progress=not o["quiet"],
+    )
+    announce = None if o["quiet"] else (lambda line: print(line, file=sys.stderr))
+    signal.signal(signal.SIGTERM, _interrupt)
+    results, study, archs = live_search(
+        space, out, cfg, options, algo=algo, queries=queries, runs=runs, seed=seed, metric=metric, announce=announce
+    )
+    bench = load(out)
+    report = summarize(bench, metric, algo, remap(results, archs, bench), queries=queries, seed=seed)
+    report.update(live=space.name, space_size=len(space), trained=study.trained, failed=study.failed)
+    return report
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _print_search(r: dict) -> None:
-    print(f"{r['algo']} on {r['benchmark']} ({r['records']} architectures): {r['runs']} runs x {r['queries']} queries")
+    if "live" in r:
+        print(
+            f"{r['algo']} live on {r['live']} ({r['space_size']} architectures) into {r['benchmark']}: "
+            f"{r['records']} measured, {r['trained']} trained by this command, {len(r['failed'])} failed"
+        )
+    else:
+        print(
+            f"{r['algo']} on {r['benchmark']} ({r['records']} architectures): {r['runs']} runs x {r['queries']} queries"
+        )
     rows = []
     for e in r["per_run"]:
         arch = arch_label(e["best_arch"])

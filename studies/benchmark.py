@@ -80,7 +80,7 @@ def get_metric(record: Mapping, metric: str) -> float:
             accs = [float(s["acc"]) for c in test["corruptions"].values() for s in c.values()]
             return sum(accs) / len(accs) if accs else math.nan
         return float(test[TEST[metric]])
-    except (KeyError, IndexError, TypeError, ValueError):
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):  # absent or null in the record
         return math.nan
 
 

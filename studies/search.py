@@ -135,6 +135,9 @@ class Oracle:
                 yield int(r)
         raise Exhausted
 
+    def prefetch(self, rows) -> None:
+        """A hint that `rows` are about to be queried (a live oracle trains them together)."""
+
     def check(self) -> None:
         if len(self.seen) >= min(self.budget, len(self.problem.rows)):
             raise Exhausted
@@ -142,8 +145,11 @@ class Oracle:
 
 # ------------------------------------------------------------------------ algorithms
 def random_search(oracle: Oracle, rng: np.random.Generator, s: Settings, info: dict) -> None:
-    for row in oracle.unseen(rng):
+    order = [int(r) for r in rng.permutation(oracle.problem.rows) if int(r) not in oracle.seen]
+    oracle.prefetch(order[: oracle.budget - len(oracle.seen)])
+    for row in order:
         oracle(row)
+    raise Exhausted
 
 
 def local_search(oracle: Oracle, rng: np.random.Generator, s: Settings, info: dict) -> None:
@@ -155,6 +161,7 @@ def local_search(oracle: Oracle, rng: np.random.Generator, s: Settings, info: di
         while True:
             nbrs = oracle.problem.neighbours(current)
             rng.shuffle(nbrs)
+            oracle.prefetch(nbrs)
             scored = [(oracle(r), r) for r in nbrs]
             best_value, best = max(scored, default=(-math.inf, None))
             if best is None or best_value <= value:
@@ -167,8 +174,9 @@ def local_search(oracle: Oracle, rng: np.random.Generator, s: Settings, info: di
 def evolution(oracle: Oracle, rng: np.random.Generator, s: Settings, info: dict) -> None:
     population: deque = deque()
     starts = oracle.unseen(rng)
-    while len(population) < s.population:
-        row = next(starts)
+    first = _draw(starts, s.population)
+    oracle.prefetch(first)
+    for row in first:
         population.append((row, oracle(row)))
     stale = 0
     while True:
@@ -194,8 +202,10 @@ def bananas(oracle: Oracle, rng: np.random.Generator, s: Settings, info: dict) -
 
     p = oracle.problem
     starts = oracle.unseen(rng)
-    for _ in range(s.bananas_init):
-        oracle(next(starts))
+    first = _draw(starts, s.bananas_init)
+    oracle.prefetch(first)
+    for row in first:
+        oracle(row)
     rounds = 0
     while True:
         oracle.check()
@@ -212,10 +222,23 @@ def bananas(oracle: Oracle, rng: np.random.Generator, s: Settings, info: dict) -
         preds = model.predict(surrogate.encode(p.coords[candidates], p.sizes))
         mu, sd = preds.mean(0), preds.std(0)
         its = rng.normal(mu, sd + 1e-9)  # independent Thompson sampling: one posterior draw each
-        for i in np.argsort(-its)[: s.bananas_batch]:
-            oracle(candidates[i])
+        batch = [int(candidates[i]) for i in np.argsort(-its)[: s.bananas_batch]]
+        oracle.prefetch(batch)
+        for row in batch:
+            oracle(row)
         rounds += 1
         info["rounds"] = rounds
+
+
+def _draw(starts, n: int) -> list[int]:
+    """Up to n rows from a generator of unqueried rows (fewer when the space runs out)."""
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(starts))
+        except (Exhausted, StopIteration):
+            break
+    return out
 
 
 def _candidates(oracle: Oracle, rng, s: Settings, starts) -> np.ndarray:
@@ -241,9 +264,13 @@ ALGORITHMS = {"random": random_search, "local": local_search, "evolution": evolu
 
 # ------------------------------------------------------------------------ running
 def run_one(problem: Problem, algo: str, queries: int, seed_seq, settings: Settings = Settings()) -> dict:
-    """One independent run: its queried rows in order, best row and value, and algorithm details."""
+    """One independent run on a table: its queried rows in order, best row and value, details."""
+    return run_one_with(Oracle(problem, queries), algo, seed_seq, settings)
+
+
+def run_one_with(oracle: Oracle, algo: str, seed_seq, settings: Settings = Settings()) -> dict:
+    """One run of `algo` against any oracle (a table's, or a live study's)."""
     rng = np.random.default_rng(seed_seq)
-    oracle = Oracle(problem, queries)
     info: dict = {}
     try:
         ALGORITHMS[algo](oracle, rng, settings, info)

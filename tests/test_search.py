@@ -55,6 +55,8 @@ def test_get_metric_names_follow_the_nares_api():
     assert benchmark.get_metric(rec, "macs") == 1e9 and benchmark.get_metric(rec, "best_epoch") == 1
     with pytest.raises(ScalerError, match="unknown metric"):
         benchmark.get_metric(rec, "val_pgd")
+    rec["test_best"][0]["corruptions"] = None  # a study that did not measure corruptions writes null
+    assert np.isnan(benchmark.get_metric(rec, "test_corrupt_acc"))
 
 
 @pytest.mark.parametrize("metric", ["test_aa_acc", "test_pgd_acc", "test_clean_acc"])
