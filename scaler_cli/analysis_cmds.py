@@ -1,7 +1,8 @@
 """Study commands over measured architectures: search, analyze, plot, and the synthetic benchmark.
 
-None of these import torch except `search --algo bananas` (its MLP ensemble, in the workers) and
-`plot lipschitz` on a run directory; matplotlib only for `plot`.
+None of these import torch except `search --algo bananas` (its MLP ensemble, in the workers),
+`search --live` (training through the sweep engine on Ray) and `plot lipschitz` on a run
+directory; matplotlib only for `plot`.
 """
 
 from __future__ import annotations
