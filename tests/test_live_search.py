@@ -48,6 +48,14 @@ def test_live_search_trains_each_query_once_and_resumes(ray_local, tmp_path, cap
     assert more["trained"] == 2 and more["records"] == 5
     assert more["per_run"][0]["best_objective"] >= run["best_objective"]
 
+    # the study is a SOURCE like a benchmark file: analyses and plots read it
+    capsys.readouterr()
+    assert main(["analyze", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "5 architectures; robust accuracy = test_pgd_acc" in out and "Kendall tau-b against test_pgd_acc" in out
+    assert main(["plot", "pareto", str(study), "-o", str(tmp_path / "front.png")]) == 0
+    assert (tmp_path / "front.png").read_bytes().startswith(b"\x89PNG")
+
 
 def test_live_search_refuses_bad_combinations_in_one_line(capsys, tmp_path):
     cases = [
