@@ -48,6 +48,7 @@ def _root(
 
 def _register() -> None:
     from scaler_cli import (  # noqa: F401  (commands register on import)
+        analysis_cmds,
         compiler_cmds,
         interop_cmds,
         study_cmds,

@@ -158,7 +158,7 @@ def solve(
     params: Optional[str] = typer.Option(None, help="Target parameter count, e.g. 40M."),
     max_params: Optional[str] = typer.Option(None, help="Cap on params when targeting FLOPs."),
     max_flops: Optional[str] = typer.Option(None, help="Cap on FLOPs when targeting params."),
-    rule: str = typer.Option("robustscaling", help="robustscaling, robustwrn or uniform."),
+    rule: str = typer.Option("robustscaling", help="robustscaling, robustwrn, uniform or measured (with --results)."),
     block: Optional[str] = typer.Option(None, help="basic or robust (default: the rule's)."),
     depths: Optional[str] = typer.Option(None, help="robustwrn: fixed depths (default 5,5,5)."),
     round_to: int = typer.Option(1, help="robustwrn: round channels to a multiple of this."),
@@ -168,8 +168,16 @@ def solve(
     emit_path: Optional[str] = typer.Option(None, "--emit", help="Also write the model file here."),
     force: bool = typer.Option(False, "--force", help="With --emit: overwrite an existing file."),
     parents: bool = typer.Option(False, "--parents", help="With --emit: create missing parent directories."),
+    results: Optional[str] = typer.Option(None, help="measured: a NARes-format .jsonl file or a study directory."),
+    metric: Optional[str] = typer.Option(
+        None, help="measured: robust accuracy [default: test_aa_acc, else test_pgd_acc]."
+    ),
+    seed: int = typer.Option(0, help="measured: seed of the surrogate's held-out split and fit."),
 ) -> None:
     """The architecture a scaling rule prescribes for a FLOPs or params budget."""
+    if rule == "measured" or results is not None:
+        _solve_measured(rule, results, flops, params, max_flops, max_params, metric, seed, as_json, emit_path)
+        return
     sol = scaler.solve(
         flops,
         params,
@@ -190,6 +198,47 @@ def solve(
         _print_solution(sol)
         if emit_path:
             print(f"wrote       {emit_path}")
+
+
+def _solve_measured(rule, results, flops, params, max_flops, max_params, metric, seed, as_json, emit_path) -> None:
+    """`solve --rule measured --results SOURCE`: studies are imported only on this path."""
+    if rule != "measured":
+        raise ScalerError("--results goes with --rule measured")
+    if results is None:
+        raise ScalerError("--rule measured needs --results SOURCE (a NARes-format .jsonl file or a study directory)")
+    if emit_path:
+        raise ScalerError("--emit is not available with --rule measured; emit the chosen arch with `scaler emit`")
+    from studies.measured import solve_measured
+
+    out = solve_measured(results, flops, params, max_flops=max_flops, max_params=max_params, metric=metric, seed=seed)
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    from studies.benchmark import arch_text
+
+    m, b, s = out["metric"], out["best_measured"], out["surrogate"]
+    cap = f", cap {out['cap']}" if out["cap"] else ""
+    print(f"rule        measured  ({out['source']}: {out['measured']} architectures with {m})")
+    print(f"target      {out['target']}{cap}")
+    print(
+        f"measured    {arch_text(b['arch'])}  {m} {b[m]:.2f}  "
+        f"({format_count(int(b['flops']))} FLOPs, {format_count(int(b['params']))} params; "
+        f"best of {out['measured_within']} within budget)"
+    )
+    if "held_out_kendall_tau" in s:
+        print(
+            f"surrogate   {s['model']}: held-out Kendall tau {s['held_out_kendall_tau']:+.3f} "
+            f"({s['held_out']} of {s['fitted_on']} held out)"
+        )
+    p = s.get("best_predicted")
+    if p:
+        print(
+            f"predicted   {arch_text(p['arch'])}  {m} {p['predicted']:.2f} +- {p['predicted_std']:.2f} (not measured)  "
+            f"({format_count(int(p['flops']))} FLOPs, {format_count(int(p['params']))} params; "
+            f"best of {s['unmeasured_within']} unmeasured within budget)"
+        )
+    if "note" in s:
+        print(f"note        {s['note']}")
 
 
 @app.command()

@@ -1,0 +1,96 @@
+"""The predictor BANANAS and the measured rule share: an ensemble of small MLPs on an arch encoding.
+
+The encoding is one-hot per arch coordinate plus the coordinate's value scaled to [0, 1] (the
+NARes space is a grid, so BANANAS's path encoding reduces to this). The members differ only in
+their seeded initialisation and are trained together as one batched network (stacked weights and
+`baddbmm`), which is why fitting five of them costs little more than one. The spread of the
+members' predictions is the uncertainty that independent Thompson sampling draws from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def encode(coords: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    """(n, sum(sizes) + len(sizes)) features from (n, k) choice indices."""
+    coords = np.asarray(coords, dtype=np.int64)
+    parts = []
+    for j, size in enumerate(sizes):
+        onehot = np.zeros((len(coords), size), dtype=np.float32)
+        onehot[np.arange(len(coords)), coords[:, j]] = 1.0
+        parts.append(onehot)
+        parts.append((coords[:, j : j + 1] / max(size - 1, 1)).astype(np.float32))
+    return np.concatenate(parts, axis=1)
+
+
+@dataclass
+class Ensemble:
+    """A fitted ensemble; `predict` gives each member's prediction, in the target's units."""
+
+    weights: list
+    mean: float
+    scale: float
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """(members, n) predictions."""
+        import torch
+
+        with torch.no_grad():
+            h = torch.as_tensor(x, dtype=torch.float32).expand(len(self.weights[0][0]), -1, -1)
+            out = _forward(self.weights, h)
+        return out.squeeze(-1).numpy() * self.scale + self.mean
+
+
+def fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    members: int = 5,
+    hidden: tuple[int, ...] = (32, 32),
+    epochs: int = 200,
+    lr: float = 0.01,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> Ensemble:
+    """Fit `members` MLPs (full batch Adam, standardised targets) and return the ensemble."""
+    import torch
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(int(seed))
+    y = np.asarray(y, dtype=np.float64)
+    mean, scale = float(y.mean()), float(y.std()) or 1.0
+    xt = torch.as_tensor(x, dtype=torch.float32).expand(members, -1, -1)
+    yt = torch.as_tensor((y - mean) / scale, dtype=torch.float32)[None, :, None].expand(members, -1, -1)
+    dims = [x.shape[1], *hidden, 1]
+    weights = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        w = (torch.randn(members, a, b, generator=gen) * (2.0 / a) ** 0.5).requires_grad_()
+        bias = torch.zeros(members, 1, b, requires_grad=True)
+        weights.append((w, bias))
+    opt = torch.optim.Adam([t for pair in weights for t in pair], lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = ((_forward(weights, xt) - yt) ** 2).mean()
+        loss.backward()
+        opt.step()
+    return Ensemble([(w.detach(), b.detach()) for w, b in weights], mean, scale)
+
+
+def _forward(weights, h):
+    import torch
+
+    for i, (w, b) in enumerate(weights):
+        h = torch.baddbmm(b, h, w)
+        if i < len(weights) - 1:
+            h = torch.relu(h)
+    return h
+
+
+def kendall_of_fit(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Rank agreement of predictions with held-out truth (Kendall tau-b)."""
+    from studies.analysis import kendall_tau
+
+    return kendall_tau(pred, truth)
