@@ -46,14 +46,15 @@ def _root(
     """Architecture scaling compiler for adversarially robust CNNs."""
 
 
+COMMAND_MODULES = ("compiler_cmds", "training_cmds", "interop_cmds", "study_cmds", "analysis_cmds")
+"""Bottom layer first: the order `scaler --help` lists the commands in."""
+
+
 def _register() -> None:
-    from scaler_cli import (  # noqa: F401  (commands register on import)
-        analysis_cmds,
-        compiler_cmds,
-        interop_cmds,
-        study_cmds,
-        training_cmds,
-    )
+    import importlib
+
+    for name in COMMAND_MODULES:  # commands register on import
+        importlib.import_module(f"scaler_cli.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:
