@@ -1,11 +1,14 @@
 """Every command in the README runs as written, from an empty directory, as a new user would.
 
-The README's bash blocks are parsed (continuation lines joined, comments dropped). Quick commands
-(the compiler's, `python -c`) run in the quick suite exactly as written; training, evaluation and
-benchmark commands run in the slow suite in order, with only their sizes shrunk (fewer epochs,
-points, steps; a tiny model in place of a 19M-parameter one) and `~/data` holding a small
-CIFAR-10 folder in the standard layout. Set-up and test lines (make, pip, pytest) are what CI
-itself runs, and `torchrun` is covered by the DDP test.
+The README's bash blocks are parsed (continuation lines joined, comments dropped), and its YAML
+blocks whose first line names a file (`# space.yaml`) are written to that file. Quick commands (the
+compiler's, `scaler space`, `python -c`) run in the quick suite exactly as written; training,
+evaluation, study and search commands run in the slow suite in order, with only their sizes
+shrunk (fewer epochs, points, steps, queries and runs; a tiny model in place of a 19M-parameter
+one) and `~/data` holding a small CIFAR-10 folder in the standard layout. A line commented
+`# refused...` must fail with one line. Set-up and test lines (make, pip, pytest) are what CI
+itself runs, `torchrun` is covered by the DDP test, and blocks that start `# needs:` (a user's
+checkpoints, a cluster) or `#!` (a script to save) say in the README why they cannot run here.
 """
 
 import re
@@ -28,38 +31,65 @@ SMALLER = [  # (pattern, replacement) applied to slow commands only
     (r"--steps \d+", "--steps 1"),
     (r"--batch-size \d+", "--batch-size 16"),
     (r"--attack-steps \d+", "--attack-steps 1"),
+    (r"--runs \d+", "--runs 2"),
+    (r"(--live .*)--queries \d+", r"\1--queries 3"),
+    (r"--queries \d+", "--queries 40"),
     (r"\brobustresnet-a1\b", "--block robust --depths 1,1,1 --widths 1,1,1"),
     (r"--recipe bat", "--recipe bat --epochs 1 --batch-size 16 --attack-steps 1 --val-n 8"),
 ]
 
 
+def readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
 def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    """Runnable command lines; a line commented `# refused...` is kept with a `!` in front."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for block in readme_blocks("bash"):
+        if block.startswith(("# needs:", "#!")):
+            continue
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if words and words[0] not in SETUP and words[:3] != ["python", "-m", "pytest"]:
-                commands.append(shlex.join(words))
+                refused = re.search(r"#\s*refused", line) is not None
+                commands.append(("!" if refused else "") + shlex.join(words))
     return commands
 
 
+def write_readme_files(work: Path) -> None:
+    for block in readme_blocks("yaml"):
+        first = block.splitlines()[0]
+        if re.fullmatch(r"# [\w.-]+\.ya?ml", first):
+            (work / first[2:]).write_text(block)
+
+
 def is_quick(command: str) -> bool:
-    words = shlex.split(command)
+    words = shlex.split(command.lstrip("!"))
+    if "--results" in words:  # the measured rule reads a benchmark written by the slow commands
+        return False
     return words[0] == "python" or (words[0] == "scaler" and words[1] in QUICK)
 
 
 def as_run(command: str) -> str:
     """The command with `scaler`/`python` bound to this interpreter (no PATH or venv assumptions)."""
-    words = shlex.split(command)
+    words = shlex.split(command.lstrip("!"))
     head = [sys.executable, "-m", "scaler_cli"] if words[0] == "scaler" else [sys.executable]
     return shlex.join(head + words[1:])
 
 
 def run_all(commands: list[str], cwd: Path, env=None) -> None:
+    write_readme_files(cwd)
     for command in commands:
-        done = subprocess.run(as_run(command), shell=True, cwd=cwd, capture_output=True, text=True, env=env)
-        assert done.returncode == 0 and "Traceback" not in done.stderr, f"{command}\n{done.stderr[-2000:]}"
+        line = as_run(command)
+        if env is not None:  # shlex.join quotes `~`: expand it to this run's HOME
+            line = re.sub(r"'~/", "'" + env["HOME"] + "/", line)
+        done = subprocess.run(line, shell=True, cwd=cwd, capture_output=True, text=True, env=env)
+        assert "Traceback" not in done.stderr, f"{command}\n{done.stderr[-2000:]}"
+        if command.startswith("!"):
+            assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, f"{command}\n{done.stderr}"
+        else:
+            assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
 
 
 def test_the_readme_has_commands_of_both_kinds():
