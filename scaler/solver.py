@@ -24,20 +24,13 @@ from scaler.cost import Cost, continuous_cost, count, params_flops, payload
 from scaler.errors import ScalerError
 from scaler.parsing import format_count
 from scaler.presets import PRESETS
-from scaler.rules import RULES, GammaRule, Point, Rule
-from scaler.spec import WIDTH_BASES, ArchSpec, widths_to_planes
+from scaler.rules import GAMMA_ARCHS, RULES, GammaRule, Point, Rule
+from scaler.spec import ArchSpec, check_stages
 
 TOLERANCE = 0.025
 METRICS = ("flops", "params")
 MAX_DEPTH = 1_000
 MAX_CHANNELS = 1_000_000
-
-FAMILIES = {
-    ("robustscaling", "robust"): ["robustresnet-a1", "robustresnet-a2", "robustresnet-a3", "robustresnet-a4"],
-    ("robustscaling", "basic"): ["wrn-a1", "wrn-a2", "wrn-a3", "wrn-a4"],
-    ("robustwrn", "basic"): ["robustwrn-g0.25", "robustwrn-g0.5", "robustwrn-g1", "robustwrn-g1.5", "robustwrn-g2"],
-    ("uniform", "basic"): ["wrn-28-10", "wrn-34-10", "wrn-34-12", "wrn-46-14", "wrn-70-16"],
-}
 
 
 @dataclass(frozen=True)
@@ -160,8 +153,29 @@ def _solve_scale(f, target: float) -> float:
     return (lo + hi) / 2
 
 
-def _spec_for(point: Point, block: str, base: ArchSpec) -> ArchSpec:
-    return replace(base, block=block, depths=tuple(int(d) for d in point.depths), planes=widths_to_planes(point.widths))
+def _spec_for(point: Point, base: ArchSpec) -> ArchSpec:
+    """The spec of an integer point (validated)."""
+    planes = tuple(int(round(p)) for p in point.planes)
+    changes = dict(depths=tuple(int(d) for d in point.depths), planes=planes)
+    if point.growth is not None:
+        changes["growth"] = int(point.growth)
+    return replace(base, **changes)
+
+
+def base_spec(
+    rule: Rule, block: str | None, num_classes: int, activation, resolution: int, knobs: dict | None
+) -> ArchSpec:
+    """A spec carrying the block knobs the rule scales (its depths and planes are placeholders)."""
+    block = block or (rule.arch.block if isinstance(rule, GammaRule) and rule.arch.block else rule.default_block)
+    knobs = {k: v for k, v in (knobs or {}).items() if v is not None}
+    if isinstance(rule, GammaRule) and rule.arch.block is not None:
+        depths, planes = rule.arch.depths, rule.arch.planes
+    else:
+        depths, planes = (1, 1, 1), (256, 512, 1024)
+    spec = ArchSpec(
+        block, depths, planes, activation=activation, num_classes=num_classes, resolution=resolution, **knobs
+    )
+    return rule.check(spec)
 
 
 def solve(
@@ -169,42 +183,51 @@ def solve(
     target: Budget,
     *,
     cap: Budget | None = None,
-    block: str | None = None,
+    block: str | tuple[str, ...] | None = None,
     depths: tuple[int, int, int] | None = None,
     round_to: int = 1,
     num_classes: int = 10,
-    activation: str = "relu",
+    activation: str | tuple[str, ...] = "relu",
     resolution: int = 32,
+    arch: str | None = None,
+    knobs: dict | None = None,
 ) -> Solution:
-    """The architecture `rule_name` prescribes for `target` (exact costs; see module docstring)."""
+    """The architecture `rule_name` prescribes for `target` (exact costs; see module docstring).
+    `knobs` holds further block knobs (norm, kernel_size, scales, ...): the rule scales any block."""
     rule = get_rule(rule_name)
     if target.metric not in METRICS:
         raise ScalerError(f"unknown budget metric {target.metric!r}")
     if cap is not None and cap.metric == target.metric:
         raise ScalerError(f"a {target.metric} cap next to a {target.metric} target makes no sense; give one")
     if isinstance(rule, GammaRule):
+        if arch is not None:
+            if arch not in GAMMA_ARCHS:
+                raise ScalerError(f"unknown --arch {arch!r}; choose one of {', '.join(GAMMA_ARCHS)}")
+            rule = replace(rule, arch=GAMMA_ARCHS[arch])
         if depths is not None:
             rule = replace(rule, depths=depths)
         if round_to != 1:
             if round_to < 1:
                 raise ScalerError("--round-to must be >= 1")
             rule = replace(rule, round_to=round_to)
-    elif depths is not None or round_to != 1:
-        raise ScalerError(f"--depths and --round-to apply to the robustwrn rule, not {rule.name}")
-    block = block or rule.default_block
-    base = ArchSpec(
-        block, (1, 1, 1), (16, 32, 64), activation=activation, num_classes=num_classes, resolution=resolution
-    )
+    elif depths is not None or round_to != 1 or arch is not None:
+        raise ScalerError(f"--depths, --round-to and --arch apply to the robustwrn rule, not {rule.name}")
+    base = base_spec(rule, block, num_classes, activation, resolution, knobs)
+    per_stage = base.knobs
 
     def metric_at(budget: Budget, t: float) -> float:
         p = rule.continuous_at(t)
-        return budget.of(continuous_cost(block, p.depths, p.planes, resolution=resolution, num_classes=num_classes))
+        cost = continuous_cost(
+            per_stage, p.depths, p.planes, resolution=resolution, num_classes=num_classes, growth=p.growth
+        )
+        return budget.of(cost)
 
-    smallest = count(_spec_for(rule.smallest(block), block, base))
+    smallest = count(_spec_for(rule.smallest(base), base))
     floor_value = target.of(smallest)
+    label = base.block if isinstance(base.block, str) else ",".join(base.block)
     if target.value < floor_value * (1 - TOLERANCE):
         raise ScalerError(
-            f"budget {target} is too small for the {rule.name} rule with the {block} block; "
+            f"budget {target} is too small for the {rule.name} rule with the {label} block; "
             f"its smallest network costs {format_count(floor_value)} {target.metric}"
         )
     if cap is not None and cap.value < cap.of(smallest):
@@ -223,29 +246,27 @@ def solve(
 
     best, best_key, n = None, None, 0
     goal_index, cap_index = METRICS.index(goal.metric), cap and METRICS.index(cap.metric)
-    for cand_depths, cand_widths, dist in rule.candidates(point, block):
-        planes = tuple(round(w * b) for w, b in zip(cand_widths, WIDTH_BASES))
-        flops_params = params_flops(block, cand_depths, planes, base.stem, base.strides, resolution, num_classes)[::-1]
-        if cap is not None and flops_params[cap_index] > cap.value:
+    for cand, dist in rule.candidates(point, base):
+        flops_params = _flops_params(base, cand)
+        if flops_params is None or (cap is not None and flops_params[cap_index] > cap.value):
             continue
         n += 1
         rel = abs(flops_params[goal_index] / goal.value - 1)
         key = (max(0.0, rel - TOLERANCE), dist, rel)
         if best_key is None or key < best_key:
-            best, best_key = Point(cand_depths, cand_widths), key
+            best, best_key = cand, key
     if best is None:
         raise ScalerError(f"no {rule.name} network near the budget fits under the cap {cap}")
-    spec = _spec_for(best, block, base)
-    cost = count(spec)
-    if max(spec.depths) > MAX_DEPTH or max(spec.planes) > MAX_CHANNELS:
+    if max(best.depths) > MAX_DEPTH or max(best.planes) > MAX_CHANNELS:
         raise ScalerError(
             f"budget {target} asks for stages deeper than {MAX_DEPTH} blocks or wider than "
             f"{MAX_CHANNELS} channels; that is beyond what scaler builds"
         )
+    spec = _spec_for(best, base)
     return Solution(
         rule=rule.name,
         spec=spec,
-        cost=cost,
+        cost=count(spec),
         target=target,
         cap=cap,
         scale=t,
@@ -253,14 +274,43 @@ def solve(
         polynomial=poly,
         capped=capped,
         objective=best_key,
-        published=nearest_published(rule.name, block, target),
+        published=nearest_published(family_key(rule, base), target),
         candidates=n,
     )
 
 
-def nearest_published(rule: str, block: str, target: Budget) -> str | None:
+def _flops_params(base: ArchSpec, point: Point) -> tuple[int, int] | None:
+    """(flops, params) of a candidate, or None where its knobs cannot build it (a GroupNorm that
+    does not divide, an SE without hidden units)."""
+    planes = tuple(int(round(p)) for p in point.planes)
+    if base.family != "resnet":
+        try:
+            return _pf(count(_spec_for(point, base)))
+        except ScalerError:
+            return None
+    try:
+        check_stages(base.knobs, base.stem, planes)
+    except ScalerError:
+        return None
+    return params_flops(base.knobs, point.depths, planes, base.stem, base.strides, base.resolution, base.num_classes)[
+        ::-1
+    ]
+
+
+def _pf(cost: Cost) -> tuple[int, int]:
+    return cost.flops, cost.params
+
+
+def family_key(rule: Rule, base: ArchSpec) -> str:
+    """The preset family a rule and block scale: 'robustscaling:robust', 'robustwrn:vgg11', ..."""
+    if isinstance(rule, GammaRule) and rule.arch.block is not None:
+        return f"{rule.name}:{rule.arch.name}"
+    return f"{rule.name}:{base.block if isinstance(base.block, str) else ','.join(base.block)}"
+
+
+def nearest_published(family: str, target: Budget) -> str | None:
     """The family preset closest to the budget (log scale), if within a factor of 1.5."""
-    names = FAMILIES.get((rule, block), [])
+    names = [p.name for p in PRESETS.values() if p.family == family]
     scored = [(abs(math.log(target.of(count(PRESETS[n].spec)) / target.value)), n) for n in names]
     if not scored:
         return None

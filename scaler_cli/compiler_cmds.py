@@ -11,7 +11,7 @@ import scaler
 from scaler.errors import ScalerError
 from scaler.parsing import format_count, parse_list
 from scaler_cli.app import app
-from scaler_cli.options import SPEC_OPTIONS, spec_from_options, with_options
+from scaler_cli.options import KNOB_OPTIONS, SPEC_OPTIONS, spec_from_options, with_options
 from scaler_cli.output import fmt_list, table
 
 
@@ -124,11 +124,13 @@ def _print_solution(sol) -> None:
     s, c = sol.spec, sol.cost
     cont = sol.continuous
     cap = (f", cap {sol.cap}" + (" (binding)" if sol.capped else "")) if sol.cap else ""
-    print(f"rule        {sol.rule}  ({s.block} block)")
+    print(f"rule        {sol.rule}  ({s.describe().split()[0]} block)")
     print(f"target      {sol.target}{cap}")
     print(f"depths      {fmt_list(s.depths)}   (continuous {', '.join(f'{d:.2f}' for d in cont.depths)})")
     print(f"widening    {fmt_list(s.widths)}   (continuous {', '.join(f'{w:.2f}' for w in cont.widths)})")
-    print(f"channels    {fmt_list(s.channels)}  (stem, P1, P2, P3)")
+    print(f"channels    {fmt_list(s.channels)}  ({'stem, P1, P2, P3' if s.family == 'resnet' else 'per stage'})")
+    if s.family == "densenet":
+        print(f"growth      {s.growth}")
     print(f"params      {c.params:,}  ({format_count(c.params)})")
     print(f"FLOPs       {c.flops:,}  ({format_count(c.flops)})")
     print(f"error       {sol.error * 100:+.2f}% vs target")
@@ -147,35 +149,47 @@ def _print_solution(sol) -> None:
         print("published   none of this rule's family within 1.5x of the budget")
 
 
+SOLVE_OPTIONS = [o for o in SPEC_OPTIONS if o.name in ("block", "classes")] + [
+    o for o in KNOB_OPTIONS if o.name != "growth"
+]
+"""The spec rows `solve` shares: the block and every knob (the rule scales any block); the rule
+itself sets depths and widths (and DenseNet's growth)."""
+
+
 @app.command()
+@with_options(SOLVE_OPTIONS, into="spec_opts")
 def solve(
     flops: Optional[str] = typer.Option(None, help="Target FLOPs (multiply-adds), e.g. 10G."),
     params: Optional[str] = typer.Option(None, help="Target parameter count, e.g. 40M."),
     max_params: Optional[str] = typer.Option(None, help="Cap on params when targeting FLOPs."),
     max_flops: Optional[str] = typer.Option(None, help="Cap on FLOPs when targeting params."),
     rule: str = typer.Option("robustscaling", help="robustscaling, robustwrn or uniform."),
-    block: Optional[str] = typer.Option(None, help="basic or robust (default: the rule's)."),
+    arch: Optional[str] = typer.Option(
+        None, help="robustwrn: the architecture it reduces and scales: wrn34 (default), vgg11 or densenet121."
+    ),
     depths: Optional[str] = typer.Option(None, help="robustwrn: fixed depths (default 5,5,5)."),
     round_to: int = typer.Option(1, help="robustwrn: round channels to a multiple of this."),
-    classes: int = typer.Option(10, help="Number of classes."),
-    activation: str = typer.Option("relu", help="relu or silu."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     emit_path: Optional[str] = typer.Option(None, "--emit", help="Also write the model file here."),
     force: bool = typer.Option(False, "--force", help="With --emit: overwrite an existing file."),
     parents: bool = typer.Option(False, "--parents", help="With --emit: create missing parent directories."),
+    spec_opts: dict = None,
 ) -> None:
     """The architecture a scaling rule prescribes for a FLOPs or params budget."""
+    opts = dict(spec_opts)
+    classes, resolution = opts.pop("classes"), opts.pop("resolution")
     sol = scaler.solve(
         flops,
         params,
         rule=rule,
         max_params=max_params,
         max_flops=max_flops,
-        block=block,
         depths=parse_list(depths, "--depths") if depths is not None else None,
         round_to=round_to,
-        num_classes=classes,
-        activation=activation,
+        num_classes=classes or 10,
+        resolution=resolution or 32,
+        arch=arch,
+        **{k: v for k, v in opts.items() if v is not None},
     )
     if emit_path:
         scaler.emit(sol.spec, emit_path, force=force, parents=parents, rule=sol.rule, budget=str(sol.target))

@@ -20,7 +20,9 @@ def test_count_json_for_every_preset(capsys, name):
     data = json.loads(out)
     assert code == 0
     assert data["name"] == name and data["block"] == PRESETS[name].spec.block
-    assert len(data["depths"]) == 3 and len(data["widths"]) == 3 and len(data["channels"]) == 4
+    stages = PRESETS[name].spec.n_stages
+    assert len(data["depths"]) == stages and len(data["widths"]) == stages
+    assert len(data["channels"]) == (4 if PRESETS[name].spec.family == "resnet" else stages)
     assert isinstance(data["params"], int) and isinstance(data["flops"], int)
     assert sum(data["breakdown"].values()) == data["flops"]
 

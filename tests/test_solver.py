@@ -93,10 +93,12 @@ def test_polynomial_and_root_agree_with_sympy():
     assert len(roots) == 1 and float(roots[0]) == pytest.approx(sol.scale, rel=1e-6)
 
 
-def _objective(sol, depths, widths, rule, block):
+def _objective(sol, depths, widths, rule):
+    from dataclasses import replace
+
     from scaler.spec import widths_to_planes
 
-    spec = sol.spec.__class__(block, tuple(depths), widths_to_planes(widths))
+    spec = replace(sol.spec, depths=tuple(depths), planes=widths_to_planes(widths))
     value = sol.target.of(count(spec))
     rel = abs(value / sol.target.value - 1)
     point = sol.continuous
@@ -114,9 +116,8 @@ def test_random_budgets_hit_the_tolerance_and_the_optimum(gflops, rule):
     assert abs(sol.error) <= TOLERANCE
     # Brute force: no configuration in the neighbourhood beats the chosen one on the objective.
     r = RULES[rule]
-    block = r.default_block
-    best = min(_objective(sol, d, w, rule, block) for d, w, _ in r.candidates(sol.continuous, block))
-    assert _objective(sol, sol.spec.depths, sol.spec.widths, rule, block) == pytest.approx(best)
+    best = min(_objective(sol, p.depths, p.widths, rule) for p, _ in r.candidates(sol.continuous, sol.spec))
+    assert _objective(sol, sol.spec.depths, sol.spec.widths, rule) == pytest.approx(best)
 
 
 @settings(max_examples=15, deadline=None)

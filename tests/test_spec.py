@@ -41,13 +41,13 @@ def test_spec_is_immutable():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"block": "dense"}, "unknown block"),
+        ({"block": "densenet"}, "unknown block"),
         ({"depths": (0, 1, 1)}, "depth >= 1"),
         ({"depths": (1, 1)}, "3 values"),
         ({"planes": (16, -1, 64)}, "channels >= 1"),
         ({"planes": (16, 32.5, 64)}, "whole numbers"),
         ({"block": "robust", "planes": (15, 32, 64)}, "planes >= 16"),
-        ({"activation": "gelu"}, "unknown activation"),
+        ({"activation": "tanh"}, "unknown activation"),
         ({"num_classes": 1}, "num_classes"),
         ({"mean": (0.5, 0.5, 0.5)}, "both mean and std"),
         ({"mean": (0.5, 0.5, 0.5), "std": (0.1, 0, 0.1)}, "std values"),
