@@ -31,6 +31,8 @@ TOLERANCE = 0.025
 METRICS = ("flops", "params")
 MAX_DEPTH = 1_000
 MAX_CHANNELS = 1_000_000
+PLACEHOLDER_PLANES = (256, 512, 1024)
+"""Planes of the knob-carrying base spec (wide enough for any sensible knobs: 1024 // r >= 1)."""
 
 
 @dataclass(frozen=True)
@@ -166,15 +168,25 @@ def base_spec(
     rule: Rule, block: str | None, num_classes: int, activation, resolution: int, knobs: dict | None
 ) -> ArchSpec:
     """A spec carrying the block knobs the rule scales (its depths and planes are placeholders)."""
-    block = block or (rule.arch.block if isinstance(rule, GammaRule) and rule.arch.block else rule.default_block)
+    fixed = rule.arch.block if isinstance(rule, GammaRule) else None
+    if fixed is not None and block is not None and block != fixed:
+        raise ScalerError(f"--arch {rule.arch.name} is built from the {fixed} block, not {block}")
+    block = block or fixed or rule.default_block
     knobs = {k: v for k, v in (knobs or {}).items() if v is not None}
-    if isinstance(rule, GammaRule) and rule.arch.block is not None:
+    if fixed is not None:
         depths, planes = rule.arch.depths, rule.arch.planes
     else:
-        depths, planes = (1, 1, 1), (256, 512, 1024)
-    spec = ArchSpec(
-        block, depths, planes, activation=activation, num_classes=num_classes, resolution=resolution, **knobs
-    )
+        depths, planes = (1, 1, 1), PLACEHOLDER_PLANES
+    try:
+        spec = ArchSpec(
+            block, depths, planes, activation=activation, num_classes=num_classes, resolution=resolution, **knobs
+        )
+    except ScalerError as exc:
+        if fixed is None and "stage" in str(exc):
+            raise ScalerError(
+                f"these knobs build no {rule.name} network even at planes {PLACEHOLDER_PLANES}: {exc}"
+            ) from None
+        raise
     return rule.check(spec)
 
 
@@ -222,15 +234,17 @@ def solve(
         )
         return budget.of(cost)
 
-    smallest = count(_spec_for(rule.smallest(base), base))
-    floor_value = target.of(smallest)
+    try:
+        smallest = count(_spec_for(rule.smallest(base), base))
+    except ScalerError:  # the knobs refuse the narrowest planes (a GroupNorm on 4 channels): no floor to state
+        smallest = None
     label = base.block if isinstance(base.block, str) else ",".join(base.block)
-    if target.value < floor_value * (1 - TOLERANCE):
+    if smallest is not None and target.value < target.of(smallest) * (1 - TOLERANCE):
         raise ScalerError(
             f"budget {target} is too small for the {rule.name} rule with the {label} block; "
-            f"its smallest network costs {format_count(floor_value)} {target.metric}"
+            f"its smallest network costs {format_count(target.of(smallest))} {target.metric}"
         )
-    if cap is not None and cap.value < cap.of(smallest):
+    if smallest is not None and cap is not None and cap.value < cap.of(smallest):
         raise ScalerError(
             f"cap {cap} is below the smallest {rule.name} network ({format_count(cap.of(smallest))} {cap.metric})"
         )
@@ -256,7 +270,13 @@ def solve(
         if best_key is None or key < best_key:
             best, best_key = cand, key
     if best is None:
-        raise ScalerError(f"no {rule.name} network near the budget fits under the cap {cap}")
+        why = f"fits under the cap {cap}" if cap is not None else "can be built with these knobs"
+        raise ScalerError(f"no {rule.name} network near the budget {why}")
+    if smallest is None and best_key[0] > 0 and target.of(count(_spec_for(best, base))) > goal.value:
+        raise ScalerError(
+            f"budget {target} is too small for the {rule.name} rule with these knobs; the smallest network they "
+            f"build near it costs {format_count(target.of(count(_spec_for(best, base))))} {target.metric}"
+        )
     if max(best.depths) > MAX_DEPTH or max(best.planes) > MAX_CHANNELS:
         raise ScalerError(
             f"budget {target} asks for stages deeper than {MAX_DEPTH} blocks or wider than "
@@ -274,7 +294,7 @@ def solve(
         polynomial=poly,
         capped=capped,
         objective=best_key,
-        published=nearest_published(family_key(rule, base), target),
+        published=nearest_published(family_key(rule, base), target, base),
         candidates=n,
     )
 
@@ -308,9 +328,15 @@ def family_key(rule: Rule, base: ArchSpec) -> str:
     return f"{rule.name}:{base.block if isinstance(base.block, str) else ','.join(base.block)}"
 
 
-def nearest_published(family: str, target: Budget) -> str | None:
-    """The family preset closest to the budget (log scale), if within a factor of 1.5."""
-    names = [p.name for p in PRESETS.values() if p.family == family]
+def nearest_published(family: str, target: Budget, base: ArchSpec | None = None) -> str | None:
+    """The family preset closest to the budget (log scale), if within a factor of 1.5; presets
+    counted at another resolution or class count than `base` are not comparable and never named."""
+    names = [
+        p.name
+        for p in PRESETS.values()
+        if p.family == family
+        and (base is None or (p.spec.resolution, p.spec.num_classes) == (base.resolution, base.num_classes))
+    ]
     scored = [(abs(math.log(target.of(count(PRESETS[n].spec)) / target.value)), n) for n in names]
     if not scored:
         return None

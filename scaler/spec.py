@@ -20,6 +20,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property, lru_cache
 
 from scaler.errors import ScalerError
 
@@ -115,40 +116,50 @@ def check_norm(norm: str, channels: int, where: str) -> None:
 
 def check_stages(knobs: tuple[StageKnobs, ...], stem: int, planes: tuple[int, ...]) -> None:
     """Refuse residual stages their knobs cannot build: planes under `min_planes`, an SE with no
-    hidden unit, a GroupNorm that does not divide its channels. Pure and fast: the solver calls it
-    on every candidate."""
+    hidden unit, a GroupNorm that does not divide its channels. Cached per stage: the solver calls
+    it on every candidate."""
+    cin = stem
     for i, (k, p) in enumerate(zip(knobs, planes)):
-        where = f"stage {i + 1} (P{i + 1}={p})"
+        problem = _stage_problem(k, cin, p, i + 1)
+        if problem:
+            raise ScalerError(problem)
+        cin = block_out_channels(k, p)
+    check_norm(knobs[-1].norm, cin, "the head")
+
+
+@lru_cache(maxsize=65536)
+def _stage_problem(k: StageKnobs, cin: int, p: int, stage: int) -> str | None:
+    try:
+        where = f"stage {stage} (P{stage}={p})"
         if p < min_planes(k):
-            raise ScalerError(
+            return (
                 f"the {k.block} block needs planes >= {min_planes(k)} (split width "
                 f"floor(P*{k.base_width}/{BASE_WIDTH_UNIT})*{k.cardinality} >= 1); {where}"
             )
-        if k.bottleneck:
-            w = split_width(p, k.base_width, k.cardinality)
-            se_channels = w * k.scales if k.se == "conv3x3" else block_out_channels(k, p)
-            if k.se != "none" and se_channels < k.se_reduction:
-                raise ScalerError(
-                    f"--se-reduction {k.se_reduction} leaves the {k.se} SE of {where} with no hidden unit "
-                    f"({se_channels} channels // {k.se_reduction} = 0)"
-                )
-            if k.norm == "group":
-                for c in (p * ROBUST_EXPANSION, w * k.scales, w):
-                    check_norm(k.norm, c, where)
-        elif k.norm == "group":
+        if k.block in ("basic", "robust", "inverted"):
+            check_norm(k.norm, cin, f"stage {stage}'s first block (input {cin} channels)")
+        if not k.bottleneck:
             for c in (p, p * INVERTED_EXPANSION) if k.block == "inverted" else (p,):
                 check_norm(k.norm, c, where)
-    cin = stem
-    for i, (k, p) in enumerate(zip(knobs, planes)):
-        if k.block in ("basic", "robust", "inverted"):
-            check_norm(k.norm, cin, f"stage {i + 1}'s first block (input {cin} channels)")
-        if k.se == "identity" and k.bottleneck and cin < k.se_reduction:
-            raise ScalerError(
-                f"--se-reduction {k.se_reduction} leaves the identity SE of stage {i + 1}'s first block with no "
-                f"hidden unit (input {cin} channels)"
-            )
-        cin = block_out_channels(k, p)
-    check_norm(knobs[-1].norm, cin, "the head")
+            return None
+        w = split_width(p, k.base_width, k.cardinality)
+        if k.se != "none":
+            for channels, what in ((w * k.scales if k.se == "conv3x3" else p * ROBUST_EXPANSION, where),):
+                if channels < k.se_reduction:
+                    return (
+                        f"--se-reduction {k.se_reduction} leaves the {k.se} SE of {what} with no hidden unit "
+                        f"({channels} channels // {k.se_reduction} = 0)"
+                    )
+            if k.se == "identity" and cin < k.se_reduction:
+                return (
+                    f"--se-reduction {k.se_reduction} leaves the identity SE of stage {stage}'s first block "
+                    f"with no hidden unit (input {cin} channels)"
+                )
+        for c in (p * ROBUST_EXPANSION, w * k.scales, w):
+            check_norm(k.norm, c, where)
+    except ScalerError as exc:
+        return str(exc)
+    return None
 
 
 def widths_to_planes(widths: tuple[float, ...]) -> tuple[int, int, int]:
@@ -223,7 +234,7 @@ class ArchSpec:
     def stage_knobs(self, stage: int) -> StageKnobs:
         return StageKnobs(*(self.knob(k, stage) for k in KNOBS))
 
-    @property
+    @cached_property
     def knobs(self) -> tuple[StageKnobs, ...]:
         return tuple(self.stage_knobs(i) for i in range(self.n_stages))
 

@@ -12,7 +12,7 @@ from scaler.errors import ScalerError
 from scaler.parsing import format_count, parse_list
 from scaler_cli.app import app
 from scaler_cli.options import KNOB_OPTIONS, SPEC_OPTIONS, spec_from_options, with_options
-from scaler_cli.output import fmt_list, table
+from scaler_cli.output import fmt_list, knob_summary, table
 
 
 def _preset_payload(spec, preset=None) -> dict:
@@ -67,7 +67,7 @@ def zoo(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")
             notes.append(f"* {p.name}: {p.note}")
     headers = ["name", "block", "depths", "widening", "params", "FLOPs", "pub. params", "pub. FLOPs"]
     print(table(headers, rows, right={4, 5, 6, 7}))
-    print("FLOPs: fvcore multiply-adds on one 1x3x32x32 input (eval-mode BN and pooling included).")
+    print("FLOPs: fvcore multiply-adds on one 1x3x32x32 input (eval-mode norms and pooling included).")
     for n in notes:
         print(n)
 
@@ -84,17 +84,21 @@ def count_cmd(
 
     spec = spec_from_options(name, spec_opts)
     preset = get_preset(name) if name else None
+    if preset is not None and preset.spec != spec:  # knobs changed: the published numbers are another model's
+        preset = None
     payload = _preset_payload(spec, preset)
     if as_json:
         print(json.dumps(payload, indent=2))
         return
-    print(f"model      {spec.name or '-'}  ({spec.describe()}, {spec.activation}, {spec.num_classes} classes)")
-    print(f"channels   {fmt_list(spec.channels)}  (stem, P1, P2, P3)")
+    print(f"model      {spec.name or '-'}  ({spec.describe()}, {spec.num_classes} classes)")
+    print(f"knobs      {knob_summary(spec)}")
+    print(f"channels   {fmt_list(spec.channels)}  ({'stem, P1, P2, P3' if spec.family == 'resnet' else 'per stage'})")
     pub_params = f"   published {_vs(payload['params'], preset.published_params)}" if preset else ""
     pub_flops = f"   published {_vs(payload['flops'], preset.published_flops)}" if preset else ""
     print(f"params     {payload['params']:,}{pub_params}")
     print(f"FLOPs      {payload['flops']:,}{pub_flops}")
     print("breakdown  " + ", ".join(f"{k} {format_count(v)}" for k, v in payload["breakdown"].items()))
+    print(f"input      1x3x{spec.resolution}x{spec.resolution}")
     if preset:
         print(f"source     {preset.source}, {preset.table}")
         if preset.note:
@@ -126,17 +130,19 @@ def _print_solution(sol) -> None:
     cap = (f", cap {sol.cap}" + (" (binding)" if sol.capped else "")) if sol.cap else ""
     print(f"rule        {sol.rule}  ({s.describe().split()[0]} block)")
     print(f"target      {sol.target}{cap}")
+    print(f"knobs       {knob_summary(s)}")
     print(f"depths      {fmt_list(s.depths)}   (continuous {', '.join(f'{d:.2f}' for d in cont.depths)})")
-    print(f"widening    {fmt_list(s.widths)}   (continuous {', '.join(f'{w:.2f}' for w in cont.widths)})")
-    print(f"channels    {fmt_list(s.channels)}  ({'stem, P1, P2, P3' if s.family == 'resnet' else 'per stage'})")
-    if s.family == "densenet":
-        print(f"growth      {s.growth}")
+    label = "widening" if s.family == "resnet" else "channels"
+    print(f"{label:<11} {fmt_list(s.widths)}   (continuous {', '.join(f'{w:.2f}' for w in cont.widths)})")
+    if s.family == "resnet":
+        print(f"channels    {fmt_list(s.channels)}  (stem, P1, P2, P3)")
     print(f"params      {c.params:,}  ({format_count(c.params)})")
     print(f"FLOPs       {c.flops:,}  ({format_count(c.flops)})")
     print(f"error       {sol.error * 100:+.2f}% vs target")
-    print(f"r_D         {sol.r_d:.3f}  (continuous {cont.r_d:.3f})")
-    d, w = s.depths, s.widths
-    print(f"ratios      D {':'.join(f'{x / d[2]:.2f}' for x in d)}   W {':'.join(f'{x / w[2]:.2f}' for x in w)}")
+    if s.family == "resnet":
+        print(f"r_D         {sol.r_d:.3f}  (continuous {cont.r_d:.3f})")
+        d, w = s.depths, s.widths
+        print(f"ratios      D {':'.join(f'{x / d[2]:.2f}' for x in d)}   W {':'.join(f'{x / w[2]:.2f}' for x in w)}")
     if sol.published:
         p = PRESETS[sol.published]
         pc = scaler.count(p.spec)

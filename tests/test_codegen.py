@@ -26,6 +26,10 @@ GENERATED = [
     "robustresnet-a2",
     "robustresnet-a3",
     "robustresnet-a4",
+    "vgg-11",
+    "vgg-11-r",
+    "densenet-121",
+    "densenet-121-r",
 ]
 
 
@@ -89,7 +93,7 @@ STANDALONE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("name", ["robustresnet-a1", "wrn-34-r"])
+@pytest.mark.parametrize("name", ["robustresnet-a1", "wrn-34-r", "vgg-11-r", "densenet-121-r"])
 def test_emitted_file_is_standalone_exact_and_exportable(name, tmp_path):
     script = tmp_path / "check.py"
     script.write_text(STANDALONE)
