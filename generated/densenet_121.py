@@ -35,7 +35,9 @@ class DenseLayer(nn.Module):
     """DenseNet-BC layer: norm-act-1x1 conv to 4 * growth, norm-act-k x k conv to growth; the
     output is concatenated to the input."""
 
-    def __init__(self, in_channels: int, growth: int, kernel_size: int = 3, act: str = "relu", norm: str = "batch"):
+    def __init__(
+        self, in_channels: int, growth: int, kernel_size: int = 3, act: str = "relu", norm: str = "batch"
+    ) -> None:
         super().__init__()
         self.bn1 = make_norm(norm, in_channels)
         self.act1 = make_act(act)
@@ -52,7 +54,7 @@ class DenseLayer(nn.Module):
 class Transition(nn.Sequential):
     """norm-act-1x1 conv to the next stage's channels, then a 2x2 average pool."""
 
-    def __init__(self, in_channels: int, out_channels: int, act: str = "relu", norm: str = "batch"):
+    def __init__(self, in_channels: int, out_channels: int, act: str = "relu", norm: str = "batch") -> None:
         super().__init__(
             make_norm(norm, in_channels),
             make_act(act),

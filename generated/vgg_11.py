@@ -34,7 +34,9 @@ def make_norm(name: str, channels: int) -> nn.Module:
 class ConvNormAct(nn.Sequential):
     """VGG layer: k x k conv with bias, norm, activation."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, act: str = "relu", norm: str = "batch"):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, act: str = "relu", norm: str = "batch"
+    ) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size, 1, kernel_size // 2),
             make_norm(norm, out_channels),

@@ -151,7 +151,7 @@ def render(spec: ArchSpec, provenance: Provenance | None = None) -> str:
         context["vgg_stages"] = _vgg_stages(spec)
     elif spec.family == "densenet":
         template = "densenet.py.j2"
-        context.update(dense_stages=_dense_stages(spec), dense_stem=spec.planes[0], growth=spec.growth)
+        context.update(dense_stages=_dense_stages(spec), dense_stem=spec.planes[0])
     else:
         template = "resnet.py.j2"
         used = {BLOCK_TEMPLATES[k.block][0]: None for k in knobs}
@@ -160,8 +160,8 @@ def render(spec: ArchSpec, provenance: Provenance | None = None) -> str:
     return _environment().get_template(template).render(**context)
 
 
-def _kwargs(knobs, names: tuple[str, ...]) -> str:
-    """', name=value' for every knob that differs from the block classes' defaults."""
+def _kwargs(knobs, names: tuple[str, ...]) -> list[str]:
+    """'name=value' for every knob that differs from the block classes' defaults."""
     values = {"act": knobs.activation, "preact": not knobs.block.endswith("-post")}
     parts = []
     for name in names:
@@ -169,7 +169,22 @@ def _kwargs(knobs, names: tuple[str, ...]) -> str:
         if value != _KWARG_DEFAULTS[name]:
             text = json.dumps(value) if isinstance(value, str) else repr(value)
             parts.append(f"{name}={text}")
-    return "".join(f", {p}" for p in parts)
+    return parts
+
+
+LINE_LENGTH = 120
+
+
+def _call(prefix: str, args: list, indent: int, end: str = ",") -> str:
+    """`prefix(args)` laid out as ruff formats it: one line if it fits, else the arguments on one
+    indented line, else one per line (so emitted files are ruff-format clean)."""
+    pad, inner = " " * indent, " " * (indent + 4)
+    joined = ", ".join(map(str, args))
+    if len(pad) + len(prefix) + len(joined) + 2 + len(end) <= LINE_LENGTH:
+        return f"{pad}{prefix}({joined}){end}"
+    if len(inner) + len(joined) <= LINE_LENGTH:
+        return f"{pad}{prefix}(\n{inner}{joined}\n{pad}){end}"
+    return f"{pad}{prefix}(\n" + "".join(f"{inner}{a},\n" for a in args) + f"{pad}){end}"
 
 
 _COMMON = ("kernel_size", "act", "norm")
@@ -180,14 +195,17 @@ def _resnet_stages(spec: ArchSpec) -> list:
     out = []
     for knobs, blocks in zip(spec.knobs, spec.stage_plan()):
         names = _BOTTLENECK if knobs.bottleneck else (*_COMMON, "preact") if knobs.block != "inverted" else _COMMON
-        out.append((BLOCK_TEMPLATES[knobs.block][1], blocks, _kwargs(knobs, names)))
+        name, extra = BLOCK_TEMPLATES[knobs.block][1], _kwargs(knobs, names)
+        out.append([_call(name, [cin, planes, f"stride={stride}", *extra], 12) for cin, planes, stride in blocks])
     return out
 
 
 def _vgg_stages(spec: ArchSpec) -> list:
     out, cin = [], 3
     for knobs, depth, planes in zip(spec.knobs, spec.depths, spec.planes):
-        out.append(([(cin, planes)] + [(planes, planes)] * (depth - 1), _kwargs(knobs, _COMMON)))
+        extra = _kwargs(knobs, _COMMON)
+        layers = [(cin, planes)] + [(planes, planes)] * (depth - 1)
+        out.append([_call("ConvNormAct", [a, b, *extra], 12) for a, b in layers])
         cin = planes
     return out
 
@@ -195,10 +213,13 @@ def _vgg_stages(spec: ArchSpec) -> list:
 def _dense_stages(spec: ArchSpec) -> list:
     out = []
     for i, (knobs, depth, planes) in enumerate(zip(spec.knobs, spec.depths, spec.planes)):
-        layers = [planes + j * spec.growth for j in range(depth)]
-        end = planes + depth * spec.growth
-        transition = (end, spec.planes[i + 1]) if i + 1 < spec.n_stages else None
-        out.append((layers, transition, _kwargs(knobs, _COMMON), _kwargs(knobs, ("act", "norm"))))
+        extra = _kwargs(knobs, _COMMON)
+        calls = [_call("DenseLayer", [planes + j * spec.growth, spec.growth, *extra], 12) for j in range(depth)]
+        transition = None
+        if i + 1 < spec.n_stages:
+            args = [planes + depth * spec.growth, spec.planes[i + 1], *_kwargs(knobs, ("act", "norm"))]
+            transition = _call(f"self.trans{i + 1} = Transition", args, 8, end="")
+        out.append((calls, transition))
     return out
 
 
