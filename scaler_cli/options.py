@@ -231,7 +231,11 @@ def _train_opts() -> list[Opt]:
         return Opt(name, typ, help, decls, parse)
 
     return [
-        o("dataset", Optional[str], "cifar10, cifar100, digits (scikit-learn, offline) or synthetic."),
+        o(
+            "dataset",
+            Optional[str],
+            "cifar10, cifar100, tinyimagenet (64x64, 200 classes), digits (scikit-learn, offline) or synthetic.",
+        ),
         o("data_dir", Optional[str], "Directory with the dataset archives (never downloaded).", show=False),
         o("val", Optional[str], "Validation set: holdout (taken from train) or cifar10.1."),
         o("val_size", Optional[int], "Held-out training points [default: 1000, or 10% of small sets].", show=False),
@@ -293,6 +297,16 @@ def train_config(model: str | None, spec_opts: dict, train_opts: dict, recipe: s
     from trainers.config import make_config
 
     label, spec = model_from_options(model, spec_opts)
+    if spec is not None:
+        from dataclasses import replace
+
+        from trainers.config import RECIPES, TrainConfig
+        from trainers.data import NUM_CLASSES, RESOLUTION
+
+        # The run's model.py counts params and FLOPs for the classes and resolution it trains on.
+        dataset = train_opts.get("dataset") or RECIPES.get(recipe or "", {}).get("dataset") or TrainConfig().dataset
+        resolution = spec_opts.get("resolution") or RESOLUTION.get(dataset, spec.resolution)
+        spec = replace(spec, resolution=resolution, num_classes=NUM_CLASSES.get(dataset, spec.num_classes))
     overrides = {k: v for k, v in train_opts.items() if k != "milestones"}
     overrides.update(model=label, spec=spec.to_dict() if spec is not None else None)
     if war_calibrate:
