@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from scaler.errors import ScalerError
-from scaler.spec import WIDTH_BASES, ArchSpec, min_planes
+from scaler.spec import BASE_WIDTH_UNIT, WIDTH_BASES, ArchSpec, min_planes
 
 LAST_STAGE_WIDTH = 0.4
 """RobustWRN's reduction: the last stage's width is 0.4 of the first stages' (w 10-10-4)."""
@@ -168,7 +168,8 @@ class GammaRule(Rule):
     then every width (and DenseNet's growth) scaled by gamma.
 
     Scale variable t = gamma. Channels round to multiples of `round_to`; the integer
-    neighbourhood is the floor/ceil multiple of every stage's channels (and of the growth)."""
+    neighbourhood is the floor/ceil multiple of every stage's channels (and of the growth), and for
+    bottleneck stages also the nearest channels where the split width steps."""
 
     arch: GammaArch = GAMMA_ARCHS["wrn34"]
     depths: tuple[int, ...] | None = None
@@ -201,10 +202,14 @@ class GammaRule(Rule):
     def candidates(self, point: Point, base: ArchSpec) -> list[tuple[Point, float]]:
         q = self.round_to
         floors = [self._channel_floor(base, s) for s in range(len(point.planes))]
-        opts = [
-            sorted({max(lo, math.floor(p / q) * q), max(lo, math.ceil(p / q) * q)})
-            for lo, p in zip(floors, point.planes)
-        ]
+        opts = []
+        for s, (lo, p) in enumerate(zip(floors, point.planes)):
+            steps = {q}
+            if base.family == "resnet" and base.stage_knobs(s).bottleneck:
+                # A bottleneck's split width steps every 160 / gcd(160, bw) channels: offer those too.
+                bw = base.stage_knobs(s).base_width
+                steps.add(math.lcm(q, BASE_WIDTH_UNIT // math.gcd(BASE_WIDTH_UNIT, bw)))
+            opts.append(sorted({max(lo, f(p / m) * m) for m in steps for f in (math.floor, math.ceil)}))
         growths = (
             [None] if point.growth is None else sorted({max(1, math.floor(point.growth)), math.ceil(point.growth)})
         )

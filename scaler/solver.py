@@ -25,7 +25,7 @@ from scaler.errors import ScalerError
 from scaler.parsing import format_count
 from scaler.presets import PRESETS
 from scaler.rules import GAMMA_ARCHS, RULES, GammaRule, Point, Rule
-from scaler.spec import ArchSpec, check_stages
+from scaler.spec import FAMILY_BLOCKS, ArchSpec, check_stages
 
 TOLERANCE = 0.025
 METRICS = ("flops", "params")
@@ -172,6 +172,9 @@ def base_spec(
     if fixed is not None and block is not None and block != fixed:
         raise ScalerError(f"--arch {rule.arch.name} is built from the {fixed} block, not {block}")
     block = block or fixed or rule.default_block
+    if fixed is None and block in FAMILY_BLOCKS:
+        arch = {"vgg": "vgg11", "dense": "densenet121"}[block]
+        raise ScalerError(f"the {block} block is scaled by --rule robustwrn --arch {arch}, not by the {rule.name} rule")
     knobs = {k: v for k, v in (knobs or {}).items() if v is not None}
     if fixed is not None:
         depths, planes = rule.arch.depths, rule.arch.planes
@@ -227,10 +230,15 @@ def solve(
     base = base_spec(rule, block, num_classes, activation, resolution, knobs)
     per_stage = base.knobs
 
-    def metric_at(budget: Budget, t: float) -> float:
+    def metric_at(budget: Budget, t: float, growth: int | None = None) -> float:
         p = rule.continuous_at(t)
         cost = continuous_cost(
-            per_stage, p.depths, p.planes, resolution=resolution, num_classes=num_classes, growth=p.growth
+            per_stage,
+            p.depths,
+            p.planes,
+            resolution=resolution,
+            num_classes=num_classes,
+            growth=p.growth if growth is None else growth,
         )
         return budget.of(cost)
 
@@ -260,7 +268,9 @@ def solve(
 
     best, best_key, n = None, None, 0
     goal_index, cap_index = METRICS.index(goal.metric), cap and METRICS.index(cap.metric)
-    for cand, dist in rule.candidates(point, base):
+    for cand, dist in _neighbourhood(
+        rule, point, base, lambda g: _solve_scale(lambda x: metric_at(goal, x, g), goal.value)
+    ):
         flops_params = _flops_params(base, cand)
         if flops_params is None or (cap is not None and flops_params[cap_index] > cap.value):
             continue
@@ -297,6 +307,21 @@ def solve(
         published=nearest_published(family_key(rule, base), target, base),
         candidates=n,
     )
+
+
+def _neighbourhood(rule: Rule, point: Point, base: ArchSpec, scale_at_growth) -> list[tuple[Point, float]]:
+    """The rule's integer candidates near `point`. DenseNet's growth is coarse (one unit moves every
+    layer of every stage), so each integer growth next to the continuous one gets its own scale,
+    solved with that growth fixed: the stage widths absorb the growth's rounding. Distances are
+    to `point` either way."""
+    if point.growth is None:
+        return rule.candidates(point, base)
+    ref = (*point.planes, point.growth)
+    out = []
+    for g in sorted({max(1, math.floor(point.growth)), max(1, math.ceil(point.growth))}):
+        fixed = replace(rule.continuous_at(scale_at_growth(g)), growth=g)
+        out += [(c, math.dist((*c.planes, c.growth), ref)) for c, _ in rule.candidates(fixed, base)]
+    return out
 
 
 def _flops_params(base: ArchSpec, point: Point) -> tuple[int, int] | None:
