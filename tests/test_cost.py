@@ -253,3 +253,23 @@ def test_continuous_cost_agrees_with_exact_on_published_shapes():
     assert abs(smooth.flops / count(spec).flops - 1) < 1e-3
     spec = PRESETS["wrn-34-10"].spec
     assert continuous_cost("basic", spec.depths, spec.planes).flops == count(spec).flops
+
+
+@pytest.mark.parametrize("block", BOTTLENECK_BLOCKS)
+@pytest.mark.parametrize("se", SE_KINDS)
+def test_every_se_placement_equals_fvcore_and_numel(block, se):
+    """Each SE placement on both bottlenecks, split (S 3) and whole (S 1), strided and identity blocks."""
+    spec = ArchSpec(
+        block,
+        (2, 1, 2),
+        (16, 32, 32),
+        scales=(3, 1, 2),
+        base_width=40,
+        cardinality=2,
+        se=se,
+        se_reduction=4,
+        norm=("batch", "layer", "instance"),
+        activation="prelu",
+        resolution=12,
+    )
+    _check_against_fvcore(spec)
