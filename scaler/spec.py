@@ -77,6 +77,12 @@ class StageKnobs:
     se: str = ROBUST_SE
     se_reduction: int = ROBUST_SE_REDUCTION
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, k) for k in KNOBS)))
+
+    def __hash__(self) -> int:  # cached: per-stage cost caches hash a StageKnobs on every lookup
+        return self._hash
+
     @property
     def bottleneck(self) -> bool:
         return self.block in BOTTLENECK_BLOCKS
