@@ -7,7 +7,7 @@ rule: preset densenet-121-r
 budget: none
 params: 5,999,686
 flops: 867,720,306 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "dense", "cardinality": 4, "depths": [6, 12, 24, 16], "growth": 32, "kernel_size": 3, "mean": null, "name": "densenet-121-r", "norm": "batch", "num_classes": 10, "planes": [64, 128, 256, 205], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "dense", "depths": [6, 12, 24, 16], "mean": null, "name": "densenet-121-r", "num_classes": 10, "planes": [64, 128, 256, 205], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

@@ -7,7 +7,7 @@ rule: preset robustresnet-a1
 budget: none
 params: 19,222,738
 flops: 5,122,058,496 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "robust", "cardinality": 4, "depths": [14, 14, 7], "growth": 32, "kernel_size": 3, "mean": null, "name": "robustresnet-a1", "norm": "batch", "num_classes": 10, "planes": [80, 224, 192], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "robust", "depths": [14, 14, 7], "mean": null, "name": "robustresnet-a1", "num_classes": 10, "planes": [80, 224, 192], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

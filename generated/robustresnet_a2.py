@@ -7,7 +7,7 @@ rule: preset robustresnet-a2
 budget: none
 params: 39,033,982
 flops: 10,806,639,232 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "robust", "cardinality": 4, "depths": [17, 17, 8], "growth": 32, "kernel_size": 3, "mean": null, "name": "robustresnet-a2", "norm": "batch", "num_classes": 10, "planes": [112, 288, 256], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "robust", "depths": [17, 17, 8], "mean": null, "name": "robustresnet-a2", "num_classes": 10, "planes": [112, 288, 256], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

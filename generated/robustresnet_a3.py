@@ -7,7 +7,7 @@ rule: preset robustresnet-a3
 budget: none
 params: 75,856,698
 flops: 19,922,546,176 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "robust", "cardinality": 4, "depths": [22, 22, 11], "growth": 32, "kernel_size": 3, "mean": null, "name": "robustresnet-a3", "norm": "batch", "num_classes": 10, "planes": [128, 352, 320], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "robust", "depths": [22, 22, 11], "mean": null, "name": "robustresnet-a3", "num_classes": 10, "planes": [128, 352, 320], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

@@ -7,7 +7,7 @@ rule: preset robustresnet-a4
 budget: none
 params: 147,262,458
 flops: 39,432,229,376 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "robust", "cardinality": 4, "depths": [27, 28, 13], "growth": 32, "kernel_size": 3, "mean": null, "name": "robustresnet-a4", "norm": "batch", "num_classes": 10, "planes": [160, 448, 384], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "robust", "depths": [27, 28, 13], "mean": null, "name": "robustresnet-a4", "num_classes": 10, "planes": [160, 448, 384], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

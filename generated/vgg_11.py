@@ -7,7 +7,7 @@ rule: preset vgg-11
 budget: none
 params: 9,231,114
 flops: 153,073,152 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "vgg", "cardinality": 4, "depths": [1, 1, 2, 2, 2], "growth": 32, "kernel_size": 3, "mean": null, "name": "vgg-11", "norm": "batch", "num_classes": 10, "planes": [64, 128, 256, 512, 512], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "vgg", "depths": [1, 1, 2, 2, 2], "mean": null, "name": "vgg-11", "num_classes": 10, "planes": [64, 128, 256, 512, 512], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

@@ -7,7 +7,7 @@ rule: preset vgg-11-r
 budget: none
 params: 5,830,475
 flops: 139,481,955 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "vgg", "cardinality": 4, "depths": [1, 1, 2, 2, 2], "growth": 32, "kernel_size": 3, "mean": null, "name": "vgg-11-r", "norm": "batch", "num_classes": 10, "planes": [64, 128, 256, 512, 205], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "vgg", "depths": [1, 1, 2, 2, 2], "mean": null, "name": "vgg-11-r", "num_classes": 10, "planes": [64, 128, 256, 512, 205], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

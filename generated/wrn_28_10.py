@@ -7,7 +7,7 @@ rule: preset wrn-28-10
 budget: none
 params: 36,479,194
 flops: 5,247,990,016 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "basic", "cardinality": 4, "depths": [4, 4, 4], "growth": 32, "kernel_size": 3, "mean": null, "name": "wrn-28-10", "norm": "batch", "num_classes": 10, "planes": [160, 320, 640], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "basic", "depths": [4, 4, 4], "mean": null, "name": "wrn-28-10", "num_classes": 10, "planes": [160, 320, 640], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

@@ -7,7 +7,7 @@ rule: preset wrn-34-12
 budget: none
 params: 66,457,818
 flops: 9,589,300,736 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "basic", "cardinality": 4, "depths": [5, 5, 5], "growth": 32, "kernel_size": 3, "mean": null, "name": "wrn-34-12", "norm": "batch", "num_classes": 10, "planes": [192, 384, 768], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "basic", "depths": [5, 5, 5], "mean": null, "name": "wrn-34-12", "num_classes": 10, "planes": [192, 384, 768], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

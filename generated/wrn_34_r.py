@@ -7,7 +7,7 @@ rule: preset wrn-34-r
 budget: none
 params: 68,116,698
 flops: 19,143,316,480 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "basic", "cardinality": 4, "depths": [5, 5, 5], "growth": 32, "kernel_size": 3, "mean": null, "name": "wrn-34-r", "norm": "batch", "num_classes": 10, "planes": [320, 640, 512], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "basic", "depths": [5, 5, 5], "mean": null, "name": "wrn-34-r", "num_classes": 10, "planes": [320, 640, 512], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

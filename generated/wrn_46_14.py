@@ -7,7 +7,7 @@ rule: preset wrn-46-14
 budget: none
 params: 128,389,210
 flops: 18,596,741,888 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "basic", "cardinality": 4, "depths": [7, 7, 7], "growth": 32, "kernel_size": 3, "mean": null, "name": "wrn-46-14", "norm": "batch", "num_classes": 10, "planes": [224, 448, 896], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "basic", "depths": [7, 7, 7], "mean": null, "name": "wrn-46-14", "num_classes": 10, "planes": [224, 448, 896], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

@@ -7,7 +7,7 @@ rule: preset wrn-70-16
 budget: none
 params: 266,796,506
 flops: 38,784,493,568 (fvcore multiply-adds, 1x3x32x32 input)
-spec: {"activation": "relu", "base_width": 10, "block": "basic", "cardinality": 4, "depths": [11, 11, 11], "growth": 32, "kernel_size": 3, "mean": null, "name": "wrn-70-16", "norm": "batch", "num_classes": 10, "planes": [256, 512, 1024], "resolution": 32, "scales": 8, "se": "residual", "se_reduction": 64, "std": null, "stem": 16, "strides": [1, 2, 2]}
+spec: {"activation": "relu", "block": "basic", "depths": [11, 11, 11], "mean": null, "name": "wrn-70-16", "num_classes": 10, "planes": [256, 512, 1024], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}
 """
 
 import math

@@ -8,6 +8,7 @@ numbers and fixed identifiers reach the templates, so no spec can inject code.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -138,6 +139,10 @@ def render(spec: ArchSpec, provenance: Provenance | None = None) -> str:
         norms=[(n, NORMS[n]) for n in norms],
         norm_names=norms,
         normalize=spec.mean is not None,
+        padding=spec.padding,
+        # Only the residual family has strided convs; VGG and DenseNet downsample by pooling, where
+        # "same" and symmetric padding are one function (the header says so, no helper is emitted).
+        same_padding=spec.padding == "same" and spec.family == "resnet",
         mean=list(spec.mean) if spec.mean else None,
         std=list(spec.std) if spec.std else None,
         out_channels=spec.out_channels,
@@ -251,3 +256,17 @@ def emit(spec: ArchSpec, path: Path | str, *, provenance: Provenance | None = No
         return write_atomic(Path(path), render(spec, provenance), force=force, parents=parents)
     except OSError as exc:
         raise ScalerError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+_SPEC_LINE = re.compile(r"^spec: (\{.*\})$", re.MULTILINE)
+
+
+def embedded_spec(source: str) -> ArchSpec | None:
+    """The spec a file rendered here records on its `spec:` line; None for other files."""
+    m = _SPEC_LINE.search(source)
+    if m is None:
+        return None
+    try:
+        return ArchSpec.from_json(m.group(1))
+    except ScalerError:
+        return None

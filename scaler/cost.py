@@ -4,6 +4,8 @@ FLOPs follow fvcore (one multiply-add = one flop; eval-mode norms and adaptive p
 activations and other elementwise ops not), so `count(spec).flops` equals
 `FlopCountAnalysis(model.eval(), torch.rand(1, 3, R, R)).total()` of the rendered model and
 `count(spec).params` equals the sum of `numel` over its parameters, to the integer.
+Input normalisation (elementwise) and "same" padding (same output sizes) change neither, so the
+spec's `mean`/`std`/`padding` do not enter here.
 
 A residual stage costs its first block plus (depth - 1) identical identity blocks, so a network is
 six block evaluations: microseconds, with neither torch nor sympy imported. `continuous_cost`
@@ -164,7 +166,7 @@ def _densenet(knobs, depths, planes, growth, resolution, num_classes) -> Cost:
 def payload(spec: ArchSpec, cost: Cost | None = None) -> dict:
     """The JSON view of a spec and its exact cost, shared by `scaler count`, `solve` and studies."""
     cost = cost if cost is not None else count(spec)
-    d = spec.to_dict()
+    d = spec.to_dict(omit_defaults=False)
     return {
         "name": spec.name,
         "block": d["block"],
@@ -172,6 +174,8 @@ def payload(spec: ArchSpec, cost: Cost | None = None) -> dict:
         "widths": list(spec.widths),
         "channels": list(spec.channels),
         "activation": d["activation"],
+        "normalize": spec.normalization,
+        "padding": spec.padding,
         "num_classes": spec.num_classes,
         "resolution": spec.resolution,
         "knobs": {

@@ -1,17 +1,18 @@
 """The architecture spec: an immutable, validated, JSON-round-trippable description of a CIFAR CNN.
 
 Three families share the spec. The residual family (every block but `vgg` and `dense`) has one
-skeleton (reference section 1): a 3x3 stem, three stages with strides (1, 2, 2) and a
-norm-act-pool-linear head; planes are the ground truth and widening factors the derived view
-P1/16, P2/32, P3/64. VGG (`block="vgg"`, five stages of 3x3 conv-norm-act layers, each stage
-closed by a 2x2 max-pool) and DenseNet-BC (`block="dense"`, four dense stages, `planes` the
-channels entering each stage: the stem's output, then each transition's) are the two other
-architectures of Huang et al. (NeurIPS 2021, section 5).
+skeleton (the WRN skeleton of Zagoruyko & Komodakis, as both Huang et al. papers use it): a 3x3
+stem, three stages with strides (1, 2, 2) and a norm-act-pool-linear head; planes are the ground
+truth and widening factors the derived view P1/16, P2/32, P3/64. VGG (`block="vgg"`, five stages
+of 3x3 conv-norm-act layers, each stage closed by a 2x2 max-pool) and DenseNet-BC
+(`block="dense"`, four dense stages, `planes` the channels entering each stage: the stem's output,
+then each transition's) are the two other architectures of Huang et al. (NeurIPS 2021, section 5).
 
 Block knobs (Huang et al., CVPR 2023, section 4.1) may differ per stage: each is one value for all
 stages or a tuple with one value per stage. A uniform tuple is stored as its single value, so a
 spec compares and serialises the same however it was written, and old spec JSON (without the
-knobs) loads as the published models it described.
+knobs) loads as the published models it described. Every family also takes the classes, the input
+resolution, an optional input normalisation and the padding of strided convolutions.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ KERNEL_SIZES = (1, 3, 5, 7)
 WIDTH_BASES = (16, 32, 64)
 """Planes per unit widening factor in stages 1..3 (P_i = base_i * W_i)."""
 
-# RobustResBlock hyper-parameters (reference section 3): the defaults of the bottleneck knobs.
-# Other values build other models (the reference code's own defaults S 4, bw 64, G 8, r 16 build a
-# 144M-parameter "A1").
+# RobustResBlock hyper-parameters (Huang et al., CVPR 2023, Sec. 4.1): the defaults of the
+# bottleneck knobs. Other values build other models (the reference code's own defaults S 4, bw 64,
+# G 8, r 16 build a 144M-parameter "A1").
 ROBUST_SCALES = 8
 ROBUST_BASE_WIDTH = 10
 ROBUST_CARDINALITY = 4
@@ -59,6 +60,33 @@ FAMILY_STAGES = {"vgg": 5, "dense": 4}
 KNOBS = ("block", "activation", "norm", "kernel_size", "scales", "base_width", "cardinality", "se", "se_reduction")
 """Spec fields that may take one value per stage."""
 BOTTLENECK_KNOBS = ("scales", "base_width", "cardinality", "se", "se_reduction")
+
+PADDINGS = ("symmetric", "same")
+"""Padding of strided 3x3 convs: 1 on every side, or TensorFlow "same" (total max((ceil(R/s)-1)s+3-R, 0),
+the extra pixel right/bottom). Both give ceil(R/s) outputs, so costs do not depend on it; "same" is
+what DeepMind's WideResNets (RobustBench's DMWideResNet) use: (0, 1, 0, 1) on even inputs."""
+
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]] | None] = {
+    "none": None,
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+"""Named per-channel (mean, std) of the inputs, as DeepMind's and RobustBench's models normalise
+inside the model (inputs stay in [0, 1])."""
+
+OPTIONAL_FIELDS = {
+    "padding": "symmetric",
+    "norm": "batch",
+    "kernel_size": 3,
+    "scales": ROBUST_SCALES,
+    "base_width": ROBUST_BASE_WIDTH,
+    "cardinality": ROBUST_CARDINALITY,
+    "se": ROBUST_SE,
+    "se_reduction": ROBUST_SE_REDUCTION,
+    "growth": DENSE_GROWTH,
+}
+"""Fields added after the first spec format: `to_dict` writes them only when they differ from this
+default, so older specs, and the files and runs that embed them, stay byte-identical."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -182,6 +210,16 @@ def widths_to_planes(widths: tuple[float, ...]) -> tuple[int, int, int]:
     return tuple(planes)  # type: ignore[return-value]
 
 
+def normalization_name(mean, std) -> str:
+    """The NORMALIZATIONS name of (mean, std) (equal to 1e-6), 'custom' for other values."""
+    if mean is None:
+        return "none"
+    for name, pair in NORMALIZATIONS.items():
+        if pair is not None and all(abs(a - b) <= 1e-6 for a, b in zip((*mean, *std), (*pair[0], *pair[1]))):
+            return name
+    return "custom"
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """One concrete network. Immutable; build variants with `dataclasses.replace`."""
@@ -196,6 +234,7 @@ class ArchSpec:
     resolution: int = 32
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    padding: str = "symmetric"
     name: str | None = field(default=None, compare=False)
     norm: str | tuple[str, ...] = "batch"
     kernel_size: int | tuple[int, ...] = 3
@@ -285,6 +324,8 @@ class ArchSpec:
         ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ScalerError(f"{label} must be a positive whole number, got {v!r}")
+        if self.padding not in PADDINGS:
+            raise ScalerError(f"unknown padding {self.padding!r}; choose one of {', '.join(PADDINGS)}")
         if self.num_classes < 2:
             raise ScalerError(f"num_classes must be >= 2, got {self.num_classes}")
         self._validate_knobs(n)
@@ -387,6 +428,11 @@ class ArchSpec:
             cin = cout
         return plan
 
+    @property
+    def normalization(self) -> str:
+        """'none', the name of a known normalisation ('cifar10'), or 'custom'."""
+        return normalization_name(self.mean, self.std)
+
     def describe(self) -> str:
         """A short human label, e.g. 'robust d14-14-7 w5-7-3'."""
         block = self.block if isinstance(self.block, str) else ",".join(self.block)
@@ -397,11 +443,17 @@ class ArchSpec:
         return f"{block} d{'-'.join(map(str, self.depths))} w{w}"
 
     # ----------------------------------------------------------------- JSON
-    def to_dict(self) -> dict:
+    def to_dict(self, omit_defaults: bool = True) -> dict:
+        """The JSON object of the spec; fields of OPTIONAL_FIELDS at their default are left out
+        (`omit_defaults=False`: every field, for views that list them all)."""
         d = asdict(self)
         for key in ("depths", "planes", "strides", "mean", "std", *KNOBS):
             if isinstance(d[key], tuple):
                 d[key] = list(d[key])
+        if omit_defaults:
+            for key, default in OPTIONAL_FIELDS.items():
+                if d[key] == default:
+                    del d[key]
         return d
 
     def to_json(self) -> str:

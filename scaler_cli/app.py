@@ -47,7 +47,7 @@ def _root(
 
 
 def _register() -> None:
-    from scaler_cli import compiler_cmds, training_cmds  # noqa: F401  (commands register on import)
+    from scaler_cli import compiler_cmds, interop_cmds, training_cmds  # noqa: F401  (commands register on import)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,15 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         result = command.main(args=argv, prog_name="scaler", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except ScalerError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
+        print(f"{exc.prefix}: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
+        return exc.exit_code
     except click_exc.NoArgsIsHelpError as exc:  # bare `scaler` or group: show help
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
     except click_exc.UsageError as exc:
         print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
     except typer.Exit as exc:
         return getattr(exc, "exit_code", getattr(exc, "code", 0))
-    except (typer.Abort, KeyboardInterrupt):
-        print("error: interrupted", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt):  # typer itself turns Ctrl-C into exit 130
+        print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

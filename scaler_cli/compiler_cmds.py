@@ -90,7 +90,12 @@ def count_cmd(
     if as_json:
         print(json.dumps(payload, indent=2))
         return
-    print(f"model      {spec.name or '-'}  ({spec.describe()}, {spec.num_classes} classes)")
+    extras = "".join(
+        f", {label} {value}"
+        for label, value, default in (("normalize", spec.normalization, "none"), ("padding", spec.padding, "symmetric"))
+        if value != default
+    )
+    print(f"model      {spec.name or '-'}  ({spec.describe()}, {spec.num_classes} classes{extras})")
     print(f"knobs      {knob_summary(spec)}")
     print(f"channels   {fmt_list(spec.channels)}  ({'stem, P1, P2, P3' if spec.family == 'resnet' else 'per stage'})")
     pub_params = f"   published {_vs(payload['params'], preset.published_params)}" if preset else ""

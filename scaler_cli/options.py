@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,10 @@ def with_options(table: list[Opt], into: str):
 
 
 # --------------------------------------------------------------------------- architecture
+def _triple(what: str):
+    return lambda t: parse_list(t, what, kind=float, minimum=-math.inf)
+
+
 def _stages(what: str, kind=int):
     """Parser of a per-stage knob: one value (all stages) or a comma list, one per stage."""
 
@@ -162,8 +167,22 @@ SPEC_OPTIONS = [
     ),
     *KNOB_OPTIONS,
     Opt("classes", Optional[int], "Number of classes (default 10)."),
+    Opt("normalize", Optional[str], "Normalise inputs inside the model: none, cifar10 or cifar100 (mean/std)."),
+    Opt(
+        "mean", Optional[str], "Custom per-channel input mean, e.g. 0.5,0.5,0.5 (with --std).", parse=_triple("--mean")
+    ),
+    Opt(
+        "std", Optional[str], "Custom per-channel input std, e.g. 0.25,0.25,0.25 (with --mean).", parse=_triple("--std")
+    ),
+    Opt(
+        "padding",
+        Optional[str],
+        "Strided k x k convs: symmetric (default) or same (TensorFlow, DeepMind's WRNs); vgg and dense have none.",
+    ),
 ]
 STRUCTURE = ("block", "depths", "widths", "channels")
+SPEC_FLAGS_NOT_FOR_FILES = (*KNOBS, "normalize", "mean", "std", "padding")
+"""Flags that change a spec: refused with a model file (which they would not change)."""
 
 
 def spec_from_options(name: str | None, opts: dict):
@@ -186,7 +205,29 @@ def spec_from_options(name: str | None, opts: dict):
             raise ScalerError(f"the {opts['block']} block takes --channels (planes per stage), not --widths")
         planes = opts["channels"] if "channels" in given else widths_to_planes(opts["widths"])
         base = ArchSpec(opts["block"], opts["depths"], planes)
-    return get_spec(base, num_classes=opts.get("classes"), **{k: opts.get(k) for k in KNOBS})
+    spec = get_spec(
+        base, num_classes=opts.get("classes"), padding=opts.get("padding"), **{k: opts.get(k) for k in KNOBS}
+    )
+    return _normalized(spec, opts)
+
+
+def _normalized(spec, opts: dict):
+    """`spec` with --normalize NAME or --mean/--std applied (one of the two, both halves of the pair)."""
+    from dataclasses import replace
+
+    from scaler.spec import NORMALIZATIONS
+
+    name, mean, std = opts.get("normalize"), opts.get("mean"), opts.get("std")
+    if name is not None and (mean is not None or std is not None):
+        raise ScalerError("give --normalize or --mean/--std, not both")
+    if name is not None:
+        if name not in NORMALIZATIONS:
+            raise ScalerError(f"unknown normalisation {name!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        mean, std = NORMALIZATIONS[name] or (None, None)
+        return replace(spec, mean=mean, std=std)
+    if (mean is None) != (std is None):
+        raise ScalerError("give both --mean and --std, or neither")
+    return replace(spec, mean=mean, std=std) if mean is not None else spec
 
 
 def model_from_options(model: str | None, opts: dict) -> tuple[str, object]:
@@ -195,6 +236,10 @@ def model_from_options(model: str | None, opts: dict) -> tuple[str, object]:
     if model is not None and (model.endswith(".py") or Path(model).is_file()):
         if any(opts.get(k) is not None for k in STRUCTURE):
             raise ScalerError("give a model file or --block/--depths/--widths, not both")
+        ignored = [k for k in SPEC_FLAGS_NOT_FOR_FILES if opts.get(k) is not None]
+        if ignored:
+            flag = ignored[0].replace("_", "-")
+            raise ScalerError(f"--{flag} changes a spec, not a model file: emit the file with it instead")
         if not Path(model).is_file():
             raise ScalerError(f"model file {model} not found")
         return str(Path(model).resolve()), None
@@ -266,9 +311,9 @@ def _train_opts() -> list[Opt]:
         o("grad_clip", Optional[float], "Max gradient norm (0: off)."),
         o("ema", Optional[float], "Weight EMA decay, e.g. 0.995 (0: off)."),
         o("label_smoothing", Optional[float], "Label smoothing of the clean CE loss."),
-        o("eps", Optional[str], "L-inf radius, e.g. 8/255.", parse=_eps),
+        o("eps", Optional[str], "L-inf radius [default: 8/255].", parse=_eps, show=False),
         o("attack_steps", Optional[int], "Training attack steps (0: no attack)."),
-        o("attack_step", Optional[str], "Training attack step size, e.g. 2/255.", parse=_eps),
+        o("attack_step", Optional[str], "Training attack step size [default: 2/255].", parse=_eps, show=False),
         o("attack_start", Optional[str], "Attack start: normal, uniform or none."),
         o("war_zeta", Optional[float], "WAR: target l_nat/l_rob ratio (turns WAR on).", show=False),
         o("augment", Optional[str], "crop-flip, crop or none [default: crop-flip; crop on digits].", show=False),
@@ -286,17 +331,43 @@ def _train_opts() -> list[Opt]:
         o("precision", Optional[str], "auto, fp32 or bf16 (autocast for training; evaluation is fp32)."),
         o("channels_last", Optional[bool], "channels_last tensors.", ("--channels-last/--no-channels-last",)),
         o("compile", Optional[bool], "torch.compile the model and attack model.", ("--compile/--no-compile",)),
+        o(
+            "init_from",
+            Optional[str],
+            "Fine-tune: start from the weights of this run directory or checkpoint (e.g. `scaler import`'s); "
+            "the model is its own unless MODEL is given.",
+            show=False,
+        ),
     ]
 
 
 TRAIN_OPTIONS = _train_opts()
 
 
+def _init_model(init: str):
+    """(label, spec) of the model in the --init-from run: its spec, or its model.py."""
+    from scaler.spec import ArchSpec
+    from trainers.run_eval import run_model
+
+    _, spec = run_model(init)
+    if spec is not None:
+        return f"init-from {init}", ArchSpec.from_dict(spec)
+    if not (Path(init) / "model.py").is_file():
+        raise ScalerError(f"--init-from {init} records no model: give MODEL to train")
+    return str((Path(init) / "model.py").resolve()), None
+
+
 def train_config(model: str | None, spec_opts: dict, train_opts: dict, recipe: str | None, war_calibrate: bool):
     """The TrainConfig the train options describe (defaults < recipe < flags)."""
     from trainers.config import make_config
 
-    label, spec = model_from_options(model, spec_opts)
+    init = train_opts.get("init_from")
+    if init is not None and not Path(init).exists():
+        raise ScalerError(f"--init-from {init}: no such run directory or checkpoint")
+    if model is None and init is not None and not any(v is not None for v in spec_opts.values()):
+        label, spec = _init_model(init)
+    else:
+        label, spec = model_from_options(model, spec_opts)
     if spec is not None:
         from dataclasses import replace
 
@@ -308,6 +379,8 @@ def train_config(model: str | None, spec_opts: dict, train_opts: dict, recipe: s
         resolution = spec_opts.get("resolution") or RESOLUTION.get(dataset, spec.resolution)
         spec = replace(spec, resolution=resolution, num_classes=NUM_CLASSES.get(dataset, spec.num_classes))
     overrides = {k: v for k, v in train_opts.items() if k != "milestones"}
+    if init is not None:
+        overrides["init_from"] = str(Path(init).resolve())  # a resume from elsewhere finds it
     overrides.update(model=label, spec=spec.to_dict() if spec is not None else None)
     if war_calibrate:
         overrides["war_calibrate"] = True

@@ -23,7 +23,7 @@ def knob_summary(spec) -> str:
     bottleneck knobs only where a stage has a bottleneck block."""
     from scaler.spec import BOTTLENECK_KNOBS
 
-    d = spec.to_dict()
+    d = spec.to_dict(omit_defaults=False)
     names = ["activation", "norm", "kernel_size"]
     if any(k.bottleneck for k in spec.knobs):
         names += list(BOTTLENECK_KNOBS)

@@ -100,8 +100,9 @@ def eval_cmd(
     if as_json:
         print(json.dumps({**results, "checkpoint": info}, indent=2))
         return
+    when = f"imported, {info['imported']['format']}" if "imported" in info else f"epoch {info['epoch']}"
     print(
-        f"{info['checkpoint']} (epoch {info['epoch']}{', unfinished run' if info.get('unfinished') else ''}; "
+        f"{info['checkpoint']} ({when}{', unfinished run' if info.get('unfinished') else ''}; "
         f"{info['dataset']}, {info['n']} points, eps {info['eps']:.5f})"
     )
     rows = [

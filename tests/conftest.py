@@ -1,8 +1,7 @@
-"""Shared test helpers: fvcore counting of rendered models and running the CLI."""
+"""Shared test set-up: deterministic hypothesis and running the CLI as a user would."""
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 
@@ -12,22 +11,6 @@ from hypothesis import settings
 # Property tests draw the same examples on every run (CI must be deterministic).
 settings.register_profile("scaler", derandomize=True, database=None)
 settings.load_profile("scaler")
-
-
-def fvcore_flops(model, resolution: int = 32) -> tuple[int, dict]:
-    """fvcore's total and per-operator count of an eval-mode model on one random input."""
-    import torch
-    from fvcore.nn import FlopCountAnalysis
-
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    analysis = FlopCountAnalysis(model.eval(), torch.rand(1, 3, resolution, resolution))
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    return int(analysis.total()), dict(analysis.by_operator())
-
-
-def numel(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def run_cli(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -160,3 +160,18 @@ def test_folded_batchnorm_is_eval_batchnorm():
     b = pgd(model, x, y, eps=0.1, step=0.02, steps=5, generator=torch.Generator().manual_seed(0), fold_bn=True)
     assert (a - b).abs().max() <= 0.02 + 1e-6  # same attack; at most a sign flip on a near-zero gradient
     assert (a == b).float().mean() > 0.99
+
+
+def test_autoattack_progress_shows_a_bar_per_attack_and_changes_nothing(capsys):
+    from trainers.attacks import autoattack
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x, y = torch.rand(12, 3, 8, 8), torch.randint(0, 10, (12,))
+    y[:6] = model(x[:6]).argmax(1)  # some points start robust, so the attacks run
+    quiet, _ = autoattack(model, x, y, eps=8 / 255, version="compact", seed=0, batch_size=5)
+    capsys.readouterr()
+    shown, _ = autoattack(model, x, y, eps=8 / 255, version="compact", seed=0, batch_size=5, progress=True)
+    err = capsys.readouterr().err
+    assert torch.equal(quiet, shown)
+    assert "AutoAttack APGD-CE" in err

@@ -24,7 +24,17 @@ def test_count_json_for_every_preset(capsys, name):
     assert len(data["depths"]) == stages and len(data["widths"]) == stages
     assert len(data["channels"]) == (4 if PRESETS[name].spec.family == "resnet" else stages)
     assert isinstance(data["params"], int) and isinstance(data["flops"], int)
-    assert sum(data["breakdown"].values()) == data["flops"]
+    spec = PRESETS[name].spec
+    # The head's share is known in closed form: fc MACs and the global average pool's reads at the
+    # last stage's resolution (residual: strides 1, 2, 2; VGG: five max-pools; DenseNet: three
+    # transitions); blocks with a squeeze-and-excitation add their FCs and pools on top.
+    last = {"resnet": spec.resolution // 4, "vgg": spec.resolution >> 5, "densenet": spec.resolution >> 3}[spec.family]
+    head_linear, head_pool = spec.out_channels * spec.num_classes, spec.out_channels * last**2
+    if not any(k.bottleneck and k.se != "none" for k in spec.knobs):
+        assert (data["breakdown"]["linear"], data["breakdown"]["pool"]) == (head_linear, head_pool)
+    else:
+        assert data["breakdown"]["linear"] > head_linear and data["breakdown"]["pool"] > head_pool
+    assert data["breakdown"]["conv"] > data["flops"] // 2
 
 
 def test_count_by_flags_equals_preset(capsys):
@@ -221,3 +231,26 @@ def test_solve_with_knobs_and_architectures_imports_no_torch(args):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_version_and_short_help(capsys):
+    from scaler import __version__
+
+    assert run(capsys, "--version")[:2] == (0, f"scaler {__version__}\n")
+    code, out, _ = run(capsys, "count", "-h")
+    assert code == 0 and "--block" in out and "--json" in out
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "count", "emit", "solve"])
+def test_every_option_is_described(name):
+    import typer
+
+    from scaler_cli.app import _register, app
+
+    _register()
+    command = typer.main.get_command(app).commands[name]
+    undescribed = [p.name for p in command.params if not getattr(p, "help", None)]
+    assert not undescribed
+    if name == "train":  # defaults come from TrainConfig, shown in the help
+        helps = {p.name: p.help for p in command.params}
+        assert "[default: 100]" in helps["epochs"] and "[default: 8/255]" in helps["eps"]

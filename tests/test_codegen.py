@@ -1,7 +1,9 @@
 """Emitted files: drift of generated/, standalone import, exactness, determinism, safe writes."""
 
+import site
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -192,8 +194,10 @@ def test_cli_emit_two_runs_byte_identical(cli, tmp_path):
 
 @pytest.mark.slow
 def test_wheel_install_emits_from_elsewhere(tmp_path):
-    """Build a wheel from a clean export of HEAD, install it into a venv that sees the system
-    torch, and emit from another directory: templates must travel with the package."""
+    """Build a wheel from a clean export of HEAD, install it into a fresh venv that sees the running
+    environment's packages (torch, typer, jinja2, ...) through an explicit .pth file, whatever
+    that environment is (a CI venv, the system site), and emit from another directory: templates
+    must travel with the package."""
     export = tmp_path / "src"
     export.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True).stdout
@@ -216,8 +220,17 @@ def test_wheel_install_emits_from_elsewhere(tmp_path):
         timeout=300,
     )
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
+    venv_site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # Plain path entries: the running environment's own .pth hooks (e.g. an editable scaler) stay off.
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    (Path(venv_site) / "running_env.pth").write_text("\n".join(sorted(ours)) + "\n")
     wheel = next(wheels.glob("scaler-*.whl"))
     subprocess.run(
         [str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], check=True, timeout=300

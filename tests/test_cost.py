@@ -10,7 +10,7 @@ from scaler.cost import continuous_cost, count, params_flops
 from scaler.errors import ScalerError
 from scaler.presets import PRESETS
 from scaler.spec import ACTIVATIONS, BOTTLENECK_BLOCKS, NORMS, SE_KINDS, ArchSpec
-from tests.conftest import fvcore_flops, numel
+from scaler.verify import fvcore_flops, numel
 
 # name: (exact params, fvcore total in G from the reference table, 3 decimals)
 REFERENCE = {

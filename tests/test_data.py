@@ -9,20 +9,8 @@ import pytest
 import torch
 
 from scaler.errors import ScalerError
+from tests_support import write_cifar10
 from trainers.data import augment, holdout, load_cifar101, load_split
-
-
-def write_cifar10(root, n=6, corrupt=None):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"x"] * 10}))
-    if corrupt:
-        (folder / corrupt).write_bytes(b"\x80\x04garbage")
-    return folder
 
 
 def test_cifar10_folder_and_tarball_agree(tmp_path):

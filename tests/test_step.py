@@ -1,11 +1,13 @@
 """The fast training step: same update as the plain path; torch.compile and precision resolution."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
 from scaler.builder import build_model
+from scaler.cost import count
 from scaler.spec import ArchSpec
 from trainers.config import make_config
 from trainers.step import Stepper, make_optimizer, resolve_precision
@@ -61,11 +63,16 @@ def test_compiled_step_matches_eager():
         assert torch.allclose(p, q, atol=1e-4), name
 
 
-def test_precision_resolution():
+def test_precision_resolution(monkeypatch):
+    import trainers.step as step
+
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    monkeypatch.setattr(step, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(step, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) is None
 
 
 def test_bench_cli_json(capsys):
@@ -96,7 +103,14 @@ def test_bench_cli_json(capsys):
         == 0
     )
     data = json.loads(capsys.readouterr().out)
-    assert data["images_per_s"] > 0 and data["speedup"] > 0 and data["flops_per_step"] > 0
+    spec = ArchSpec("basic", (1, 1, 1), (16, 32, 64))
+    attack_steps = 10  # the bat recipe's training attack
+    assert data["flops_per_step"] == count(spec).flops * 3 * (attack_steps + 1) * 8
+    assert data["batch_size"] == 8 and data["steps"] == 1 and data["method"] == "pgd-at"
+    assert data["channels_last"] is True  # no hazard: every strided shortcut sees >= 16 channels
+    assert data["precision"] == ("bf16" if resolve_precision("auto", torch.device("cpu")) else "fp32")
+    assert data["images_per_s"] == pytest.approx(8 / data["seconds_per_step"])
+    assert data["speedup"] == pytest.approx(data["images_per_s"] / data["reference_images_per_s"])
     assert main(["bench", "train", "wrn-a1", "--method", "standard"]) == 2
 
 
@@ -145,3 +159,35 @@ def test_bench_falls_back_to_nchw_for_hazard_models():
     )
     assert res.returncode == 0, res.stderr[-500:]
     assert json.loads(res.stdout)["channels_last"] is False
+
+
+@pytest.mark.parametrize("method", ["pgd-at", "trades", "mart"])
+def test_training_attacks_run_with_batchnorm_folded(monkeypatch, method):
+    """The Stepper's attacks enter `folded_batchnorm`, and inside it every BN runs as its affine map."""
+    import trainers.attacks as attacks
+
+    real = attacks.folded_batchnorm
+    folded_counts = []
+
+    @contextlib.contextmanager
+    def spy(model):
+        with real(model) as m:
+            bns = [x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)]
+            folded_counts.append((len(bns), sum("forward" in x.__dict__ for x in bns)))
+            yield m
+
+    monkeypatch.setattr(attacks, "folded_batchnorm", spy)
+    cfg = make_config("bat", {"model": "t", "method": method, "precision": "fp32", "attack_steps": 2})
+    model = build_model(SPEC)
+    stepper = Stepper(
+        model,
+        make_optimizer(model, cfg),
+        cfg,
+        device=torch.device("cpu"),
+        autocast_dtype=None,
+        attack_generator=torch.Generator().manual_seed(0),
+        war=None,
+    )
+    stepper.step(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)), lr=0.1)
+    assert folded_counts and all(n > 0 and folded == n for n, folded in folded_counts)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # restored after the attack

@@ -7,29 +7,10 @@ import torch
 
 from scaler.errors import ScalerError
 from scaler.spec import ArchSpec
+from tests_support import TINY, tiny_config
 from trainers.config import RECIPES, make_config
 from trainers.run import resume, train
 from trainers.schedule import lr_at
-
-TINY = ArchSpec("basic", (1, 1, 1), (16, 32, 64)).to_dict()
-
-
-def tiny_config(**overrides):
-    base = dict(
-        model="spec",
-        spec=TINY,
-        dataset="synthetic",
-        epochs=3,
-        batch_size=64,
-        lr=0.05,
-        attack_steps=2,
-        attack_step=2 / 255,
-        val_n=32,
-        eval_every=1,
-        seed=0,
-    )
-    base.update(overrides)
-    return make_config(None, base)
 
 
 def test_run_directory_contents(tmp_path):

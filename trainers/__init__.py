@@ -2,12 +2,14 @@
 
 The API the CLI calls (imported lazily, so `import trainers` stays cheap):
 `train(config, out_dir)`, `resume(out_dir)`, `evaluate(run_dir_or_checkpoint, attacks=...)`,
-with `trainers.config.make_config(recipe, overrides)` building the config.
+with `trainers.config.make_config(recipe, overrides)` building the config;
+`import_checkpoint(file, run_dir, ...)` and `export_run(run_dir, file, to=...)` for other codebases'
+checkpoints (trainers.interop).
 """
 
 from __future__ import annotations
 
-__all__ = ["evaluate", "make_config", "resume", "train"]
+__all__ = ["evaluate", "export_run", "import_checkpoint", "make_config", "resume", "train"]
 
 
 def __getattr__(name: str):
@@ -19,6 +21,10 @@ def __getattr__(name: str):
         from trainers.run_eval import evaluate_run
 
         return evaluate_run
+    if name in ("import_checkpoint", "export_run"):
+        from trainers import interop
+
+        return getattr(interop, name)
     if name == "make_config":
         from trainers.config import make_config
 

@@ -10,12 +10,17 @@
 
 A checkpoint is a dict: version, model (state dict), optimizer, epoch, iteration, best, rng, war,
 ema, lr and the model source, so one file is enough to rebuild and evaluate the model.
+
+An imported run (`scaler import`, trainers/interop.py) holds model.py, config.json (its
+`extra.imported` says from where) and a best.pt with version, model, epoch 0, iteration 0, source
+and `imported`: it evaluates and seeds fine-tuning (`--init-from`), it does not resume.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -43,6 +48,12 @@ def restore(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's messages run to many lines: keep the first
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if unsafe:
+            raise ScalerError(
+                f"{path} holds a Python object ({unsafe.group(1)}) that weights_only=True will not unpickle; "
+                "if you trust the file, re-save its state dict alone (torch.save(sd, 'clean.pt')) and use that"
+            ) from None
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ScalerError(
             f"cannot read checkpoint {path} (not a torch checkpoint, or truncated?): {type(exc).__name__}: {first}"

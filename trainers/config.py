@@ -1,4 +1,4 @@
-"""Training configuration and the published recipes (reference: Recipes).
+"""Training configuration and the published recipes (as published by RobustWRN/RobustResNet, NARes, TRADES and MART).
 
 Precedence: built-in defaults < recipe < explicit flags. Milestones are stored as fractions of the
 run's epochs, so a recipe's 75/90-of-100 schedule scales to short runs.
@@ -77,6 +77,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     recipe: str | None = None
+    init_from: str | None = None  # run directory or checkpoint whose weights replace the fresh init
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -1,6 +1,6 @@
 """Robustness evaluation: accuracy, stable accuracy and empirical Lipschitz constant per attack.
 
-Definitions (reference, Diagnostics): stable accuracy is the share of points whose prediction under
+Definitions (Huang et al., NeurIPS 2021; NARes): stable accuracy is the share of points whose prediction under
 attack equals the clean prediction, right or wrong; LIP is the mean over samples of
 ||f(x) - f(x')||_1 / (||x - x'||_inf + 1e-6) on logits. Evaluation runs in fp32.
 """
@@ -146,7 +146,7 @@ _BLOCK_RE = re.compile(r"^stage\d+\.\d+$")
 
 @torch.no_grad()
 def per_block_lipschitz(model, x, x_adv, batch_size: int = 256) -> dict[str, float]:
-    """LIP at every residual block output (seed 000 Figure 5): mean ||phi(x) - phi(x')||_1 / ||x - x'||_inf."""
+    """LIP at every residual block output (Huang et al., NeurIPS 2021, Fig. 5): mean ||phi(x) - phi(x')||_1 / ||x - x'||_inf."""
     blocks = {n: m for n, m in model.named_modules() if _BLOCK_RE.match(n)}
     if not blocks:
         raise ScalerError("--per-block-lipschitz needs a model with stageN.M residual blocks (an emitted model)")

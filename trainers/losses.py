@@ -1,7 +1,7 @@
 """Adversarial training losses (outer minimisation, model in train mode) and WAR's adaptive lambda.
 
 Each loss returns (total, l_nat, l_rob, logits_adv): the lambda form total = l_nat + lambda * l_rob,
-so WAR (seed 002, Algorithm 1) can steer lambda from the measured ratio l_nat / l_rob, and the
+so WAR (Algorithm 1) can steer lambda from the measured ratio l_nat / l_rob, and the
 adversarial logits give the training accuracy without another forward pass.
 """
 
@@ -48,7 +48,7 @@ LOSSES = {"pgd-at": pgd_at_loss, "trades": trades_loss, "mart": mart_loss}
 
 
 class WarLambda:
-    """WAR (seed 002, Algorithm 1): lambda_t = max(lambda_{t-1} + alpha (zeta - l_nat / l_rob), 0),
+    """WAR (Algorithm 1): lambda_t = max(lambda_{t-1} + alpha (zeta - l_nat / l_rob), 0),
     lambda_0 = 0. Kept as a device tensor so the update needs no host sync."""
 
     def __init__(self, zeta: float, alpha: float = 0.1, device="cpu"):

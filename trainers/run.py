@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from scaler.builder import build_from_source
-from scaler.errors import ScalerError
+from scaler.errors import Interrupted, ScalerError
 from trainers import checkpoint
 from trainers.config import TrainConfig
 from trainers.data import NUM_CLASSES, holdout, load_cifar101, load_split
 from trainers.distributed import barrier, dist_info, init_distributed
 from trainers.loop import RunState, run_epochs
 from trainers.losses import WarLambda
+from trainers.run_eval import load_weights
 from trainers.step import Ema, Stepper, make_optimizer, resolve_device, resolve_precision, training_layout
 
 
@@ -48,7 +49,12 @@ def resume(
     out = Path(out_dir)
     if not (out / "config.json").is_file():
         raise ScalerError(f"nothing to resume: {out} holds no run (no config.json)")
-    cfg = TrainConfig.from_dict(checkpoint.read_config(out))
+    config = checkpoint.read_config(out)
+    if (config.get("extra") or {}).get("imported"):
+        raise ScalerError(
+            f"{out} holds an imported checkpoint, not a run: fine-tune it with --init-from {out} --out NEW"
+        )
+    cfg = TrainConfig.from_dict(config)
     if epochs is not None:
         if epochs < 1:
             raise ScalerError("--epochs must be >= 1")
@@ -147,7 +153,10 @@ def _run(cfg, out: Path, *, resuming: bool, progress, stop_after, distributed, e
 def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, device, progress, stop_after) -> dict:
     # Build the model and load the data before writing anything: bad input leaves no run behind.
     torch.manual_seed(cfg.seed)
-    model = build_from_source(source, NUM_CLASSES.get(cfg.dataset, 10), "model.py").to(device)
+    label = cfg.model if (cfg.spec is None and not resuming) else str(out / "model.py")  # where errors point
+    model = build_from_source(source, NUM_CLASSES.get(cfg.dataset, 10), label).to(device)
+    if cfg.init_from is not None and not has_ckpt:  # fine-tuning: start from those weights
+        load_weights(model, cfg.init_from)
     cfg.channels_last = training_layout(model, device, cfg.channels_last)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -189,7 +198,7 @@ def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, devic
         )
     except KeyboardInterrupt:
         saved = f"last.pt holds epoch {state.epoch}" if (out / "last.pt").is_file() else "no epoch finished yet"
-        raise KeyboardInterrupt(
+        raise Interrupted(
             f"stopped during epoch {state.epoch + 1}; {saved}. Continue with: scaler train --resume --out {out}"
         ) from None
 

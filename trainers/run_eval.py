@@ -28,6 +28,38 @@ def find_checkpoint(target: str | Path) -> Path:
     return path
 
 
+def load_weights(model: torch.nn.Module, target: str | Path) -> Path:
+    """Load the weights of a run directory (best.pt, else last.pt) or checkpoint strictly into
+    `model`: `scaler train --init-from` fine-tunes from them."""
+    path = find_checkpoint(target)
+    ckpt = checkpoint.restore_model_state(path)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:240]
+        raise ScalerError(f"--init-from {path} does not fit the model to train: {first}") from None
+    return path
+
+
+def run_model(target: str | Path) -> tuple[str, dict | None]:
+    """(model source, spec dict or None) of a run directory or checkpoint, without its weights
+    where the directory has its model.py."""
+    from trainers.interop import run_spec
+
+    path = Path(target)
+    if path.is_dir() and (path / "model.py").is_file():
+        source = (path / "model.py").read_text()
+        run_dir = path
+    else:
+        ckpt_path = find_checkpoint(path)
+        source = checkpoint.restore_model_state(ckpt_path).get("source")
+        run_dir = ckpt_path.parent
+        if source is None:
+            raise ScalerError(f"{ckpt_path} carries no model source: give MODEL to train")
+    spec = run_spec(run_dir, source)
+    return source, spec.to_dict() if spec is not None else None
+
+
 def load_trained(target: str | Path, device="cpu"):
     """(model in eval mode, run config dict, checkpoint info) from a run directory or checkpoint."""
     ckpt_path = find_checkpoint(target)
@@ -49,13 +81,16 @@ def load_trained(target: str | Path, device="cpu"):
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:240]
         raise ScalerError(f"{ckpt_path} does not fit its model: {first}") from None
-    epochs = config.get("epochs")
+    imported = ckpt.get("imported")
+    epochs = None if imported else config.get("epochs")
     info = {
         "checkpoint": str(ckpt_path),
         "epoch": ckpt.get("epoch"),
         "epochs": epochs,
         "unfinished": bool(epochs and ckpt.get("epoch") is not None and ckpt["epoch"] < epochs),
     }
+    if imported:
+        info["imported"] = imported
     return model.to(device).eval(), config, info
 
 
@@ -89,7 +124,8 @@ def evaluate_run(
     if announce is not None:
         of = f" of {info['epochs']}" if info["epochs"] else ""
         why = " (no best.pt yet: the run has not validated)" if info["checkpoint"].endswith("last.pt") else ""
-        announce(f"evaluating {info['checkpoint']}, epoch {info['epoch']}{of}{why}, on {len(y)} {dataset} test points")
+        when = f"imported from {info['imported']['checkpoint']}" if "imported" in info else f"epoch {info['epoch']}{of}"
+        announce(f"evaluating {info['checkpoint']}, {when}{why}, on {len(y)} {dataset} test points")
     results = evaluate(
         model,
         x.to(dev),

@@ -1,4 +1,4 @@
-"""WAR's zeta measured on a thin copy of the model (seed 002: zeta is the ratio l_nat / l_rob of the
+"""WAR's zeta measured on a thin copy of the model (WAR: zeta is the ratio l_nat / l_rob of the
 thin network trained with its tuned beta, at convergence)."""
 
 from __future__ import annotations

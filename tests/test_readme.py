@@ -1,0 +1,90 @@
+"""Every command in the README runs as written, from an empty directory, as a new user would.
+
+The README's bash blocks are parsed (continuation lines joined, comments dropped). Quick commands
+(the compiler's, `python -c`) run in the quick suite exactly as written; training, evaluation and
+benchmark commands run in the slow suite in order, with only their sizes shrunk (fewer epochs,
+points, steps; a tiny model in place of a 19M-parameter one) and `~/data` holding a small
+CIFAR-10 folder in the standard layout. Set-up and test lines (make, pip, pytest) are what CI
+itself runs, and `torchrun` is covered by the DDP test.
+"""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests_support import write_cifar10
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUP = {"make", "pip", "torchrun"}
+QUICK = {"zoo", "count", "solve", "compare", "emit", "space", "--help", "-h", "--version"}
+SMALLER = [  # (pattern, replacement) applied to slow commands only
+    (r"--epochs \d+", "--epochs 2"),
+    (r"--eval-every \d+", "--eval-every 1"),
+    (r"--n \d+", "--n 4"),
+    (r"--steps \d+", "--steps 1"),
+    (r"--batch-size \d+", "--batch-size 16"),
+    (r"--attack-steps \d+", "--attack-steps 1"),
+    (r"\brobustresnet-a1\b", "--block robust --depths 1,1,1 --widths 1,1,1"),
+    (r"--recipe bat", "--recipe bat --epochs 1 --batch-size 16 --attack-steps 1 --val-n 8"),
+]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] not in SETUP and words[:3] != ["python", "-m", "pytest"]:
+                commands.append(shlex.join(words))
+    return commands
+
+
+def is_quick(command: str) -> bool:
+    words = shlex.split(command)
+    return words[0] == "python" or (words[0] == "scaler" and words[1] in QUICK)
+
+
+def as_run(command: str) -> str:
+    """The command with `scaler`/`python` bound to this interpreter (no PATH or venv assumptions)."""
+    words = shlex.split(command)
+    head = [sys.executable, "-m", "scaler_cli"] if words[0] == "scaler" else [sys.executable]
+    return shlex.join(head + words[1:])
+
+
+def run_all(commands: list[str], cwd: Path, env=None) -> None:
+    for command in commands:
+        done = subprocess.run(as_run(command), shell=True, cwd=cwd, capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, f"{command}\n{done.stderr[-2000:]}"
+
+
+def test_the_readme_has_commands_of_both_kinds():
+    commands = readme_commands()
+    assert any(is_quick(c) for c in commands) and any(not is_quick(c) for c in commands)
+    assert "scaler solve --flops 10G --emit models/a2ish.py --parents" in commands
+
+
+def test_quick_readme_commands_run_as_written(tmp_path):
+    run_all([c for c in readme_commands() if is_quick(c)], tmp_path)
+
+
+@pytest.mark.slow
+def test_training_readme_commands_run_with_small_settings(tmp_path):
+    import os
+
+    home = tmp_path / "home"
+    write_cifar10(home / "data", n=16)
+    work = tmp_path / "work"
+    work.mkdir()
+    slow = []
+    for command in readme_commands():
+        if not is_quick(command):
+            for pattern, small in SMALLER:
+                command = re.sub(pattern, small, command)
+            slow.append(command)
+    run_all(slow, work, env={**os.environ, "HOME": str(home)})
+    assert (work / "runs" / "a1" / "last.pt").is_file()

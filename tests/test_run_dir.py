@@ -1,0 +1,152 @@
+"""What a user meets around a run directory: progress output, locks, interrupts, broken model
+files and unusable --out paths. Every failure is one line and leaves nothing half-written."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scaler.errors import ScalerError
+from scaler_cli.app import main
+from tests_support import TINY_ARGS, tiny_config
+from trainers import checkpoint
+from trainers.run import resume, train
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_every_with_progress_completes_and_prints_every_epoch(tmp_path, capsys):
+    code, out, err = run(capsys, "train", *TINY_ARGS, "--epochs", "3", "--eval-every", "2", "--out", tmp_path / "r")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if re.match(r"epoch \d+: ", line)]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert "val clean" not in lines[0] and "val clean" in lines[1] and "val clean" in lines[2]
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert ["val_clean" in r for r in records] == [False, True, True]
+
+
+def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / checkpoint.LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename}))
+        with pytest.raises(ScalerError, match=f"in use by process {holder.pid}"):
+            train(tiny_config(epochs=1), out, progress=False)
+        assert [p.name for p in out.iterdir()] == [checkpoint.LOCK_NAME]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    train(tiny_config(epochs=1), out, progress=False)  # the holder died: its lock is stale
+    assert (out / "last.pt").is_file() and not (out / checkpoint.LOCK_NAME).exists()
+
+
+def test_resume_is_refused_while_the_run_is_owned(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(epochs=1), out, progress=False)
+    with checkpoint.RunLock(out):
+        with pytest.raises(ScalerError, match="in use by process"):
+            resume(out, epochs=2, progress=False)
+    resume(out, epochs=2, progress=False)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_stop_after_zero_leaves_a_resumable_run(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(epochs=1), out, progress=False, stop_after=0)
+    assert (out / "config.json").is_file() and not (out / "last.pt").exists()
+    with pytest.raises(ScalerError, match="pass --resume to start it again"):
+        train(tiny_config(epochs=1), out, progress=False)
+    resume(out, progress=False)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_interrupt_says_what_was_saved_and_how_to_continue(tmp_path, capsys, monkeypatch):
+    import trainers.loop as loop
+
+    real = loop.checkpoint.append_metrics
+
+    def interrupt_after_epoch_1(out, record):
+        real(out, record)
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.checkpoint, "append_metrics", interrupt_after_epoch_1)
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "train", *TINY_ARGS, "--epochs", "2", "--quiet", "--out", out)
+    assert code == 130
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: stopped during epoch 2; last.pt holds epoch 1. Continue with: scaler train --resume --out {out}"
+    )
+    monkeypatch.undo()
+    assert run(capsys, "train", "--resume", "--quiet", "--out", out)[0] == 0
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+
+
+BROKEN_FILES = {
+    "syntax.py": ("def build_model(:\n", "syntax.py, line 1: syntax error"),
+    "raises.py": (
+        "def build_model(num_classes=10):\n    raise ValueError('bad width')\n",
+        "build_model() in {path} failed, line 2: ValueError: bad width",
+    ),
+    "notmodule.py": ("def build_model(num_classes=10):\n    return 42\n", "returned int, not a torch nn.Module"),
+    "typeerror.py": (
+        "def build_model(num_classes=10):\n    return len(None)\n",
+        "failed, line 2: TypeError",  # a bug inside the constructor is reported, not retried
+    ),
+    "nobuild.py": ("x = 1\n", "defines no build_model() function"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_FILES))
+def test_broken_model_files_are_one_line(tmp_path, capsys, name):
+    source, message = BROKEN_FILES[name]
+    path = tmp_path / name
+    path.write_text(source)
+    code, _, err = run(capsys, "train", path, "--dataset", "synthetic", "--out", tmp_path / "r")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert message.format(path=path) in err
+    assert not (tmp_path / "r").exists() or list((tmp_path / "r").iterdir()) == []
+
+
+def test_a_model_file_without_num_classes_is_called_without_it(tmp_path):
+    from scaler.builder import load_model_file
+
+    path = tmp_path / "fixed.py"
+    path.write_text("import torch\ndef build_model():\n    return torch.nn.Linear(3, 7)\n")
+    assert load_model_file(path, num_classes=100).out_features == 7
+
+
+def test_out_on_a_read_only_filesystem_is_one_line(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    def read_only(self, *a, **k):
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code, _, err = run(capsys, "train", *TINY_ARGS, "--out", tmp_path / "run")
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'run'}: Read-only file system"
+
+
+def test_out_naming_an_existing_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "taken"
+    path.write_text("keep me")
+    code, _, err = run(capsys, "train", *TINY_ARGS, "--out", path)
+    assert code == 2 and "is a file, not a directory" in err and path.read_text() == "keep me"
+
+
+def test_eval_of_an_unfinished_run_names_its_checkpoint_and_epoch(tmp_path, capsys):
+    out = tmp_path / "r"
+    train(tiny_config(epochs=4, eval_every=4), out, progress=False, stop_after=1)
+    code, stdout, err = run(capsys, "eval", out, "--n", "8", "--attacks", "clean", "--dataset", "synthetic")
+    assert code == 0
+    assert f"evaluating {out / 'last.pt'}, epoch 1 of 4 (no best.pt yet" in err
+    assert stdout.splitlines()[0].startswith(f"{out / 'last.pt'} (epoch 1, unfinished run;")

@@ -1,0 +1,60 @@
+"""Small shared builders for the tests (a module, not conftest: importable by name)."""
+
+import pickle
+
+import numpy as np
+
+from scaler.spec import ArchSpec
+from trainers.config import make_config
+
+TINY = ArchSpec("basic", (1, 1, 1), (16, 32, 64)).to_dict()
+TINY_ARGS = [
+    "--block",
+    "basic",
+    "--depths",
+    "1,1,1",
+    "--widths",
+    "1,1,1",
+    "--dataset",
+    "synthetic",
+    "--batch-size",
+    "64",
+    "--attack-steps",
+    "1",
+    "--val-n",
+    "16",
+    "--epochs",
+    "1",
+]
+
+
+def tiny_config(**overrides):
+    base = dict(
+        model="spec",
+        spec=TINY,
+        dataset="synthetic",
+        epochs=3,
+        batch_size=64,
+        lr=0.05,
+        attack_steps=2,
+        attack_step=2 / 255,
+        val_n=32,
+        eval_every=1,
+        seed=0,
+    )
+    base.update(overrides)
+    return make_config(None, base)
+
+
+def write_cifar10(root, n=6, corrupt=None):
+    """A CIFAR-10 python-version folder in the standard layout with `n` random images per batch."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"x"] * 10}))
+    if corrupt:
+        (folder / corrupt).write_bytes(b"\x80\x04garbage")
+    return folder
