@@ -1,15 +1,15 @@
 """Exact cost model: parameters and fvcore FLOPs of a spec, from the sympy-derived closed forms.
 
-FLOPs follow fvcore (one multiply-add = one flop; eval-mode BatchNorm and adaptive pooling
-counted; elementwise ops not), so `count(spec).flops` equals
+FLOPs follow fvcore (one multiply-add = one flop; eval-mode norms and adaptive pooling counted;
+activations and other elementwise ops not), so `count(spec).flops` equals
 `FlopCountAnalysis(model.eval(), torch.rand(1, 3, R, R)).total()` of the rendered model and
 `count(spec).params` equals the sum of `numel` over its parameters, to the integer.
 Input normalisation (elementwise) and "same" padding (same output sizes) change neither, so the
 spec's `mean`/`std`/`padding` do not enter here.
 
-A stage costs its first block plus (depth - 1) identical identity blocks, so a whole network is six
-block evaluations: microseconds, with neither torch nor sympy imported. `continuous_cost` evaluates
-the same polynomials at real-valued depths and planes for the solver's continuous problem.
+A residual stage costs its first block plus (depth - 1) identical identity blocks, so a network is
+six block evaluations: microseconds, with neither torch nor sympy imported. `continuous_cost`
+evaluates the same polynomials at real-valued depths and planes for the solver's continuous problem.
 """
 
 from __future__ import annotations
@@ -19,16 +19,22 @@ from functools import lru_cache
 
 from scaler import _closed_forms as cf
 from scaler.spec import (
-    ROBUST_CARDINALITY,
+    BASE_WIDTH_UNIT,
+    INVERTED_EXPANSION,
     ROBUST_EXPANSION,
-    ROBUST_SCALES,
-    ROBUST_SE_REDUCTION,
     ArchSpec,
+    StageKnobs,
     block_out_channels,
-    robust_split_width,
+    split_width,
 )
 
 KINDS = ("conv", "linear", "norm", "pool")
+NORM_UNITS = {"batch": (2, 2), "group": (2, 5), "layer": (2, 5), "instance": (0, 4)}
+"""(parameters per channel, fvcore flops per element) of each norm as the templates build it:
+affine BatchNorm (eval: a scale and a shift), affine GroupNorm and channel LayerNorm (fvcore's
+estimate 5), InstanceNorm without affine (4)."""
+ACT_PARAMS = {"prelu": 1}
+"""Parameters of one activation module (PReLU: one shared slope); the others have none."""
 
 
 @dataclass(frozen=True)
@@ -59,123 +65,202 @@ class Cost:
         return (self.params, self.conv, self.linear, self.norm, self.pool)
 
 
+ZERO = Cost(0, 0, 0, 0, 0)
+
+
 def out_resolution(res: int | float, stride: int) -> int | float:
-    """Output side of a 3x3/pad-1 (or 1x1) conv: ceil(res / stride)."""
+    """Output side of an odd k x k conv with padding k // 2 (or a 1x1): ceil(res / stride)."""
     if isinstance(res, int):
         return (res - 1) // stride + 1
     return res / stride
 
 
-def block_cost(block: str, cin, planes, stride: int, res, *, smooth: bool = False, first: bool = False) -> Cost:
-    """Cost of one block. With `smooth`, floors are dropped (w = P/4, se = 4P/64) and the first
-    block of a stage always has its projection, so the cost is a polynomial in real-valued planes:
-    the form the continuous solver needs."""
-    cout = block_out_channels(block, planes) if not smooth else planes * (ROBUST_EXPANSION if block == "robust" else 1)
-    ho = out_resolution(res, stride) if not smooth else res / stride
-    proj = 1 if (stride != 1 or cin != cout or (smooth and first)) else 0
-    if block == "basic":
-        return Cost(*cf.basic_block(cin, cout, res, ho, proj))
+def _units(knobs: StageKnobs) -> tuple[int, int, int, int]:
+    """(k, np, nf, ap): the kernel size and the unit costs of the stage's norm and activation."""
+    np_, nf = NORM_UNITS[knobs.norm]
+    return knobs.kernel_size, np_, nf, ACT_PARAMS.get(knobs.activation, 0)
+
+
+def bottleneck_sizes(knobs: StageKnobs, planes, smooth: bool = False) -> tuple:
+    """(w, w per group, number of k x k convs, C_mid, C_out) of a bottleneck: S = 1 is one conv on
+    the whole width; S > 1 the hierarchical split (S - 1 convs, the last split passed through)."""
     if smooth:
-        w = planes * 10 / 160 * ROBUST_CARDINALITY
-        se = cout / ROBUST_SE_REDUCTION
+        w = planes * knobs.base_width / BASE_WIDTH_UNIT * knobs.cardinality
     else:
-        w = robust_split_width(planes)
-        se = cout // ROBUST_SE_REDUCTION
-    wg = w / ROBUST_CARDINALITY if smooth else w // ROBUST_CARDINALITY
-    return Cost(*cf.robust_block(cin, w, wg, ROBUST_SCALES, se, cout, res, ho, proj))
+        w = split_width(planes, knobs.base_width, knobs.cardinality)
+    wg = w / knobs.cardinality if smooth else w // knobs.cardinality
+    nconv = knobs.scales - 1 if knobs.scales > 1 else 1
+    return w, wg, nconv, w * knobs.scales, planes * ROBUST_EXPANSION
+
+
+def se_cost(knobs: StageKnobs, cin, mid, cout, res, ho, smooth: bool = False) -> Cost:
+    """The SE of a bottleneck, by placement (Hu et al.'s variants and the residual SE):
+    standard/residual act on the block output, conv3x3 on the k x k convs' output (C_mid),
+    identity on the skip branch's input (C_in, before any shortcut conv)."""
+    if knobs.se == "none":
+        return ZERO
+    channels, at = {"conv3x3": (mid, ho), "identity": (cin, res)}.get(knobs.se, (cout, ho))
+    hidden = channels / knobs.se_reduction if smooth else channels // knobs.se_reduction
+    _, np_, nf, _ = _units(knobs)
+    return Cost(*cf.se_unit(channels, hidden, at, 1 if knobs.se == "residual" else 0, np_, nf))
+
+
+def block_cost(knobs: StageKnobs, cin, planes, stride: int, res, *, smooth: bool = False, first: bool = False) -> Cost:
+    """Cost of one residual block. With `smooth`, floors are dropped (w = P bw / 160 G,
+    hidden = C / r) and the first block of a stage always has its projection, so the cost is a
+    polynomial in real-valued planes: the form the continuous solver needs."""
+    cout = block_out_channels(knobs, planes)
+    ho = res / stride if smooth else out_resolution(res, stride)
+    proj = 1 if (stride != 1 or cin != cout or (smooth and first)) else 0
+    units = _units(knobs)
+    block = knobs.block
+    if block == "basic":
+        return Cost(*cf.basic_block(cin, cout, res, ho, proj, *units))
+    if block == "basic-post":
+        return Cost(*cf.basic_post_block(cin, cout, res, ho, proj, *units))
+    if block == "inverted":
+        return Cost(*cf.inverted_block(cin, planes * INVERTED_EXPANSION, cout, res, ho, proj, *units))
+    w, wg, nconv, mid, _ = bottleneck_sizes(knobs, planes, smooth)
+    closed = cf.bottleneck_block if block == "robust" else cf.bottleneck_post_block
+    core = Cost(*closed(cin, w, wg, nconv, mid, cout, res, ho, proj, *units))
+    return core + se_cost(knobs, cin, mid, cout, res, ho, smooth)
+
+
+_exact_block = lru_cache(maxsize=65536)(block_cost)
 
 
 def count(spec: ArchSpec) -> Cost:
     """Exact params and fvcore FLOPs of the model the templates render for `spec`."""
+    if spec.family == "vgg":
+        return _vgg(spec.knobs, spec.depths, spec.planes, spec.resolution, spec.num_classes)
+    if spec.family == "densenet":
+        return _densenet(spec.knobs, spec.depths, spec.planes, spec.growth, spec.resolution, spec.num_classes)
     return count_config(
-        spec.block,
-        tuple(spec.depths),
-        tuple(spec.planes),
-        spec.stem,
-        tuple(spec.strides),
-        spec.resolution,
-        spec.num_classes,
+        spec.knobs, spec.depths, spec.planes, spec.stem, spec.strides, spec.resolution, spec.num_classes
     )
+
+
+def _vgg(knobs, depths, planes, resolution, num_classes) -> Cost:
+    total, cin, res = ZERO, 3, resolution
+    for kn, depth, p in zip(knobs, depths, planes):
+        units = _units(kn)
+        total = (
+            total + Cost(*cf.vgg_layer(cin, p, res, *units)) + Cost(*cf.vgg_layer(p, p, res, *units)).scaled(depth - 1)
+        )
+        cin, res = p, res // 2 if isinstance(res, int) else res / 2
+    return total + Cost(*cf.vgg_head(cin, num_classes, res))
+
+
+def _densenet(knobs, depths, planes, growth, resolution, num_classes) -> Cost:
+    total, res = Cost(*cf.stem_layer(planes[0], resolution)), resolution
+    for i, (kn, depth, p) in enumerate(zip(knobs, depths, planes)):
+        units = _units(kn)
+        total = total + Cost(*cf.dense_stage(p, growth, depth, depth * (depth - 1) // 2, res, *units))
+        c = p + depth * growth
+        if i + 1 < len(planes):
+            total = total + Cost(*cf.transition(c, planes[i + 1], res, *units[1:]))
+            res = res // 2 if isinstance(res, int) else res / 2
+    return total + Cost(*cf.head(c, num_classes, res, *_units(knobs[-1])[1:]))
 
 
 def payload(spec: ArchSpec, cost: Cost | None = None) -> dict:
     """The JSON view of a spec and its exact cost, shared by `scaler count`, `solve` and studies."""
     cost = cost if cost is not None else count(spec)
+    d = spec.to_dict(omit_defaults=False)
     return {
         "name": spec.name,
-        "block": spec.block,
+        "block": d["block"],
         "depths": list(spec.depths),
         "widths": list(spec.widths),
         "channels": list(spec.channels),
-        "activation": spec.activation,
+        "activation": d["activation"],
         "normalize": spec.normalization,
         "padding": spec.padding,
         "num_classes": spec.num_classes,
+        "resolution": spec.resolution,
+        "knobs": {
+            k: d[k] for k in ("norm", "kernel_size", "scales", "base_width", "cardinality", "se", "se_reduction")
+        },
         "params": cost.params,
         "flops": cost.flops,
         "breakdown": cost.breakdown,
     }
 
 
-_exact_block = lru_cache(maxsize=65536)(block_cost)
+def _stage_knobs(knobs, i: int) -> StageKnobs:
+    """Stage i's knobs from one StageKnobs, one per stage, or a bare block name (its defaults)."""
+    value = knobs[i] if isinstance(knobs, tuple) else knobs
+    return StageKnobs(value) if isinstance(value, str) else value
 
 
-def count_config(block, depths, planes, stem=16, strides=(1, 2, 2), resolution=32, num_classes=10) -> Cost:
-    """`count` without building a spec (no validation). Block costs are cached."""
+def count_config(knobs, depths, planes, stem=16, strides=(1, 2, 2), resolution=32, num_classes=10) -> Cost:
+    """`count` of a residual network without building a spec (no validation). `knobs` is one
+    StageKnobs or one per stage. Block costs are cached."""
     total = Cost(*cf.stem_layer(stem, resolution))
     cin, res = stem, resolution
-    for depth, p, stride in zip(depths, planes, strides):
-        first = _exact_block(block, cin, p, stride, res)
+    for i, (depth, p, stride) in enumerate(zip(depths, planes, strides)):
+        kn = _stage_knobs(knobs, i)
+        first = _exact_block(kn, cin, p, stride, res)
         res = out_resolution(res, stride)
-        cout = block_out_channels(block, p)
-        total = total + first + _exact_block(block, cout, p, 1, res).scaled(depth - 1)
+        cout = block_out_channels(kn, p)
+        total = total + first + _exact_block(kn, cout, p, 1, res).scaled(depth - 1)
         cin = cout
-    return total + Cost(*cf.head(cin, num_classes, res))
+    return total + Cost(*cf.head(cin, num_classes, res, *_units(_stage_knobs(knobs, 2))[1:]))
 
 
 @lru_cache(maxsize=65536)
-def _stage_pf(block, cin, planes, stride, res, depth) -> tuple[int, int]:
-    first = _exact_block(block, cin, planes, stride, res)
-    rest = _exact_block(block, block_out_channels(block, planes), planes, 1, out_resolution(res, stride))
+def _stage_pf(knobs, cin, planes, stride, res, depth) -> tuple[int, int]:
+    first = _exact_block(knobs, cin, planes, stride, res)
+    rest = _exact_block(knobs, block_out_channels(knobs, planes), planes, 1, out_resolution(res, stride))
     return (first.params + (depth - 1) * rest.params, first.flops + (depth - 1) * rest.flops)
 
 
 @lru_cache(maxsize=4096)
-def _ends_pf(block, stem, p3, res_out, num_classes, resolution) -> tuple[int, int]:
-    s = Cost(*cf.stem_layer(stem, resolution)) + Cost(*cf.head(block_out_channels(block, p3), num_classes, res_out))
+def _ends_pf(knobs, stem, cout, res_out, num_classes, resolution) -> tuple[int, int]:
+    s = Cost(*cf.stem_layer(stem, resolution)) + Cost(*cf.head(cout, num_classes, res_out, *_units(knobs)[1:]))
     return (s.params, s.flops)
 
 
-def params_flops(block, depths, planes, stem=16, strides=(1, 2, 2), resolution=32, num_classes=10) -> tuple[int, int]:
-    """(params, flops) only, from cached per-stage sums: the solver's inner loop, where thousands
-    of neighbouring configurations share their stages."""
+def params_flops(knobs, depths, planes, stem=16, strides=(1, 2, 2), resolution=32, num_classes=10) -> tuple[int, int]:
+    """(params, flops) of a residual network from cached per-stage sums: the solver's inner loop,
+    where thousands of neighbouring configurations share their stages."""
     cin, res, params, flops = stem, resolution, 0, 0
-    for depth, p, stride in zip(depths, planes, strides):
-        sp, sf = _stage_pf(block, cin, p, stride, res, depth)
+    for i, (depth, p, stride) in enumerate(zip(depths, planes, strides)):
+        kn = _stage_knobs(knobs, i)
+        sp, sf = _stage_pf(kn, cin, p, stride, res, depth)
         params, flops = params + sp, flops + sf
-        cin, res = block_out_channels(block, p), out_resolution(res, stride)
-    ep, ef = _ends_pf(block, stem, planes[2], res, num_classes, resolution)
+        cin, res = block_out_channels(kn, p), out_resolution(res, stride)
+    ep, ef = _ends_pf(_stage_knobs(knobs, 2), stem, cin, res, num_classes, resolution)
     return params + ep, flops + ef
 
 
 def continuous_cost(
-    block: str,
-    depths: tuple[float, float, float],
-    planes: tuple[float, float, float],
+    knobs,
+    depths: tuple[float, ...],
+    planes: tuple[float, ...],
     *,
     stem: int = 16,
     resolution: int = 32,
     num_classes: int = 10,
+    growth: float | None = None,
 ) -> Cost:
-    """The cost polynomial at real-valued depths and planes (floors dropped; every block after the
-    first of a stage treated as an identity block, the first always with its projection). Agrees
-    with `count` on published configs up to the SE floor and stage-1 projections."""
+    """The cost polynomial at real-valued depths and planes (floors dropped; in residual stages
+    every block after the first is an identity block, the first always has its projection).
+    Agrees with `count` on published configs up to the SE floor and stage-1 projections. VGG and
+    DenseNet (the family is the block's) take their own stage counts; DenseNet also a growth."""
+    first_knobs = _stage_knobs(knobs, 0)
+    per_stage = tuple(_stage_knobs(knobs, i) for i in range(len(depths)))
+    if first_knobs.block == "vgg":
+        return _vgg(per_stage, depths, planes, float(resolution), num_classes)
+    if first_knobs.block == "dense":
+        return _densenet(per_stage, depths, planes, growth, float(resolution), num_classes)
     res = float(resolution)
     total, cin = Cost(*cf.stem_layer(stem, res)), stem
-    for depth, p, stride in zip(depths, planes, (1, 2, 2)):
-        first = block_cost(block, cin, p, stride, res, smooth=True, first=True)
+    for i, (depth, p, stride) in enumerate(zip(depths, planes, (1, 2, 2))):
+        kn = _stage_knobs(knobs, i)
+        first = block_cost(kn, cin, p, stride, res, smooth=True, first=True)
         res = res / stride
-        cout = p * (ROBUST_EXPANSION if block == "robust" else 1)
-        total = total + first + block_cost(block, cout, p, 1, res, smooth=True).scaled(depth - 1)
+        cout = block_out_channels(kn, p)
+        total = total + first + block_cost(kn, cout, p, 1, res, smooth=True).scaled(depth - 1)
         cin = cout
-    return total + Cost(*cf.head(cin, num_classes, res))
+    return total + Cost(*cf.head(cin, num_classes, res, *_units(_stage_knobs(knobs, 2))[1:]))

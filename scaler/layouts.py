@@ -184,10 +184,20 @@ def check_spec(layout: Layout, spec: ArchSpec | None, stored: tuple | None = Non
             f"against {layout.upstream}; use a preset or spec flags (or a file written by scaler emit)"
         )
     up = layout.upstream
-    if spec.block not in layout.blocks:
-        raise ScalerError(f"{up} has {' or '.join(layout.blocks)} blocks, the model has {spec.block} blocks")
-    if spec.activation not in layout.activations:
-        raise ScalerError(f"{up} uses {'/'.join(layout.activations)}, the model {spec.activation}")
+    blocks = spec.blocks
+    if not set(blocks) <= set(layout.blocks):
+        raise ScalerError(
+            f"{up} has {' or '.join(layout.blocks)} blocks, the model has {'/'.join(dict.fromkeys(blocks))} blocks"
+        )
+    acts = sorted({k.activation for k in spec.knobs})
+    if len(acts) > 1 or acts[0] not in layout.activations:
+        raise ScalerError(f"{up} uses {'/'.join(layout.activations)} throughout, the model {'/'.join(acts)}")
+    # Block knobs its class does not take (the tensors would often fit, the function not).
+    for k in spec.knobs:
+        if k.norm != "batch" or k.kernel_size != 3:
+            raise ScalerError(f"{up} uses BatchNorm and 3x3 convs: drop --norm/--kernel-size")
+        if k.bottleneck and k.se != "residual":
+            raise ScalerError(f"{up} has the residual SE branch in its robust blocks, the model --se {k.se}")
     if layout.fixed_strides and tuple(spec.strides) != (1, 2, 2):
         raise ScalerError(f"{up} strides its stages (1, 2, 2), the model {tuple(spec.strides)}")
     if layout.padding is not None and spec.padding != layout.padding:
@@ -262,7 +272,7 @@ def _robustbench(spec: ArchSpec) -> tuple[Layout, bool]:
     normalisation; else WideResNet for WRN-d-k and RobustWideResNet for other widths."""
     if spec.padding == "same":
         return LAYOUTS["dmwideresnet"], False
-    if spec.block == "robust" or spec.activation != "relu" or spec.mean is not None:
+    if "robust" in spec.blocks or spec.activation != "relu" or spec.mean is not None:
         return LAYOUTS["preactresnet"], True
     return (LAYOUTS["wideresnet"] if _uniform_wrn(spec) else LAYOUTS["robustwideresnet"]), False
 

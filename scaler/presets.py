@@ -2,7 +2,8 @@
 
 Like timm's registry: one name per model, `get_preset(name)` to look it up, a did-you-mean for
 typos. Published params/FLOPs are the papers' figures (FLOPs there mean multiply-adds); `None`
-where the paper prints none.
+where the paper prints none. A preset's `family` names the scaling rule and block (or base
+architecture) that produce it, so `scaler solve` can name the published model nearest its answer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Preset:
     published_params: float | None = None
     published_flops: float | None = None
     note: str | None = None
+    family: str | None = None
 
 
 WRN_28_10_NOTE = (
@@ -39,21 +41,123 @@ WRN_28_10_NOTE = (
 def _wrn(name, depth, k, params, flops, table, note=None) -> Preset:
     n = (depth - 4) // 6
     planes = (16 * k, 32 * k, 64 * k)
-    return Preset(name, ArchSpec("basic", (n, n, n), planes, name=name), SEED_001, table, params, flops, note)
+    spec = ArchSpec("basic", (n, n, n), planes, name=name)
+    return Preset(name, spec, SEED_001, table, params, flops, note, family="uniform:basic")
 
 
 def _ab(name, block, depths, widths, params, flops, table) -> Preset:
     planes = (16 * widths[0], 32 * widths[1], 64 * widths[2])
-    return Preset(name, ArchSpec(block, depths, planes, name=name), SEED_001, table, params, flops)
+    spec = ArchSpec(block, depths, planes, name=name)
+    return Preset(name, spec, SEED_001, table, params, flops, family=f"robustscaling:{block}")
 
 
 def _gamma(gamma: str, params: float) -> Preset:
     g = float(gamma)
     planes = (int(160 * g), int(320 * g), int(256 * g))
     name = f"robustwrn-g{gamma}"
-    return Preset(
-        name, ArchSpec("basic", (5, 5, 5), planes, name=name), SEED_000, "Table 1 (w 10-10-4 family)", params, None
-    )
+    spec = ArchSpec("basic", (5, 5, 5), planes, name=name)
+    return Preset(name, spec, SEED_000, "Table 1 (w 10-10-4 family)", params, None, family="robustwrn:basic")
+
+
+# Block ablations of RobustResNet at D_i = 11, W_i = 16 (planes 256, 512, 1024), 10 classes.
+_ABLATION_PLANES = (256, 512, 1024)
+_PLAIN = {"scales": 1, "cardinality": 1, "base_width": 160}
+
+
+def _ablation(name, table, params, flops, note=None, block="robust", **knobs) -> Preset:
+    spec = ArchSpec(block, (11, 11, 11), _ABLATION_PLANES, name=name, **knobs)
+    return Preset(name, spec, SEED_001, table, params, flops, note)
+
+
+ABLATIONS = [
+    _ablation("ablation-basic", "Table 1, basic", 267e6, 38.8e9, block="basic"),
+    _ablation("ablation-bottleneck", "Table 1, + bottleneck", 265e6, 39.0e9, se="none", **_PLAIN),
+    _ablation(
+        "ablation-aggregated",
+        "Table 1, + aggregated (G 4)",
+        265e6,
+        39.4e9,
+        "the paper does not print the base width; bw 60 is the one that gives 265M params (264.81M), but "
+        "its 39.322G FLOPs round to 39.3G, not the printed 39.4G: no (G 4, bw) pair gives both",
+        scales=1,
+        cardinality=4,
+        base_width=60,
+        se="none",
+    ),
+    _ablation("ablation-hierarchical", "Table 1, + hierarchical (S 8)", 262e6, 39.3e9, se="none"),
+    _ablation(
+        "ablation-residual-se",
+        "Table 1, + residual SE (the RobustResBlock)",
+        270e6,
+        39.3e9,
+        "params match (269.94M); our 39.362G FLOPs (fvcore, as every other row) round to 39.4G, not the "
+        "printed 39.3G; the count without norms and pooling, 39.257G, would print 39.3G",
+    ),
+    _ablation("ablation-se-none", "Fig. 5d, w/o SE", 265e6, 39.0e9, se="none", **_PLAIN),
+    _ablation(
+        "ablation-se-standard-r16",
+        "Fig. 5d, standard SE (r 16)",
+        296e6,
+        39.1e9,
+        se="standard",
+        se_reduction=16,
+        **_PLAIN,
+    ),
+    _ablation(
+        "ablation-se-conv3x3-r16",
+        "Fig. 5d, Conv3x3-SE (r 16)",
+        273e6,
+        39.1e9,
+        "the printed 273M needs the SE on the 3x3 output (C_mid = P) sized C_out/16 = P/4, i.e. "
+        "se-reduction 4 (272.83M); r 16 on C_mid gives 267.15M. Its 39.050G FLOPs round to 39.0G, "
+        "not the printed 39.1G",
+        se="conv3x3",
+        se_reduction=4,
+        **_PLAIN,
+    ),
+    _ablation(
+        "ablation-se-identity-r16",
+        "Fig. 5d, Identity-SE (r 16)",
+        293e6,
+        39.1e9,
+        se="identity",
+        se_reduction=16,
+        **_PLAIN,
+    ),
+    _ablation(
+        "ablation-se-residual-r16",
+        "Fig. 5d, residual SE (r 16)",
+        296e6,
+        39.1e9,
+        se="residual",
+        se_reduction=16,
+        **_PLAIN,
+    ),
+    _ablation(
+        "ablation-se-residual-r64",
+        "Fig. 5d, residual SE (r 64)",
+        273e6,
+        39.1e9,
+        se="residual",
+        se_reduction=64,
+        **_PLAIN,
+    ),
+]
+
+
+def _other(name, block, depths, planes, params, family=None) -> Preset:
+    """VGG-11 and DenseNet-121 (CIFAR versions) and their RobustWRN reductions ("-R": the last
+    stage at round(0.4 * 512) = 205 channels, the rounding that gives the printed counts)."""
+    spec = ArchSpec(block, depths, planes, name=name)
+    return Preset(name, spec, SEED_000, "Table 2", params, None, family=family)
+
+
+OTHER_ARCHITECTURES = [
+    _other("vgg-11", "vgg", (1, 1, 2, 2, 2), (64, 128, 256, 512, 512), 9.23e6),
+    _other("vgg-11-r", "vgg", (1, 1, 2, 2, 2), (64, 128, 256, 512, 205), 5.83e6, "robustwrn:vgg11"),
+    _other("densenet-121", "dense", (6, 12, 24, 16), (64, 128, 256, 512), 6.96e6),
+    _other("densenet-121-r", "dense", (6, 12, 24, 16), (64, 128, 256, 205), 6.00e6, "robustwrn:densenet121"),
+]
 
 
 _A_CONFIGS = {
@@ -78,6 +182,7 @@ PRESETS: dict[str, Preset] = {
             "WRN-34-R (w 20-20-8)",
             68.1e6,
             19.1e9,
+            family="robustwrn:basic",
         ),
         *(_ab(f"robustresnet-{k}", "robust", d, w, p, f, "Table 6") for k, (d, w, p, f) in _A_CONFIGS.items()),
         *(
@@ -89,6 +194,8 @@ PRESETS: dict[str, Preset] = {
         _gamma("1", 17.05e6),
         _gamma("1.5", 38.33e6),
         _gamma("2", 68.12e6),
+        *ABLATIONS,
+        *OTHER_ARCHITECTURES,
     ]
 }
 

@@ -24,20 +24,15 @@ from scaler.cost import Cost, continuous_cost, count, params_flops, payload
 from scaler.errors import ScalerError
 from scaler.parsing import format_count
 from scaler.presets import PRESETS
-from scaler.rules import RULES, GammaRule, Point, Rule
-from scaler.spec import WIDTH_BASES, ArchSpec, widths_to_planes
+from scaler.rules import GAMMA_ARCHS, RULES, GammaRule, Point, Rule
+from scaler.spec import FAMILY_BLOCKS, ArchSpec, check_stages
 
 TOLERANCE = 0.025
 METRICS = ("flops", "params")
 MAX_DEPTH = 1_000
 MAX_CHANNELS = 1_000_000
-
-FAMILIES = {
-    ("robustscaling", "robust"): ["robustresnet-a1", "robustresnet-a2", "robustresnet-a3", "robustresnet-a4"],
-    ("robustscaling", "basic"): ["wrn-a1", "wrn-a2", "wrn-a3", "wrn-a4"],
-    ("robustwrn", "basic"): ["robustwrn-g0.25", "robustwrn-g0.5", "robustwrn-g1", "robustwrn-g1.5", "robustwrn-g2"],
-    ("uniform", "basic"): ["wrn-28-10", "wrn-34-10", "wrn-34-12", "wrn-46-14", "wrn-70-16"],
-}
+PLACEHOLDER_PLANES = (256, 512, 1024)
+"""Planes of the knob-carrying base spec (wide enough for any sensible knobs: 1024 // r >= 1)."""
 
 
 @dataclass(frozen=True)
@@ -163,8 +158,42 @@ def _solve_scale(f, target: float) -> float:
     return (lo + hi) / 2
 
 
-def _spec_for(point: Point, block: str, base: ArchSpec) -> ArchSpec:
-    return replace(base, block=block, depths=tuple(int(d) for d in point.depths), planes=widths_to_planes(point.widths))
+def _spec_for(point: Point, base: ArchSpec) -> ArchSpec:
+    """The spec of an integer point (validated)."""
+    planes = tuple(int(round(p)) for p in point.planes)
+    changes = dict(depths=tuple(int(d) for d in point.depths), planes=planes)
+    if point.growth is not None:
+        changes["growth"] = int(point.growth)
+    return replace(base, **changes)
+
+
+def base_spec(
+    rule: Rule, block: str | None, num_classes: int, activation, resolution: int, knobs: dict | None
+) -> ArchSpec:
+    """A spec carrying the block knobs the rule scales (its depths and planes are placeholders)."""
+    fixed = rule.arch.block if isinstance(rule, GammaRule) else None
+    if fixed is not None and block is not None and block != fixed:
+        raise ScalerError(f"--arch {rule.arch.name} is built from the {fixed} block, not {block}")
+    block = block or fixed or rule.default_block
+    if fixed is None and block in FAMILY_BLOCKS:
+        arch = {"vgg": "vgg11", "dense": "densenet121"}[block]
+        raise ScalerError(f"the {block} block is scaled by --rule robustwrn --arch {arch}, not by the {rule.name} rule")
+    knobs = {k: v for k, v in (knobs or {}).items() if v is not None}
+    if fixed is not None:
+        depths, planes = rule.arch.depths, rule.arch.planes
+    else:
+        depths, planes = (1, 1, 1), PLACEHOLDER_PLANES
+    try:
+        spec = ArchSpec(
+            block, depths, planes, activation=activation, num_classes=num_classes, resolution=resolution, **knobs
+        )
+    except ScalerError as exc:
+        if fixed is None and "stage" in str(exc):
+            raise ScalerError(
+                f"these knobs build no {rule.name} network even at planes {PLACEHOLDER_PLANES}: {exc}"
+            ) from None
+        raise
+    return rule.check(spec)
 
 
 def solve(
@@ -172,45 +201,61 @@ def solve(
     target: Budget,
     *,
     cap: Budget | None = None,
-    block: str | None = None,
+    block: str | tuple[str, ...] | None = None,
     depths: tuple[int, int, int] | None = None,
     round_to: int = 1,
     num_classes: int = 10,
-    activation: str = "relu",
+    activation: str | tuple[str, ...] = "relu",
     resolution: int = 32,
+    arch: str | None = None,
+    knobs: dict | None = None,
 ) -> Solution:
-    """The architecture `rule_name` prescribes for `target` (exact costs; see module docstring)."""
+    """The architecture `rule_name` prescribes for `target` (exact costs; see module docstring).
+    `knobs` holds further block knobs (norm, kernel_size, scales, ...): the rule scales any block."""
     rule = get_rule(rule_name)
     if target.metric not in METRICS:
         raise ScalerError(f"unknown budget metric {target.metric!r}")
     if cap is not None and cap.metric == target.metric:
         raise ScalerError(f"a {target.metric} cap next to a {target.metric} target makes no sense; give one")
     if isinstance(rule, GammaRule):
+        if arch is not None:
+            if arch not in GAMMA_ARCHS:
+                raise ScalerError(f"unknown --arch {arch!r}; choose one of {', '.join(GAMMA_ARCHS)}")
+            rule = replace(rule, arch=GAMMA_ARCHS[arch])
         if depths is not None:
             rule = replace(rule, depths=depths)
         if round_to != 1:
             if round_to < 1:
                 raise ScalerError("--round-to must be >= 1")
             rule = replace(rule, round_to=round_to)
-    elif depths is not None or round_to != 1:
-        raise ScalerError(f"--depths and --round-to apply to the robustwrn rule, not {rule.name}")
-    block = block or rule.default_block
-    base = ArchSpec(
-        block, (1, 1, 1), (16, 32, 64), activation=activation, num_classes=num_classes, resolution=resolution
-    )
+    elif depths is not None or round_to != 1 or arch is not None:
+        raise ScalerError(f"--depths, --round-to and --arch apply to the robustwrn rule, not {rule.name}")
+    base = base_spec(rule, block, num_classes, activation, resolution, knobs)
+    per_stage = base.knobs
 
-    def metric_at(budget: Budget, t: float) -> float:
+    def metric_at(budget: Budget, t: float, growth: int | None = None) -> float:
         p = rule.continuous_at(t)
-        return budget.of(continuous_cost(block, p.depths, p.planes, resolution=resolution, num_classes=num_classes))
-
-    smallest = count(_spec_for(rule.smallest(block), block, base))
-    floor_value = target.of(smallest)
-    if target.value < floor_value * (1 - TOLERANCE):
-        raise ScalerError(
-            f"budget {target} is too small for the {rule.name} rule with the {block} block; "
-            f"its smallest network costs {format_count(floor_value)} {target.metric}"
+        cost = continuous_cost(
+            per_stage,
+            p.depths,
+            p.planes,
+            resolution=resolution,
+            num_classes=num_classes,
+            growth=p.growth if growth is None else growth,
         )
-    if cap is not None and cap.value < cap.of(smallest):
+        return budget.of(cost)
+
+    try:
+        smallest = count(_spec_for(rule.smallest(base), base))
+    except ScalerError:  # the knobs refuse the narrowest planes (a GroupNorm on 4 channels): no floor to state
+        smallest = None
+    label = base.block if isinstance(base.block, str) else ",".join(base.block)
+    if smallest is not None and target.value < target.of(smallest) * (1 - TOLERANCE):
+        raise ScalerError(
+            f"budget {target} is too small for the {rule.name} rule with the {label} block; "
+            f"its smallest network costs {format_count(target.of(smallest))} {target.metric}"
+        )
+    if smallest is not None and cap is not None and cap.value < cap.of(smallest):
         raise ScalerError(
             f"cap {cap} is below the smallest {rule.name} network ({format_count(cap.of(smallest))} {cap.metric})"
         )
@@ -226,29 +271,35 @@ def solve(
 
     best, best_key, n = None, None, 0
     goal_index, cap_index = METRICS.index(goal.metric), cap and METRICS.index(cap.metric)
-    for cand_depths, cand_widths, dist in rule.candidates(point, block):
-        planes = tuple(round(w * b) for w, b in zip(cand_widths, WIDTH_BASES))
-        flops_params = params_flops(block, cand_depths, planes, base.stem, base.strides, resolution, num_classes)[::-1]
-        if cap is not None and flops_params[cap_index] > cap.value:
+    for cand, dist in _neighbourhood(
+        rule, point, base, lambda g: _solve_scale(lambda x: metric_at(goal, x, g), goal.value)
+    ):
+        flops_params = _flops_params(base, cand)
+        if flops_params is None or (cap is not None and flops_params[cap_index] > cap.value):
             continue
         n += 1
         rel = abs(flops_params[goal_index] / goal.value - 1)
         key = (max(0.0, rel - TOLERANCE), dist, rel)
         if best_key is None or key < best_key:
-            best, best_key = Point(cand_depths, cand_widths), key
+            best, best_key = cand, key
     if best is None:
-        raise ScalerError(f"no {rule.name} network near the budget fits under the cap {cap}")
-    spec = _spec_for(best, block, base)
-    cost = count(spec)
-    if max(spec.depths) > MAX_DEPTH or max(spec.planes) > MAX_CHANNELS:
+        why = f"fits under the cap {cap}" if cap is not None else "can be built with these knobs"
+        raise ScalerError(f"no {rule.name} network near the budget {why}")
+    if smallest is None and best_key[0] > 0 and target.of(count(_spec_for(best, base))) > goal.value:
+        raise ScalerError(
+            f"budget {target} is too small for the {rule.name} rule with these knobs; the smallest network they "
+            f"build near it costs {format_count(target.of(count(_spec_for(best, base))))} {target.metric}"
+        )
+    if max(best.depths) > MAX_DEPTH or max(best.planes) > MAX_CHANNELS:
         raise ScalerError(
             f"budget {target} asks for stages deeper than {MAX_DEPTH} blocks or wider than "
             f"{MAX_CHANNELS} channels; that is beyond what scaler builds"
         )
+    spec = _spec_for(best, base)
     return Solution(
         rule=rule.name,
         spec=spec,
-        cost=cost,
+        cost=count(spec),
         target=target,
         cap=cap,
         scale=t,
@@ -256,14 +307,64 @@ def solve(
         polynomial=poly,
         capped=capped,
         objective=best_key,
-        published=nearest_published(rule.name, block, target),
+        published=nearest_published(family_key(rule, base), target, base),
         candidates=n,
     )
 
 
-def nearest_published(rule: str, block: str, target: Budget) -> str | None:
-    """The family preset closest to the budget (log scale), if within a factor of 1.5."""
-    names = FAMILIES.get((rule, block), [])
+def _neighbourhood(rule: Rule, point: Point, base: ArchSpec, scale_at_growth) -> list[tuple[Point, float]]:
+    """The rule's integer candidates near `point`. DenseNet's growth is coarse (one unit moves every
+    layer of every stage), so each integer growth next to the continuous one gets its own scale,
+    solved with that growth fixed: the stage widths absorb the growth's rounding. Distances are
+    to `point` either way."""
+    if point.growth is None:
+        return rule.candidates(point, base)
+    ref = (*point.planes, point.growth)
+    out = []
+    for g in sorted({max(1, math.floor(point.growth)), max(1, math.ceil(point.growth))}):
+        fixed = replace(rule.continuous_at(scale_at_growth(g)), growth=g)
+        out += [(c, math.dist((*c.planes, c.growth), ref)) for c, _ in rule.candidates(fixed, base)]
+    return out
+
+
+def _flops_params(base: ArchSpec, point: Point) -> tuple[int, int] | None:
+    """(flops, params) of a candidate, or None where its knobs cannot build it (a GroupNorm that
+    does not divide, an SE without hidden units)."""
+    planes = tuple(int(round(p)) for p in point.planes)
+    if base.family != "resnet":
+        try:
+            return _pf(count(_spec_for(point, base)))
+        except ScalerError:
+            return None
+    try:
+        check_stages(base.knobs, base.stem, planes)
+    except ScalerError:
+        return None
+    return params_flops(base.knobs, point.depths, planes, base.stem, base.strides, base.resolution, base.num_classes)[
+        ::-1
+    ]
+
+
+def _pf(cost: Cost) -> tuple[int, int]:
+    return cost.flops, cost.params
+
+
+def family_key(rule: Rule, base: ArchSpec) -> str:
+    """The preset family a rule and block scale: 'robustscaling:robust', 'robustwrn:vgg11', ..."""
+    if isinstance(rule, GammaRule) and rule.arch.block is not None:
+        return f"{rule.name}:{rule.arch.name}"
+    return f"{rule.name}:{base.block if isinstance(base.block, str) else ','.join(base.block)}"
+
+
+def nearest_published(family: str, target: Budget, base: ArchSpec | None = None) -> str | None:
+    """The family preset closest to the budget (log scale), if within a factor of 1.5; presets
+    counted at another resolution or class count than `base` are not comparable and never named."""
+    names = [
+        p.name
+        for p in PRESETS.values()
+        if p.family == family
+        and (base is None or (p.spec.resolution, p.spec.num_classes) == (base.resolution, base.num_classes))
+    ]
     scored = [(abs(math.log(target.of(count(PRESETS[n].spec)) / target.value)), n) for n in names]
     if not scored:
         return None

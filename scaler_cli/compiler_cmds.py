@@ -11,8 +11,8 @@ import scaler
 from scaler.errors import ScalerError
 from scaler.parsing import format_count, parse_list
 from scaler_cli.app import app
-from scaler_cli.options import SPEC_OPTIONS, spec_from_options, with_options
-from scaler_cli.output import fmt_list, table
+from scaler_cli.options import KNOB_OPTIONS, SPEC_OPTIONS, spec_from_options, with_options
+from scaler_cli.output import fmt_list, knob_summary, table
 
 
 def _preset_payload(spec, preset=None) -> dict:
@@ -67,7 +67,7 @@ def zoo(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")
             notes.append(f"* {p.name}: {p.note}")
     headers = ["name", "block", "depths", "widening", "params", "FLOPs", "pub. params", "pub. FLOPs"]
     print(table(headers, rows, right={4, 5, 6, 7}))
-    print("FLOPs: fvcore multiply-adds on one 1x3x32x32 input (eval-mode BN and pooling included).")
+    print("FLOPs: fvcore multiply-adds on one 1x3x32x32 input (eval-mode norms and pooling included).")
     for n in notes:
         print(n)
 
@@ -84,6 +84,8 @@ def count_cmd(
 
     spec = spec_from_options(name, spec_opts)
     preset = get_preset(name) if name else None
+    if preset is not None and preset.spec != spec:  # knobs changed: the published numbers are another model's
+        preset = None
     payload = _preset_payload(spec, preset)
     if as_json:
         print(json.dumps(payload, indent=2))
@@ -93,13 +95,15 @@ def count_cmd(
         for label, value, default in (("normalize", spec.normalization, "none"), ("padding", spec.padding, "symmetric"))
         if value != default
     )
-    print(f"model      {spec.name or '-'}  ({spec.describe()}, {spec.activation}, {spec.num_classes} classes{extras})")
-    print(f"channels   {fmt_list(spec.channels)}  (stem, P1, P2, P3)")
+    print(f"model      {spec.name or '-'}  ({spec.describe()}, {spec.num_classes} classes{extras})")
+    print(f"knobs      {knob_summary(spec)}")
+    print(f"channels   {fmt_list(spec.channels)}  ({'stem, P1, P2, P3' if spec.family == 'resnet' else 'per stage'})")
     pub_params = f"   published {_vs(payload['params'], preset.published_params)}" if preset else ""
     pub_flops = f"   published {_vs(payload['flops'], preset.published_flops)}" if preset else ""
     print(f"params     {payload['params']:,}{pub_params}")
     print(f"FLOPs      {payload['flops']:,}{pub_flops}")
     print("breakdown  " + ", ".join(f"{k} {format_count(v)}" for k, v in payload["breakdown"].items()))
+    print(f"input      1x3x{spec.resolution}x{spec.resolution}")
     if preset:
         print(f"source     {preset.source}, {preset.table}")
         if preset.note:
@@ -129,17 +133,21 @@ def _print_solution(sol) -> None:
     s, c = sol.spec, sol.cost
     cont = sol.continuous
     cap = (f", cap {sol.cap}" + (" (binding)" if sol.capped else "")) if sol.cap else ""
-    print(f"rule        {sol.rule}  ({s.block} block)")
+    print(f"rule        {sol.rule}  ({s.describe().split()[0]} block)")
     print(f"target      {sol.target}{cap}")
+    print(f"knobs       {knob_summary(s)}")
     print(f"depths      {fmt_list(s.depths)}   (continuous {', '.join(f'{d:.2f}' for d in cont.depths)})")
-    print(f"widening    {fmt_list(s.widths)}   (continuous {', '.join(f'{w:.2f}' for w in cont.widths)})")
-    print(f"channels    {fmt_list(s.channels)}  (stem, P1, P2, P3)")
+    label = "widening" if s.family == "resnet" else "channels"
+    print(f"{label:<11} {fmt_list(s.widths)}   (continuous {', '.join(f'{w:.2f}' for w in cont.widths)})")
+    if s.family == "resnet":
+        print(f"channels    {fmt_list(s.channels)}  (stem, P1, P2, P3)")
     print(f"params      {c.params:,}  ({format_count(c.params)})")
     print(f"FLOPs       {c.flops:,}  ({format_count(c.flops)})")
     print(f"error       {sol.error * 100:+.2f}% vs target")
-    print(f"r_D         {sol.r_d:.3f}  (continuous {cont.r_d:.3f})")
-    d, w = s.depths, s.widths
-    print(f"ratios      D {':'.join(f'{x / d[2]:.2f}' for x in d)}   W {':'.join(f'{x / w[2]:.2f}' for x in w)}")
+    if s.family == "resnet":
+        print(f"r_D         {sol.r_d:.3f}  (continuous {cont.r_d:.3f})")
+        d, w = s.depths, s.widths
+        print(f"ratios      D {':'.join(f'{x / d[2]:.2f}' for x in d)}   W {':'.join(f'{x / w[2]:.2f}' for x in w)}")
     if sol.published:
         p = PRESETS[sol.published]
         pc = scaler.count(p.spec)
@@ -152,18 +160,26 @@ def _print_solution(sol) -> None:
         print("published   none of this rule's family within 1.5x of the budget")
 
 
+SOLVE_OPTIONS = [o for o in SPEC_OPTIONS if o.name in ("block", "classes")] + [
+    o for o in KNOB_OPTIONS if o.name != "growth"
+]
+"""The spec rows `solve` shares: the block and every knob (the rule scales any block); the rule
+itself sets depths and widths (and DenseNet's growth)."""
+
+
 @app.command()
+@with_options(SOLVE_OPTIONS, into="spec_opts")
 def solve(
     flops: Optional[str] = typer.Option(None, help="Target FLOPs (multiply-adds), e.g. 10G."),
     params: Optional[str] = typer.Option(None, help="Target parameter count, e.g. 40M."),
     max_params: Optional[str] = typer.Option(None, help="Cap on params when targeting FLOPs."),
     max_flops: Optional[str] = typer.Option(None, help="Cap on FLOPs when targeting params."),
     rule: str = typer.Option("robustscaling", help="robustscaling, robustwrn, uniform or measured (with --results)."),
-    block: Optional[str] = typer.Option(None, help="basic or robust (default: the rule's)."),
+    arch: Optional[str] = typer.Option(
+        None, help="robustwrn: the architecture it reduces and scales: wrn34 (default), vgg11 or densenet121."
+    ),
     depths: Optional[str] = typer.Option(None, help="robustwrn: fixed depths (default 5,5,5)."),
     round_to: int = typer.Option(1, help="robustwrn: round channels to a multiple of this."),
-    classes: int = typer.Option(10, help="Number of classes."),
-    activation: str = typer.Option("relu", help="relu or silu."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     emit_path: Optional[str] = typer.Option(None, "--emit", help="Also write the model file here."),
     force: bool = typer.Option(False, "--force", help="With --emit: overwrite an existing file."),
@@ -173,22 +189,26 @@ def solve(
         None, help="measured: robust accuracy [default: test_aa_acc, else test_pgd_acc]."
     ),
     seed: int = typer.Option(0, help="measured: seed of the surrogate's held-out split and fit."),
+    spec_opts: dict = None,
 ) -> None:
     """The architecture a scaling rule prescribes for a FLOPs or params budget."""
     if rule == "measured" or results is not None:
         _solve_measured(rule, results, flops, params, max_flops, max_params, metric, seed, as_json, emit_path)
         return
+    opts = dict(spec_opts)
+    classes, resolution = opts.pop("classes"), opts.pop("resolution")
     sol = scaler.solve(
         flops,
         params,
         rule=rule,
         max_params=max_params,
         max_flops=max_flops,
-        block=block,
         depths=parse_list(depths, "--depths") if depths is not None else None,
         round_to=round_to,
-        num_classes=classes,
-        activation=activation,
+        num_classes=classes or 10,
+        resolution=resolution or 32,
+        arch=arch,
+        **{k: v for k, v in opts.items() if v is not None},
     )
     if emit_path:
         scaler.emit(sol.spec, emit_path, force=force, parents=parents, rule=sol.rule, budget=str(sol.target))

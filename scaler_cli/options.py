@@ -65,9 +65,94 @@ def _triple(what: str):
     return lambda t: parse_list(t, what, kind=float, minimum=-math.inf)
 
 
+def _stages(what: str, kind=int):
+    """Parser of a per-stage knob: one value (all stages) or a comma list, one per stage."""
+
+    def parse(text: str):
+        parts = [p.strip() for p in text.split(",")]
+        if not 1 <= len(parts) <= 5 or any(not p for p in parts):
+            raise ScalerError(f"{what} takes one value, or one per stage separated by commas, got {text!r}")
+        if kind is int:
+            values = []
+            for p in parts:
+                if not p.isdigit():
+                    raise ScalerError(f"{what} must be whole numbers, got {text!r}")
+                values.append(int(p))
+        else:
+            values = [p.lower() for p in parts]
+        return values[0] if len(values) == 1 else tuple(values)
+
+    return parse
+
+
+def _stage_counts(what: str, kind=int, minimum: float = 1):
+    """Parser of depths and channels: 3 values (residual blocks), 4 (dense) or 5 (vgg)."""
+
+    def parse(text: str):
+        n = len((text or "").split(","))
+        if n not in (3, 4, 5):
+            raise ScalerError(
+                f"{what} needs 3 comma-separated values (one per stage; 4 for dense, 5 for vgg), got {text!r}"
+            )
+        return parse_list(text, what, kind=kind, n=n, minimum=minimum)
+
+    return parse
+
+
+KNOB_OPTIONS = [
+    Opt(
+        "activation",
+        Optional[str],
+        "relu, silu, gelu, softplus, mish, elu, leaky_relu or prelu; one, or one per stage "
+        "(default relu, or the preset's).",
+        parse=_stages("--activation", str),
+    ),
+    Opt("norm", Optional[str], "batch, group, layer or instance; one, or one per stage.", parse=_stages("--norm", str)),
+    Opt(
+        "kernel_size",
+        Optional[str],
+        "Kernel size of the k x k convs: 1, 3, 5 or 7, per stage.",
+        parse=_stages("--kernel-size"),
+    ),
+    Opt(
+        "scales",
+        Optional[str],
+        "Bottleneck: hierarchical scales S (1: no split) [default 8].",
+        parse=_stages("--scales"),
+    ),
+    Opt(
+        "base_width",
+        Optional[str],
+        "Bottleneck: base width bw, w = floor(P*bw/160)*G [default 10].",
+        parse=_stages("--base-width"),
+    ),
+    Opt(
+        "cardinality",
+        Optional[str],
+        "Bottleneck: groups G of the k x k convs [default 4].",
+        parse=_stages("--cardinality"),
+    ),
+    Opt(
+        "se",
+        Optional[str],
+        "Bottleneck SE: none, standard, residual, identity or conv3x3 [default residual].",
+        parse=_stages("--se", str),
+    ),
+    Opt("se_reduction", Optional[str], "Bottleneck: SE reduction r [default 64].", parse=_stages("--se-reduction")),
+    Opt("growth", Optional[int], "Dense block: growth rate [default 32]."),
+    Opt("resolution", Optional[int], "Input resolution the FLOPs are counted at (default 32; 64 for Tiny-ImageNet)."),
+]
+KNOBS = tuple(o.name for o in KNOB_OPTIONS)
+
 SPEC_OPTIONS = [
-    Opt("block", Optional[str], "Spec flags instead of a preset: basic or robust."),
-    Opt("depths", Optional[str], "Blocks per stage, e.g. 14,14,7.", parse=lambda t: parse_list(t, "--depths")),
+    Opt(
+        "block",
+        Optional[str],
+        "Spec flags instead of a preset: basic, basic-post, robust, robust-post, inverted (one, or one per "
+        "stage), vgg or dense.",
+        parse=_stages("--block", str),
+    ),
+    Opt("depths", Optional[str], "Blocks per stage, e.g. 14,14,7.", parse=_stage_counts("--depths")),
     Opt(
         "widths",
         Optional[str],
@@ -77,10 +162,10 @@ SPEC_OPTIONS = [
     Opt(
         "channels",
         Optional[str],
-        "Planes per stage instead of --widths, e.g. 80,224,192.",
-        parse=lambda t: parse_list(t, "--channels"),
+        "Planes per stage instead of --widths, e.g. 80,224,192 (vgg: 5 values, dense: 4).",
+        parse=_stage_counts("--channels"),
     ),
-    Opt("activation", Optional[str], "relu or silu (default relu, or the preset's)."),
+    *KNOB_OPTIONS,
     Opt("classes", Optional[int], "Number of classes (default 10)."),
     Opt("normalize", Optional[str], "Normalise inputs inside the model: none, cifar10 or cifar100 (mean/std)."),
     Opt(
@@ -89,17 +174,22 @@ SPEC_OPTIONS = [
     Opt(
         "std", Optional[str], "Custom per-channel input std, e.g. 0.25,0.25,0.25 (with --mean).", parse=_triple("--std")
     ),
-    Opt("padding", Optional[str], "Strided 3x3 convs: symmetric (default) or same (TensorFlow, DeepMind's WRNs)."),
+    Opt(
+        "padding",
+        Optional[str],
+        "Strided k x k convs: symmetric (default) or same (TensorFlow, DeepMind's WRNs); vgg and dense have none.",
+    ),
 ]
 STRUCTURE = ("block", "depths", "widths", "channels")
-SPEC_FLAGS_NOT_FOR_FILES = ("activation", "normalize", "mean", "std", "padding")
+SPEC_FLAGS_NOT_FOR_FILES = (*KNOBS, "normalize", "mean", "std", "padding")
+"""Flags that change a spec: refused with a model file (which they would not change)."""
 
 
 def spec_from_options(name: str | None, opts: dict):
-    """A spec from a preset name or from --block/--depths/--widths|--channels, then the other
-    options (activation, classes) applied on top."""
+    """A spec from a preset name or from --block/--depths/--widths|--channels, then the block
+    knobs, classes and resolution applied on top."""
     from scaler.api import get_spec
-    from scaler.spec import ArchSpec, widths_to_planes
+    from scaler.spec import FAMILY_BLOCKS, ArchSpec, widths_to_planes
 
     given = {k for k in STRUCTURE if opts.get(k) is not None}
     if name is not None:
@@ -111,10 +201,12 @@ def spec_from_options(name: str | None, opts: dict):
             raise ScalerError("give a preset name, or --block, --depths and --widths (or --channels)")
         if {"widths", "channels"} <= given:
             raise ScalerError("give --widths or --channels, not both")
+        if "widths" in given and opts["block"] in FAMILY_BLOCKS:
+            raise ScalerError(f"the {opts['block']} block takes --channels (planes per stage), not --widths")
         planes = opts["channels"] if "channels" in given else widths_to_planes(opts["widths"])
         base = ArchSpec(opts["block"], opts["depths"], planes)
     spec = get_spec(
-        base, activation=opts.get("activation"), num_classes=opts.get("classes"), padding=opts.get("padding")
+        base, num_classes=opts.get("classes"), padding=opts.get("padding"), **{k: opts.get(k) for k in KNOBS}
     )
     return _normalized(spec, opts)
 
@@ -146,7 +238,8 @@ def model_from_options(model: str | None, opts: dict) -> tuple[str, object]:
             raise ScalerError("give a model file or --block/--depths/--widths, not both")
         ignored = [k for k in SPEC_FLAGS_NOT_FOR_FILES if opts.get(k) is not None]
         if ignored:
-            raise ScalerError(f"--{ignored[0]} changes a spec, not a model file: emit the file with it instead")
+            flag = ignored[0].replace("_", "-")
+            raise ScalerError(f"--{flag} changes a spec, not a model file: emit the file with it instead")
         if not Path(model).is_file():
             raise ScalerError(f"model file {model} not found")
         return str(Path(model).resolve()), None
@@ -183,7 +276,11 @@ def _train_opts() -> list[Opt]:
         return Opt(name, typ, help, decls, parse)
 
     return [
-        o("dataset", Optional[str], "cifar10, cifar100, digits (scikit-learn, offline) or synthetic."),
+        o(
+            "dataset",
+            Optional[str],
+            "cifar10, cifar100, tinyimagenet (64x64, 200 classes), digits (scikit-learn, offline) or synthetic.",
+        ),
         o("data_dir", Optional[str], "Directory with the dataset archives (never downloaded).", show=False),
         o("val", Optional[str], "Validation set: holdout (taken from train) or cifar10.1."),
         o("val_size", Optional[int], "Held-out training points [default: 1000, or 10% of small sets].", show=False),
@@ -270,6 +367,16 @@ def train_config(model: str | None, spec_opts: dict, train_opts: dict, recipe: s
         label, spec = _init_model(init)
     else:
         label, spec = model_from_options(model, spec_opts)
+    if spec is not None:
+        from dataclasses import replace
+
+        from trainers.config import RECIPES, TrainConfig
+        from trainers.data import NUM_CLASSES, RESOLUTION
+
+        # The run's model.py counts params and FLOPs for the classes and resolution it trains on.
+        dataset = train_opts.get("dataset") or RECIPES.get(recipe or "", {}).get("dataset") or TrainConfig().dataset
+        resolution = spec_opts.get("resolution") or RESOLUTION.get(dataset, spec.resolution)
+        spec = replace(spec, resolution=resolution, num_classes=NUM_CLASSES.get(dataset, spec.num_classes))
     fields = dict(model=label, spec=spec.to_dict() if spec is not None else None)
     if init is not None:
         fields["init_from"] = str(Path(init).resolve())  # a resume from elsewhere finds it

@@ -16,3 +16,17 @@ def table(headers: list[str], rows: list[list], right: set[int] = frozenset()) -
 
 def fmt_list(values) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def knob_summary(spec) -> str:
+    """The block knobs of a spec, 'activation relu, norm batch, ...': per-stage values joined by '/',
+    bottleneck knobs only where a stage has a bottleneck block."""
+    from scaler.spec import BOTTLENECK_KNOBS
+
+    d = spec.to_dict(omit_defaults=False)
+    names = ["activation", "norm", "kernel_size"]
+    if any(k.bottleneck for k in spec.knobs):
+        names += list(BOTTLENECK_KNOBS)
+    if spec.family == "densenet":
+        names.append("growth")
+    return ", ".join(f"{n} {'/'.join(map(str, d[n])) if isinstance(d[n], list) else d[n]}" for n in names)

@@ -155,6 +155,7 @@ def bench_train_cmd(
         device=device,
         reference=reference,
         flops_per_image=flops,
+        resolution=spec.resolution if spec is not None else 32,
     )
     result["model"] = label
     if as_json:

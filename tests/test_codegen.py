@@ -28,6 +28,10 @@ GENERATED = [
     "robustresnet-a2",
     "robustresnet-a3",
     "robustresnet-a4",
+    "vgg-11",
+    "vgg-11-r",
+    "densenet-121",
+    "densenet-121-r",
 ]
 
 
@@ -57,9 +61,27 @@ def test_render_is_deterministic_and_documents_itself():
     assert imports == ["import math", "import torch", "import torch.nn.functional as F", "from torch import nn"]
 
 
-def test_ruff_clean(tmp_path):
+KNOB_SPECS = [
+    ArchSpec("robust", (2, 1, 1), (16, 32, 64), activation="silu", mean=(0.49, 0.48, 0.45), std=(0.2, 0.2, 0.2)),
+    ArchSpec(
+        ("basic-post", "robust-post", "inverted"),
+        (1, 1, 1),
+        (16, 32, 64),
+        activation=("prelu", "mish", "gelu"),
+        norm="layer",
+        kernel_size=(1, 5, 7),
+        scales=1,
+        se="conv3x3",
+        se_reduction=4,
+    ),
+    ArchSpec("vgg", (1, 1, 1, 1, 1), (8, 8, 16, 16, 16), norm="instance", activation="leaky_relu"),
+    ArchSpec("dense", (1, 2, 1, 1), (16, 16, 24, 16), growth=8, norm="group", activation="elu"),
+]
+
+
+@pytest.mark.parametrize("spec", KNOB_SPECS, ids=lambda s: s.describe())
+def test_ruff_clean(tmp_path, spec):
     pytest.importorskip("ruff")
-    spec = ArchSpec("robust", (2, 1, 1), (16, 32, 64), activation="silu", mean=(0.49, 0.48, 0.45), std=(0.2, 0.2, 0.2))
     path = emit(spec, tmp_path / "m.py")
     ruff = [sys.executable, "-m", "ruff"]
     assert subprocess.run([*ruff, "check", "--no-cache", str(path)], capture_output=True).returncode == 0
@@ -91,7 +113,7 @@ STANDALONE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("name", ["robustresnet-a1", "wrn-34-r"])
+@pytest.mark.parametrize("name", ["robustresnet-a1", "wrn-34-r", "vgg-11-r", "densenet-121-r"])
 def test_emitted_file_is_standalone_exact_and_exportable(name, tmp_path):
     script = tmp_path / "check.py"
     script.write_text(STANDALONE)

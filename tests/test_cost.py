@@ -1,14 +1,15 @@
 """The closed forms against sympy (drift), the reference table, fvcore and numel."""
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from scaler import derive
 from scaler.builder import build_model
 from scaler.cost import continuous_cost, count, params_flops
+from scaler.errors import ScalerError
 from scaler.presets import PRESETS
-from scaler.spec import ArchSpec
+from scaler.spec import ACTIVATIONS, BOTTLENECK_BLOCKS, NORMS, SE_KINDS, ArchSpec
 from scaler.verify import fvcore_flops, numel
 
 # name: (exact params, fvcore total in G from the reference table, 3 decimals)
@@ -32,7 +33,25 @@ REFERENCE = {
     "robustwrn-g1": (17_050_970, None),
     "robustwrn-g1.5": (38_331_930, None),
     "robustwrn-g2": (68_116_698, None),
+    # Block ablations at D 11, W 16 (Table 1, Fig. 5d); knob values in scaler.presets.
+    "ablation-basic": (266_796_506, 38.784),
+    "ablation-bottleneck": (265_260_506, 39.037),
+    "ablation-aggregated": (264_806_362, 39.322),
+    "ablation-hierarchical": (262_213_466, 39.294),
+    "ablation-residual-se": (269_940_570, 39.362),
+    "ablation-se-none": (265_260_506, 39.037),
+    "ablation-se-standard-r16": (295_538_138, 39.087),
+    "ablation-se-conv3x3-r16": (272_829_914, 39.050),
+    "ablation-se-identity-r16": (293_441_018, 39.085),
+    "ablation-se-residual-r16": (295_695_834, 39.128),
+    "ablation-se-residual-r64": (272_987_610, 39.105),
+    # The architectures of the RobustWRN paper's section 5 (params only are published).
+    "vgg-11": (9_231_114, None),
+    "vgg-11-r": (5_830_475, None),
+    "densenet-121": (6_956_298, None),
+    "densenet-121-r": (5_999_686, None),
 }
+ABLATIONS = sorted(n for n in REFERENCE if n.startswith("ablation-"))
 
 
 def test_closed_forms_file_is_the_sympy_derivation():
@@ -42,7 +61,8 @@ def test_closed_forms_file_is_the_sympy_derivation():
 def test_every_preset_is_in_the_reference():
     assert set(PRESETS) == set(REFERENCE)
     with_flops = {n for n, p in PRESETS.items() if p.published_flops is not None}
-    assert with_flops == {n for n in REFERENCE if not n.startswith(("robustwrn", "wrn-a"))} | {"wrn-a4"}
+    no_flops = ("robustwrn", "wrn-a", "vgg", "densenet")
+    assert with_flops == {n for n in REFERENCE if not n.startswith(no_flops)} | {"wrn-a4"}
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
@@ -52,11 +72,33 @@ def test_preset_counts_match_reference(name):
     assert cost.params == params
     if flops_g is not None:
         assert round(cost.flops / 1e9, 3) == flops_g
-    assert params_flops(*_args(PRESETS[name].spec)) == (cost.params, cost.flops)
+    if PRESETS[name].spec.family == "resnet":
+        assert params_flops(*_args(PRESETS[name].spec)) == (cost.params, cost.flops)
+
+
+def _rounds_to(ours: int, printed: float) -> bool:
+    """Whether `ours` prints as `printed` at the print's significant digits (267e6: 3, 9.23e6: 3)."""
+    digits = next(n for n in range(1, 6) if float(f"{printed:.{n}g}") == printed)
+    return float(f"{ours:.{digits}g}") == printed
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in PRESETS.items() if p.published_params))
+def test_published_params_reproduce_after_rounding(name):
+    assert _rounds_to(count(PRESETS[name].spec).params, PRESETS[name].published_params)
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_ablation_flops_reproduce_or_the_note_says_which_do_not(name):
+    preset = PRESETS[name]
+    reproduced = _rounds_to(count(preset.spec).flops, preset.published_flops)
+    assert reproduced == (preset.note is None), preset.note
+    if preset.note:
+        printed = f"{preset.published_flops / 1e9:.1f}G"
+        assert printed in preset.note and f"{count(preset.spec).flops / 1e9:.3f}G" in preset.note
 
 
 def _args(spec):
-    return spec.block, spec.depths, spec.planes, spec.stem, spec.strides, spec.resolution, spec.num_classes
+    return spec.knobs, spec.depths, spec.planes, spec.stem, spec.strides, spec.resolution, spec.num_classes
 
 
 @pytest.mark.parametrize("name", sorted(n for n, p in PRESETS.items() if p.published_flops is not None))
@@ -69,7 +111,16 @@ def test_published_flops_within_0_3_percent(name):
         assert error <= 0.003
 
 
-SMALL_PRESETS = ["wrn-28-10", "wrn-34-10", "robustresnet-a1", "wrn-a1", "robustwrn-g0.25", "robustwrn-g1"]
+SMALL_PRESETS = [
+    "wrn-28-10",
+    "wrn-34-10",
+    "robustresnet-a1",
+    "wrn-a1",
+    "robustwrn-g0.25",
+    "robustwrn-g1",
+    "vgg-11-r",
+    "densenet-121-r",
+]
 LARGE_PRESETS = sorted(set(REFERENCE) - set(SMALL_PRESETS))
 
 
@@ -81,7 +132,7 @@ def _check_against_fvcore(spec):
     assert total == cost.flops
     assert by_op.get("conv", 0) == cost.conv
     assert by_op.get("linear", 0) == cost.linear
-    assert by_op.get("batch_norm", 0) == cost.norm
+    assert sum(by_op.get(k, 0) for k in ("batch_norm", "group_norm", "layer_norm", "instance_norm")) == cost.norm
     assert by_op.get("adaptive_avg_pool2d", 0) == cost.pool
 
 
@@ -118,6 +169,83 @@ def test_random_specs_closed_form_equals_fvcore_and_numel(spec):
     _check_against_fvcore(spec)
 
 
+def _valid(make):
+    """Draw specs from `make` until one validates (the knobs refuse some planes, e.g. GroupNorm)."""
+
+    @st.composite
+    def draw_spec(draw):
+        try:
+            return make(draw)
+        except ScalerError:
+            assume(False)
+
+    return draw_spec()
+
+
+def _per_stage(draw, values, n=3):
+    """One value for all stages, or one per stage."""
+    if draw(st.booleans()):
+        return draw(st.sampled_from(values))
+    return tuple(draw(st.sampled_from(values)) for _ in range(n))
+
+
+def _knob_spec(draw):
+    blocks = (*BOTTLENECK_BLOCKS, "basic", "basic-post", "inverted")
+    block = _per_stage(draw, blocks)
+    bottleneck = any(b in BOTTLENECK_BLOCKS for b in (block if isinstance(block, tuple) else (block,)))
+    knobs = {}
+    if bottleneck:
+        knobs = dict(
+            scales=_per_stage(draw, [1, 2, 3, 4]),
+            base_width=_per_stage(draw, [10, 20, 40, 160]),
+            cardinality=_per_stage(draw, [1, 2, 4]),
+            se=_per_stage(draw, SE_KINDS),
+            se_reduction=_per_stage(draw, [1, 2, 4, 16]),
+        )
+    return ArchSpec(
+        block,
+        tuple(draw(st.integers(1, 2)) for _ in range(3)),
+        tuple(draw(st.sampled_from([16, 24, 32, 48])) for _ in range(3)),
+        stem=draw(st.sampled_from([8, 16])),
+        activation=_per_stage(draw, ACTIVATIONS),
+        norm=_per_stage(draw, NORMS),
+        kernel_size=_per_stage(draw, [1, 3, 5, 7]),
+        num_classes=draw(st.integers(2, 20)),
+        resolution=draw(st.integers(6, 20)),
+        **knobs,
+    )
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(_valid(_knob_spec))
+def test_random_knobs_closed_form_equals_fvcore_and_numel(spec):
+    """Both block families, post-activation and inverted blocks, every activation, norm, SE
+    placement and kernel size, per stage or for all: the cost model is exact."""
+    _check_against_fvcore(spec)
+
+
+def _family_spec(draw):
+    block = draw(st.sampled_from(["vgg", "dense"]))
+    n = 5 if block == "vgg" else 4
+    return ArchSpec(
+        block,
+        tuple(draw(st.integers(1, 3)) for _ in range(n)),
+        tuple(draw(st.sampled_from([8, 16, 24, 40])) for _ in range(n)),
+        activation=_per_stage(draw, ACTIVATIONS, n),
+        norm=_per_stage(draw, NORMS, n),
+        kernel_size=_per_stage(draw, [1, 3, 5], n),
+        growth=draw(st.sampled_from([8, 16])) if block == "dense" else 32,
+        num_classes=draw(st.integers(2, 20)),
+        resolution=draw(st.sampled_from([32, 40, 64])),
+    )
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(_valid(_family_spec))
+def test_random_vgg_and_densenet_equal_fvcore_and_numel(spec):
+    _check_against_fvcore(spec)
+
+
 def test_continuous_cost_agrees_with_exact_on_published_shapes():
     # Published configs have w = P/4 exactly; the smooth form only differs by the SE floor.
     spec = PRESETS["robustresnet-a2"].spec
@@ -125,3 +253,23 @@ def test_continuous_cost_agrees_with_exact_on_published_shapes():
     assert abs(smooth.flops / count(spec).flops - 1) < 1e-3
     spec = PRESETS["wrn-34-10"].spec
     assert continuous_cost("basic", spec.depths, spec.planes).flops == count(spec).flops
+
+
+@pytest.mark.parametrize("block", BOTTLENECK_BLOCKS)
+@pytest.mark.parametrize("se", SE_KINDS)
+def test_every_se_placement_equals_fvcore_and_numel(block, se):
+    """Each SE placement on both bottlenecks, split (S 3) and whole (S 1), strided and identity blocks."""
+    spec = ArchSpec(
+        block,
+        (2, 1, 2),
+        (16, 32, 32),
+        scales=(3, 1, 2),
+        base_width=40,
+        cardinality=2,
+        se=se,
+        se_reduction=4,
+        norm=("batch", "layer", "instance"),
+        activation="prelu",
+        resolution=12,
+    )
+    _check_against_fvcore(spec)

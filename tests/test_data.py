@@ -1,5 +1,6 @@
 """Data loaders on small generated CIFAR-format files, digits, errors, and batched augmentation."""
 
+import json
 import pickle
 import tarfile
 
@@ -111,3 +112,93 @@ def test_augment_crops_windows_and_flips():
     flips = augment(x, torch.Generator().manual_seed(1), crop=0, flip=True)
     assert all(torch.equal(flips[i], x[i]) or torch.equal(flips[i], x[i].flip(2)) for i in range(6))
     assert torch.equal(augment(x, torch.Generator(), crop=0, flip=False), x)
+
+
+# --------------------------------------------------------------------------- Tiny-ImageNet
+def write_tiny_imagenet(root, wnids=("n02", "n01", "n03"), per_class=2, n_val=4, size=64):
+    """A small Tiny-ImageNet in its standard layout (random JPEGs; one val image is grayscale)."""
+    from PIL import Image
+
+    base = root / "tiny-imagenet-200"
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rng = np.random.default_rng(0)
+    for w in wnids:
+        folder = base / "train" / w / "images"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{w}_{i}.JPEG")
+    lines = []
+    for i in range(n_val):
+        name = f"val_{i}.JPEG"
+        pixels = rng.integers(0, 256, (size, size) if i == 0 else (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(base / "val" / "images" / name)
+        lines.append(f"{name}\t{wnids[i % len(wnids)]}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return base
+
+
+def test_tiny_imagenet_layout_loads_at_64_with_sorted_wnids(tmp_path):
+    from PIL import Image
+
+    base = write_tiny_imagenet(tmp_path)
+    x, y = load_split("tinyimagenet", "train", tmp_path)
+    assert x.shape == (6, 3, 64, 64) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    # Classes are the sorted wnids: n01 -> 0, n02 -> 1, n03 -> 2, and the train images in that order.
+    assert y.tolist() == [0, 0, 1, 1, 2, 2]
+    first = np.array(Image.open(base / "train" / "n01" / "images" / "n01_0.JPEG").convert("RGB"))
+    assert torch.allclose(x[0], torch.from_numpy(first).permute(2, 0, 1).float() / 255)
+    xt, yt = load_split("tinyimagenet", "test", base)  # the folder itself works too
+    assert xt.shape == (4, 3, 64, 64) and yt.tolist() == [1, 0, 2, 1]  # labels from val_annotations.txt
+    assert torch.equal(xt[0, 0], xt[0, 1])  # the grayscale image became RGB
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: (b / "val" / "val_annotations.txt").unlink(), "val_annotations.txt is missing"),
+        (lambda b: (b / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99\n"), "known wnid"),
+        (lambda b: (b / "train" / "n01" / "images" / "n01_0.JPEG").write_bytes(b"not a jpeg"), "cannot read"),
+        (lambda b: (b / "wnids.txt").unlink(), "wnids.txt"),
+    ],
+)
+def test_tiny_imagenet_errors_are_one_line(tmp_path, damage, message):
+    base = write_tiny_imagenet(tmp_path)
+    damage(base)
+    with pytest.raises(ScalerError, match=message):
+        load_split("tinyimagenet", "test" if "annotations" in message or "wnid" in message else "train", tmp_path)
+
+
+def test_tiny_imagenet_refuses_other_sizes(tmp_path):
+    write_tiny_imagenet(tmp_path, size=32)
+    with pytest.raises(ScalerError, match="32x32, not 64x64"):
+        load_split("tinyimagenet", "train", tmp_path)
+
+
+def test_train_on_tiny_imagenet_end_to_end(tmp_path, capsys):
+    """64x64 inputs, 200 classes: the model is built for the data and its FLOPs counted at 64."""
+    from scaler.cost import count
+    from scaler.spec import ArchSpec
+    from scaler_cli.app import main
+
+    write_tiny_imagenet(tmp_path / "data", per_class=4)
+    out = tmp_path / "run"
+    args = ["train", "--block", "robust", "--depths", "1,1,1", "--widths", "1,1,1", "--norm", "group"]
+    args += ["--base-width", "40", "--dataset", "tinyimagenet", "--data-dir", str(tmp_path / "data")]
+    args += ["--epochs", "1", "--batch-size", "4", "--val-size", "2", "--val-n", "2", "--attack-steps", "1"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    config = json.loads((out / "config.json").read_text())
+    spec = ArchSpec.from_dict(config["spec"])
+    assert spec.resolution == 64 and spec.num_classes == 200 and spec.norm == "group"
+    expected = count(spec)
+    source = (out / "model.py").read_text()
+    assert (
+        f"params: {expected.params:,}" in source
+        and f"flops: {expected.flops:,} (fvcore multiply-adds, 1x3x64x64" in source
+    )
+    ckpt = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert ckpt["fc.weight"].shape == (200, 256)
+    assert sum(v.numel() for k, v in ckpt.items() if "running" not in k and "num_batches" not in k) == expected.params
+    assert main(["eval", str(out), "--n", "3", "--attacks", "clean", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["clean"]["n"] == 3

@@ -253,6 +253,27 @@ def test_contradicting_spec_is_refused(layout, changes, stored, message):
         check_spec(LAYOUTS[layout], spec, stored)
 
 
+@pytest.mark.parametrize(
+    "layout, changes, message",
+    [
+        ("wideresnet", {"norm": "group"}, "drop --norm/--kernel-size"),
+        ("robustwideresnet", {"kernel_size": (3, 5, 3)}, "drop --norm/--kernel-size"),
+        ("wideresnet", {"block": "basic-post"}, "basic blocks, the model has basic-post"),
+        ("preactresnet", {"block": ("basic", "inverted", "basic")}, "the model has basic/inverted blocks"),
+        ("preactresnet", {"activation": ("relu", "silu", "relu")}, "throughout, the model relu/silu"),
+        ("dmwideresnet", {"activation": "gelu"}, "uses relu/silu"),
+        ("preactresnet", {"block": "robust", "se": "standard"}, "--se standard"),
+    ],
+)
+def test_design_space_knobs_no_upstream_class_has_are_refused(layout, changes, message):
+    spec = replace(ArchSpec("basic", (1, 1, 1), (16, 32, 64)), **changes)
+    with pytest.raises(ScalerError, match=message):
+        check_spec(LAYOUTS[layout], spec, None)
+    for family in (PRESETS["vgg-11"].spec, PRESETS["densenet-121"].spec):
+        with pytest.raises(ScalerError, match="blocks, the model has (vgg|dense) blocks"):
+            check_spec(LAYOUTS[layout], family, None)
+
+
 def test_consistent_specs_pass():
     spec = ArchSpec("robust", (1, 1, 1), (16, 32, 64), mean=C10[0], std=C10[1], activation="silu")
     check_spec(LAYOUTS["preactresnet"], spec, C10)
@@ -428,6 +449,10 @@ def test_import_into_model_files(capsys, tmp_path, tiny_wrn):
     same = emit(ArchSpec("basic", (1, 1, 1), (16, 32, 64), padding="same"), tmp_path / "same.py")
     _one_line(*run(capsys, "import", path, "--model", same, "-o", tmp_path / "b"), "--padding symmetric")
     _one_line(*run(capsys, "import", path, "--model", emitted, "--padding", "same", "-o", tmp_path / "b"), "--padding")
+    for flag, value in (("--kernel-size", "5"), ("--norm", "group"), ("--se", "none")):
+        _one_line(
+            *run(capsys, "import", path, "--model", emitted, flag, value, "-o", tmp_path / "b"), f"{flag} changes"
+        )
     own = tmp_path / "own.py"
     own.write_text("\n".join(line for line in emitted.read_text().splitlines() if not line.startswith("spec: ")))
     _one_line(*run(capsys, "import", path, "--model", own, "-o", tmp_path / "b"), "carries no scaler spec")

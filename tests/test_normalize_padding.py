@@ -156,3 +156,89 @@ def test_count_reports_normalisation_and_padding(capsys):
     assert data["flops"] == count(PRESETS["wrn-70-16"].spec).flops
     code, out, _ = run(capsys, "count", "wrn-70-16", "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2")
     assert code == 0 and "normalize custom" in out and "padding" not in out
+
+
+# --------------------------------------------------------------------------- with the design space
+@pytest.mark.parametrize(
+    "block, planes, knobs",
+    [
+        ("basic-post", (8, 16, 24), {"kernel_size": 5}),
+        ("robust-post", (32, 64, 96), {"norm": "group", "activation": "gelu"}),
+        ("robust", (16, 32, 48), {"scales": 1, "cardinality": 1, "base_width": 160, "se": "standard"}),
+        ("robust", (16, 32, 48), {"kernel_size": 7, "se": "conv3x3", "se_reduction": 4}),
+        ("inverted", (8, 16, 24), {"kernel_size": 5, "activation": "prelu"}),
+        (("basic", "inverted", "robust"), (8, 16, 32), {"kernel_size": (3, 5, 3)}),
+    ],
+)
+@pytest.mark.parametrize("resolution", [32, 13])
+def test_same_padding_on_every_residual_block_is_exact(block, planes, knobs, resolution):
+    """Every strided k x k conv of every residual block pads "same" (k 1..7); costs stay the
+    symmetric model's, equal to fvcore and numel; on even sizes the function differs from the
+    symmetric one (on odd ones "same" pads k // 2 each side, which is symmetric)."""
+    spec = ArchSpec(block, (2, 1, 2), planes, resolution=resolution, padding="same", **knobs)
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    total, _ = fvcore_flops(model, resolution)
+    cost = count(spec)
+    assert cost == count(replace(spec, padding="symmetric"))
+    assert total == cost.flops and numel(model) == cost.params
+    strided = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert strided and all(m.padding == (0, 0) for m in strided)
+    sym = build_model(replace(spec, padding="symmetric")).eval()
+    sym.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, resolution, resolution)
+    with torch.no_grad():
+        assert torch.allclose(model(x), sym(x), atol=1e-5) == (resolution % 2 == 1)
+
+
+def test_same_pad_follows_tensorflow_for_every_kernel():
+    """The emitted helper pads max((ceil(n/s)-1)s + k - n, 0), the odd pixel right/bottom."""
+    ns = {}
+    exec(compile(render(ArchSpec("basic", (1, 1, 1), (8, 16, 16), padding="same")), "m", "exec"), ns)
+    for n, k, expected in [(32, 3, (0, 1)), (31, 3, (1, 1)), (32, 5, (1, 2)), (32, 7, (2, 3)), (32, 1, (0, 0))]:
+        out = ns["same_pad"](torch.zeros(1, 1, n, n), 2, k)
+        assert out.shape[-1] == n + sum(expected)
+        ones = ns["same_pad"](torch.ones(1, 1, n, n), 2, k)[0, 0, n // 2]
+        assert (int((ones[: expected[0]] == 0).sum()), int((ones[n + expected[0] :] == 0).sum())) == expected
+    assert ns["same_pad"](torch.ones(1, 1, 5, 5), 1, 3).shape == (1, 1, 5, 5)
+
+
+@pytest.mark.parametrize("name", ["vgg-11", "densenet-121-r"])
+def test_same_padding_on_vgg_and_densenet_is_their_one_function(name):
+    """VGG and DenseNet downsample by pooling and have no strided conv, where TensorFlow "same"
+    padding is symmetric: the spec records it, the file says so and computes the same function."""
+    spec = replace(PRESETS[name].spec, padding="same", mean=CIFAR10[0], std=CIFAR10[1])
+    text, sym = render(spec), render(replace(spec, padding="symmetric"))
+    assert "def same_pad(" not in text and "equals symmetric padding" in text and '"padding": "same"' in text
+    strip = [line for line in text.splitlines() if not line.startswith(("spec:", 'Padding "same"'))]
+    assert strip == [line for line in sym.splitlines() if not line.startswith("spec:")]
+
+
+def test_default_knobs_are_left_out_of_spec_json():
+    """Issue 10's knobs join OPTIONAL_FIELDS: a spec at the defaults serialises as before they existed."""
+    from dataclasses import fields
+
+    from scaler.spec import OPTIONAL_FIELDS
+
+    defaults = {f.name: f.default for f in fields(ArchSpec)}
+    assert all(defaults[k] == v for k, v in OPTIONAL_FIELDS.items())
+    old = '{"activation": "relu", "block": "robust", "depths": [14, 14, 7], "mean": null, "name": "a1", '
+    old += (
+        '"num_classes": 10, "planes": [80, 224, 192], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}'
+    )
+    assert ArchSpec.from_json(old).to_json() == old
+    spec = ArchSpec("robust", (1, 1, 1), (16, 32, 64), se="none", kernel_size=(3, 5, 3), padding="same")
+    d = json.loads(spec.to_json())
+    assert d["se"] == "none" and d["kernel_size"] == [3, 5, 3] and d["padding"] == "same" and "norm" not in d
+    assert ArchSpec.from_json(spec.to_json()) == spec
+    full = spec.to_dict(omit_defaults=False)
+    assert full["norm"] == "batch" and full["scales"] == 8 and full["growth"] == 32
+
+
+def test_count_text_shows_knobs_with_normalisation_and_padding(capsys):
+    code, out, _ = run(
+        capsys, "count", "robustresnet-a1", "--se", "standard", "--normalize", "cifar10", "--padding", "same"
+    )
+    assert code == 0 and "normalize cifar10, padding same" in out and "se standard" in out
+    code, out, _ = run(capsys, "count", "vgg-11-r", "--padding", "same", "--json")
+    assert code == 0 and json.loads(out)["padding"] == "same"

@@ -93,10 +93,12 @@ def test_polynomial_and_root_agree_with_sympy():
     assert len(roots) == 1 and float(roots[0]) == pytest.approx(sol.scale, rel=1e-6)
 
 
-def _objective(sol, depths, widths, rule, block):
+def _objective(sol, depths, widths, rule):
+    from dataclasses import replace
+
     from scaler.spec import widths_to_planes
 
-    spec = sol.spec.__class__(block, tuple(depths), widths_to_planes(widths))
+    spec = replace(sol.spec, depths=tuple(depths), planes=widths_to_planes(widths))
     value = sol.target.of(count(spec))
     rel = abs(value / sol.target.value - 1)
     point = sol.continuous
@@ -114,9 +116,8 @@ def test_random_budgets_hit_the_tolerance_and_the_optimum(gflops, rule):
     assert abs(sol.error) <= TOLERANCE
     # Brute force: no configuration in the neighbourhood beats the chosen one on the objective.
     r = RULES[rule]
-    block = r.default_block
-    best = min(_objective(sol, d, w, rule, block) for d, w, _ in r.candidates(sol.continuous, block))
-    assert _objective(sol, sol.spec.depths, sol.spec.widths, rule, block) == pytest.approx(best)
+    best = min(_objective(sol, p.depths, p.widths, rule) for p, _ in r.candidates(sol.continuous, sol.spec))
+    assert _objective(sol, sol.spec.depths, sol.spec.widths, rule) == pytest.approx(best)
 
 
 @settings(max_examples=15, deadline=None)
@@ -140,3 +141,42 @@ def test_unknown_rule():
 def test_absurd_budget_says_why_not():
     with pytest.raises(ScalerError, match="beyond"):
         solve("robustscaling", Budget("flops", 10**18))
+
+
+@pytest.mark.parametrize(
+    "arch, params, preset", [("vgg11", "5.83M", "vgg-11-r"), ("densenet121", "6.00M", "densenet-121-r")]
+)
+def test_robustwrn_on_vgg_and_densenet_reaches_the_published_reductions(arch, params, preset):
+    """At gamma 1 the rule is the paper's -R model: the last stage at round(0.4 * 512) = 205."""
+    from scaler.parsing import parse_budget
+
+    sol = solve("robustwrn", Budget("params", parse_budget(params)), arch=arch)
+    assert sol.spec == PRESETS[preset].spec and sol.published == preset
+    assert sol.cost == count(sol.spec)
+    smaller = solve("robustwrn", Budget("params", 2_000_000), arch=arch)
+    assert abs(smaller.error) <= TOLERANCE and smaller.spec.depths == PRESETS[preset].spec.depths
+    ours, published = smaller.spec.planes, PRESETS[preset].spec.planes
+    assert ours[-1] / ours[-2] == pytest.approx(published[-1] / published[-2], abs=0.02) and ours[0] < 64
+
+
+def test_flops_budgets_are_measured_at_the_resolution():
+    at64 = solve("robustscaling", Budget("flops", 5 * G), resolution=64, num_classes=200)
+    assert at64.spec.resolution == 64 and at64.spec.num_classes == 200
+    assert at64.cost == count(at64.spec) and abs(at64.error) <= TOLERANCE
+    assert sum(at64.spec.depths) < sum(PRESETS["robustresnet-a1"].spec.depths)  # 4x the pixels: a smaller net
+    assert at64.published is None  # the published family is counted at 32x32
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    st.sampled_from(["robust", "robust-post", "basic", "basic-post", "inverted"]),
+    st.sampled_from(["batch", "group", "layer", "instance"]),
+    st.sampled_from([1, 3, 5]),
+    st.sampled_from(["robustscaling", "uniform", "robustwrn"]),
+    st.floats(2.0, 20.0),
+)
+def test_every_rule_scales_every_block(block, norm, kernel_size, rule, gflops):
+    sol = solve(rule, Budget("flops", int(gflops * G)), block=block, knobs={"norm": norm, "kernel_size": kernel_size})
+    assert abs(sol.error) <= TOLERANCE
+    assert sol.spec.blocks == (block,) * 3 and sol.spec.norm == norm and sol.spec.kernel_size == kernel_size
+    assert sol.cost == count(sol.spec)

@@ -41,13 +41,13 @@ def test_spec_is_immutable():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"block": "dense"}, "unknown block"),
+        ({"block": "densenet"}, "unknown block"),
         ({"depths": (0, 1, 1)}, "depth >= 1"),
         ({"depths": (1, 1)}, "3 values"),
         ({"planes": (16, -1, 64)}, "channels >= 1"),
         ({"planes": (16, 32.5, 64)}, "whole numbers"),
         ({"block": "robust", "planes": (15, 32, 64)}, "planes >= 16"),
-        ({"activation": "gelu"}, "unknown activation"),
+        ({"activation": "tanh"}, "unknown activation"),
         ({"num_classes": 1}, "num_classes"),
         ({"mean": (0.5, 0.5, 0.5)}, "both mean and std"),
         ({"mean": (0.5, 0.5, 0.5), "std": (0.1, 0, 0.1)}, "std values"),
@@ -68,3 +68,61 @@ def test_from_json_rejects_garbage():
         ArchSpec.from_json('{"block": "basic", "depths": [1,1,1], "planes": [16,32,64], "evil": 1}')
     with pytest.raises(ScalerError, match="missing"):
         ArchSpec.from_json('{"block": "basic"}')
+
+
+def test_knobs_round_trip_and_uniform_lists_collapse():
+    spec = ArchSpec(
+        ("basic", "robust-post", "robust"),
+        (1, 2, 3),
+        (16, 64, 64),
+        activation=["relu", "prelu", "silu"],
+        norm=("group", "group", "group"),
+        kernel_size=(3, 5, 7),
+        scales=(1, 1, 4),
+        se=("none", "standard", "conv3x3"),
+        se_reduction=4,
+    )
+    assert spec.norm == "group" and spec.kernel_size == (3, 5, 7)  # a uniform list is one value
+    again = ArchSpec.from_json(spec.to_json())
+    assert again == spec and again.knobs == spec.knobs
+    assert json.loads(spec.to_json())["activation"] == ["relu", "prelu", "silu"]
+    assert spec.stage_knobs(1).block == "robust-post" and spec.stage_knobs(1).se == "standard"
+    assert spec.out_channels == 256  # the bottleneck's 4 x P3
+
+
+def test_old_spec_json_without_knobs_loads_as_the_published_model():
+    from scaler.presets import PRESETS
+
+    old = (
+        '{"activation": "relu", "block": "robust", "depths": [14, 14, 7], "mean": null, "name": "a1", '
+        '"num_classes": 10, "planes": [80, 224, 192], "resolution": 32, "std": null, "stem": 16, "strides": [1, 2, 2]}'
+    )
+    spec = ArchSpec.from_json(old)
+    assert spec == PRESETS["robustresnet-a1"].spec
+    assert (spec.scales, spec.base_width, spec.cardinality, spec.se, spec.se_reduction) == (8, 10, 4, "residual", 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"block": "robust", "norm": "group"}, "normalises 4 channels"),  # w = 4 at P 16
+        ({"block": "basic", "planes": (16, 25, 64), "norm": "group"}, "divisible"),  # 25 // 8 = 3 groups
+        ({"block": "robust", "se_reduction": 128}, "no hidden unit"),
+        ({"block": "robust", "se": "identity", "se_reduction": 32}, "identity SE"),
+        ({"block": "robust", "base_width": 5}, "planes >= 32"),
+        ({"block": "basic", "scales": 4}, "apply to the bottleneck blocks"),
+        ({"kernel_size": 4}, "one of 1, 3, 5, 7"),
+        ({"norm": "weight"}, "unknown norm"),
+        ({"se": "squeeze"}, "unknown se"),
+        ({"block": ("basic", "robust")}, "1 or 3 values"),
+        ({"block": ("vgg", "basic", "basic")}, "one --block for all stages"),
+        ({"block": "vgg"}, "5 values"),
+        ({"block": "dense", "depths": (1, 1, 1, 1), "planes": (8, 8, 8, 8), "stem": 8}, "stem and strides"),
+        ({"growth": 12}, "dense block"),
+        ({"block": "vgg", "depths": (1,) * 5, "planes": (8,) * 5, "resolution": 16}, ">= 32 pixels"),
+    ],
+)
+def test_knob_validation_messages(kwargs, message):
+    base = {"block": "basic", "depths": (1, 1, 1), "planes": (16, 32, 64)}
+    with pytest.raises(ScalerError, match=message):
+        ArchSpec(**{**base, **kwargs})

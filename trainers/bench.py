@@ -89,6 +89,7 @@ def bench_train(
     reference=True,
     flops_per_image=None,
     seed=0,
+    resolution=32,
 ) -> dict:
     """Time `steps` training steps of ours (and of the reference loop) on synthetic data."""
     if method not in ("pgd-at", "trades", "mart"):
@@ -110,7 +111,7 @@ def bench_train(
             "compile": compile,
         },
     )
-    x = torch.rand(batch_size, 3, 32, 32, device=dev)
+    x = torch.rand(batch_size, 3, resolution, resolution, device=dev)  # the resolution FLOPs are counted at
     y = torch.randint(0, 10, (batch_size,), device=dev)
     result = {"method": method, "batch_size": batch_size, "steps": steps, "device": str(dev)}
 

@@ -1,8 +1,9 @@
 """Datasets as whole tensors, and batched augmentation on the training device.
 
-`load_split(name, split, data_dir)` returns (images float32 N x 3 x 32 x 32 in [0, 1], labels int64).
-Nothing is ever downloaded: CIFAR comes from a local directory in the standard python layout (or
-its .tar.gz), digits from scikit-learn's bundled copy, and `synthetic` is generated.
+`load_split(name, split, data_dir)` returns (images float32 N x 3 x R x R in [0, 1], labels int64),
+R = 32, or 64 for Tiny-ImageNet. Nothing is ever downloaded: CIFAR comes from a local directory in
+the standard python layout (or its .tar.gz), Tiny-ImageNet from a local directory in its standard
+layout (decoded with Pillow), digits from scikit-learn's bundled copy, and `synthetic` is generated.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import torch.nn.functional as F
 
 from scaler.errors import ScalerError
 
-DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "synthetic": 10}
+DATASETS = ("cifar10", "cifar100", "tinyimagenet", "digits", "synthetic")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "digits": 10, "synthetic": 10}
+RESOLUTION = {"tinyimagenet": 64}
+"""Image side of the datasets that are not 32 x 32."""
+TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
 CIFAR_LAYOUT = {
     "cifar10": (
         "cifar-10-batches-py",
@@ -38,6 +42,8 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None) -> tup
         raise ScalerError(f"unknown split {split!r}; use train or test")
     if name in CIFAR_LAYOUT:
         return _load_cifar(name, split, data_dir)
+    if name == "tinyimagenet":
+        return load_tiny_imagenet(split, data_dir)
     if name == "digits":
         return _load_digits(split)
     if name == "synthetic":
@@ -136,6 +142,69 @@ def load_cifar101(data_dir) -> tuple[torch.Tensor, torch.Tensor]:
         raise ScalerError(f"corrupt CIFAR-10.1 data: {data.shape} {data.dtype}, {len(labels)} labels")
     images = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).float().div_(255).contiguous()
     return images, torch.from_numpy(labels.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- Tiny-ImageNet
+def _tiny_root(data_dir) -> Path:
+    if data_dir is None:
+        raise ScalerError(
+            f"tinyimagenet needs --data-dir: a directory holding {TINY_IMAGENET_FOLDER}/ (or its contents)"
+        )
+    root = Path(data_dir).expanduser()
+    for candidate in (root / TINY_IMAGENET_FOLDER, root):
+        if (candidate / "wnids.txt").is_file():
+            return candidate
+    raise ScalerError(f"tinyimagenet not found: expected {root / TINY_IMAGENET_FOLDER}/wnids.txt")
+
+
+def load_tiny_imagenet(split: str, data_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiny-ImageNet (200 classes, 64 x 64) from its standard layout: wnids.txt,
+    train/<wnid>/images/*.JPEG, val/images/*.JPEG with val/val_annotations.txt (file, wnid, box).
+    The labelled val split serves as the test split (the official test split has no labels).
+    Classes are the sorted wnids (as an ImageFolder on train/ numbers them)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ScalerError("tinyimagenet needs Pillow to decode its JPEGs (pip install pillow)") from None
+    root = _tiny_root(data_dir)
+    wnids = sorted({w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()})
+    if not wnids:
+        raise ScalerError(f"tinyimagenet: {root / 'wnids.txt'} lists no classes")
+    index = {w: i for i, w in enumerate(wnids)}
+    if split == "train":
+        files = []
+        for w in wnids:
+            folder = root / "train" / w / "images"
+            if not folder.is_dir():
+                raise ScalerError(f"tinyimagenet: expected folder {folder} is missing")
+            files += [(p, index[w]) for p in sorted(folder.glob("*.JPEG"))]
+    else:
+        notes = root / "val" / "val_annotations.txt"
+        if not notes.is_file():
+            raise ScalerError(f"tinyimagenet: expected file {notes} is missing")
+        files = []
+        for n, line in enumerate(notes.read_text().splitlines(), 1):
+            parts = line.split("\t")
+            if not line.strip():
+                continue
+            if len(parts) < 2 or parts[1] not in index:
+                raise ScalerError(f"tinyimagenet: {notes}, line {n}: not 'file<TAB>wnid...' with a known wnid")
+            files.append((root / "val" / "images" / parts[0], index[parts[1]]))
+    if not files:
+        raise ScalerError(f"tinyimagenet: no {split} images under {root}")
+    side = RESOLUTION["tinyimagenet"]
+    data = np.empty((len(files), side, side, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(files):
+        try:
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError) as exc:  # missing, truncated or not an image
+            raise ScalerError(f"tinyimagenet: cannot read {path}: {exc}") from None
+        if pixels.shape != (side, side, 3):
+            raise ScalerError(f"tinyimagenet: {path} is {pixels.shape[1]}x{pixels.shape[0]}, not {side}x{side}")
+        data[i] = pixels
+    images = torch.from_numpy(data).permute(0, 3, 1, 2).float().div_(255).contiguous()
+    return images, torch.tensor([label for _, label in files], dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- digits / synthetic

@@ -21,14 +21,14 @@ MEASURE_BATCHES = 8
 
 def calibrate_war(cfg: TrainConfig, out: Path, progress: bool = True) -> float:
     """Train the model with planes halved and the tuned beta inside OUT/war-calibration; return zeta."""
-    from scaler.spec import ArchSpec
+    from scaler.spec import ArchSpec, min_planes
     from trainers.run import train
 
     if cfg.spec is None:
         raise ScalerError("--war-calibrate needs a preset or spec model (it trains a thinner copy)")
     spec = ArchSpec.from_dict(cfg.spec)
-    low = 16 if spec.block == "robust" else 1
-    thin = replace(spec, planes=tuple(max(low, p // 2) for p in spec.planes), name=None)
+    lows = [min_planes(k) for k in spec.knobs]
+    thin = replace(spec, planes=tuple(max(low, p // 2) for low, p in zip(lows, spec.planes)), name=None)
     thin_cfg = replace(cfg, spec=thin.to_dict(), war_calibrate=False, war_zeta=None, save_epochs=(), extra={})
     cal_dir = out / "war-calibration"
     train(thin_cfg, cal_dir, progress=progress)
