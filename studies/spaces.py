@@ -31,10 +31,10 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 
-from scaler.cost import params_flops
+from scaler.cost import count, params_flops
 from scaler.errors import ScalerError
 from scaler.parsing import parse_budget
-from scaler.spec import ArchSpec, widths_to_planes
+from scaler.spec import KNOBS, ArchSpec, widths_to_planes
 
 MAX_ARCHS = 1_000_000
 """Largest space a file may describe (before constraints): a guard against a typo's explosion."""
@@ -128,9 +128,13 @@ class Space:
 
 # --------------------------------------------------------------------------- numbering
 def cost_of(spec: ArchSpec) -> tuple[int, int]:
-    """(params, FLOPs) exactly as `scaler count` gives them, from cached per-stage sums."""
+    """(params, FLOPs) exactly as `scaler count` gives them; residual networks (every built-in
+    space) from cached per-stage sums, with every block knob of the spec."""
+    if spec.family in ("vgg", "densenet"):
+        cost = count(spec)
+        return cost.params, cost.flops
     return params_flops(
-        spec.block, spec.depths, spec.planes, spec.stem, spec.strides, spec.resolution, spec.num_classes
+        spec.knobs, spec.depths, spec.planes, spec.stem, spec.strides, spec.resolution, spec.num_classes
     )
 
 
@@ -281,25 +285,27 @@ def parse_space(data: dict, *, label: str = "space", name: str = "space") -> Spa
     return Space(str(data.get("name") or name), numbered(unique), str(data.get("description") or ""))
 
 
-def _is_tuple_field(key: str) -> bool:
-    f = ArchSpec.__dataclass_fields__.get(key)
-    return f is not None and "tuple" in str(f.type)
+VECTOR_FIELDS = ("mean", "std")
+"""Fields whose one value is a list (per RGB channel): a flat list is one value, not a choice."""
 
 
 def _choices(key: str, value, label: str) -> list:
-    """Choices of a whole-network field: a scalar is fixed, a list is a choice."""
+    """Choices of a network field: a scalar is fixed, a list is a choice. For the block knobs
+    (block, activation, norm, ...) a choice may itself be a per-stage list, e.g.
+    `activation: [relu, [relu, relu, silu]]`."""
     if isinstance(value, dict):
         raise ScalerError(f"{label}: {key} must be a value or a list of choices, not a mapping")
-    if _is_tuple_field(key):  # mean/std: a flat list is one value
+    if key in VECTOR_FIELDS:
         if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
             return [tuple(v) for v in value]
         return [tuple(value) if isinstance(value, list) else value]
     if isinstance(value, list):
         if not value:
             raise ScalerError(f"{label}: {key} has an empty choice list")
-        if any(isinstance(v, (list, dict)) for v in value):
+        per_stage = key in KNOBS
+        if any(isinstance(v, dict) or (isinstance(v, list) and not per_stage) for v in value):
             raise ScalerError(f"{label}: {key} choices must be single values")
-        return list(dict.fromkeys(value))
+        return list(dict.fromkeys(tuple(v) if isinstance(v, list) else v for v in value))
     return [value]
 
 

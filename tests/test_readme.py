@@ -35,7 +35,7 @@ SMALLER = [  # (pattern, replacement) applied to slow commands only
     (r"(--live .*)--queries \d+", r"\1--queries 3"),
     (r"--queries \d+", "--queries 40"),
     (r"\brobustresnet-a1\b", "--block robust --depths 1,1,1 --widths 1,1,1"),
-    (r"--recipe bat", "--recipe bat --epochs 1 --batch-size 16 --attack-steps 1 --val-n 8"),
+    (r"--recipe bat", "--recipe bat --epochs 2 --stop-after 1 --batch-size 16 --attack-steps 1 --val-n 8"),
 ]
 
 

@@ -349,3 +349,16 @@ def test_a_space_costed_for_other_classes_than_the_data_is_refused(tmp_path, cap
     assert main(["sweep", str(space), "--out", str(study), "--dataset", "digits", "--quiet"]) == 2
     assert "num_classes 100 but --dataset digits has 10 classes" in capsys.readouterr().err
     assert not study.exists()
+
+
+def test_space_costs_carry_every_block_knob(tmp_path):
+    """PReLU adds parameters and a 5x5 kernel FLOPs: a space's costs must equal `scaler count`."""
+    from scaler.cost import count
+
+    path = write(tmp_path, "depths: 1\nwidths: 1\nactivation: [relu, prelu, [relu, relu, prelu]]\nkernel_size: [3, 5]\n")
+    space = spaces.load_space(str(path))
+    assert len(space) == 6
+    for arch in space.archs:
+        cost = count(arch.spec)
+        assert (arch.params, arch.flops) == (cost.params, cost.flops)
+    assert len({arch.params for arch in space.archs}) > 2
