@@ -355,7 +355,9 @@ def test_space_costs_carry_every_block_knob(tmp_path):
     """PReLU adds parameters and a 5x5 kernel FLOPs: a space's costs must equal `scaler count`."""
     from scaler.cost import count
 
-    path = write(tmp_path, "depths: 1\nwidths: 1\nactivation: [relu, prelu, [relu, relu, prelu]]\nkernel_size: [3, 5]\n")
+    path = write(
+        tmp_path, "depths: 1\nwidths: 1\nactivation: [relu, prelu, [relu, relu, prelu]]\nkernel_size: [3, 5]\n"
+    )
     space = spaces.load_space(str(path))
     assert len(space) == 6
     for arch in space.archs:
