@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scaler.errors import ScalerError
-from tests_support import write_cifar10
+from tests_support import write_cifar10, write_tiny_imagenet
 from trainers.data import augment, holdout, load_cifar101, load_split
 
 
@@ -115,29 +115,6 @@ def test_augment_crops_windows_and_flips():
 
 
 # --------------------------------------------------------------------------- Tiny-ImageNet
-def write_tiny_imagenet(root, wnids=("n02", "n01", "n03"), per_class=2, n_val=4, size=64):
-    """A small Tiny-ImageNet in its standard layout (random JPEGs; one val image is grayscale)."""
-    from PIL import Image
-
-    base = root / "tiny-imagenet-200"
-    (base / "val" / "images").mkdir(parents=True)
-    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    rng = np.random.default_rng(0)
-    for w in wnids:
-        folder = base / "train" / w / "images"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{w}_{i}.JPEG")
-    lines = []
-    for i in range(n_val):
-        name = f"val_{i}.JPEG"
-        pixels = rng.integers(0, 256, (size, size) if i == 0 else (size, size, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(base / "val" / "images" / name)
-        lines.append(f"{name}\t{wnids[i % len(wnids)]}\t0\t0\t63\t63")
-    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    return base
-
-
 def test_tiny_imagenet_layout_loads_at_64_with_sorted_wnids(tmp_path):
     from PIL import Image
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests_support import write_cifar10
+from tests_support import write_cifar10, write_tiny_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = {"make", "pip", "torchrun"}
@@ -108,13 +108,14 @@ def test_training_readme_commands_run_with_small_settings(tmp_path):
 
     home = tmp_path / "home"
     write_cifar10(home / "data", n=16)
+    write_tiny_imagenet(home / "data")
     work = tmp_path / "work"
     work.mkdir()
-    slow = []
+    commands = []  # all of them, in order: later commands use what earlier ones wrote
     for command in readme_commands():
         if not is_quick(command):
             for pattern, small in SMALLER:
                 command = re.sub(pattern, small, command)
-            slow.append(command)
-    run_all(slow, work, env={**os.environ, "HOME": str(home)})
+        commands.append(command)
+    run_all(commands, work, env={**os.environ, "HOME": str(home)})
     assert (work / "runs" / "a1" / "last.pt").is_file()

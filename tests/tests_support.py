@@ -58,3 +58,26 @@ def write_cifar10(root, n=6, corrupt=None):
     if corrupt:
         (folder / corrupt).write_bytes(b"\x80\x04garbage")
     return folder
+
+
+def write_tiny_imagenet(root, wnids=("n02", "n01", "n03"), per_class=2, n_val=4, size=64):
+    """A small Tiny-ImageNet in its standard layout (random JPEGs; one val image is grayscale)."""
+    from PIL import Image
+
+    base = root / "tiny-imagenet-200"
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rng = np.random.default_rng(0)
+    for w in wnids:
+        folder = base / "train" / w / "images"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{w}_{i}.JPEG")
+    lines = []
+    for i in range(n_val):
+        name = f"val_{i}.JPEG"
+        pixels = rng.integers(0, 256, (size, size) if i == 0 else (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(base / "val" / "images" / name)
+        lines.append(f"{name}\t{wnids[i % len(wnids)]}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return base
