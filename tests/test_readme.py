@@ -31,9 +31,9 @@ SMALLER = [  # (pattern, replacement) applied to slow commands only
     (r"--steps \d+", "--steps 1"),
     (r"--batch-size \d+", "--batch-size 16"),
     (r"--attack-steps \d+", "--attack-steps 1"),
-    (r"--runs \d+", "--runs 2"),
-    (r"(--live .*)--queries \d+", r"\1--queries 3"),
+    (r"--runs \d+", "--runs 1"),
     (r"--queries \d+", "--queries 40"),
+    (r"(--live .*)--queries \d+", r"\1--queries 3"),  # after the line above: live queries train
     (r"\brobustresnet-a1\b", "--block robust --depths 1,1,1 --widths 1,1,1"),
     (r"--recipe bat", "--recipe bat --epochs 2 --stop-after 1 --batch-size 16 --attack-steps 1 --val-n 8"),
 ]
