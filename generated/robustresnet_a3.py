@@ -31,6 +31,95 @@ def make_norm(name: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {name!r}")
 
 
+# Fused formulations. Every block computes one function two ways from one state dict: its
+# `forward_plain` (the reference, written as the papers describe the block; FLOPs are counted
+# on it) and, while `fused` is True (the default), a faster `forward` that equals it to float
+# rounding. BatchNorm is a per-channel map, so it folds into the conv before it in eval mode and
+# several BatchNorms over consecutive channel blocks are one call; a global average pool is
+# taken as a sum (the gradient of a mean is materialised channels-first, which is slow to mix
+# with channels_last tensors).
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as its per-channel affine map: bn(x) = x * scale + shift."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """bn(conv(x)); in eval mode one conv whose weight and bias carry the BatchNorm."""
+    if bn.training:
+        return bn(conv(x))
+    scale, shift = bn_affine(bn)
+    weight = conv.weight * scale[:, None, None, None]
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_bn_many(x: torch.Tensor, convs: nn.ModuleList, bns: nn.ModuleList) -> torch.Tensor:
+    """cat([bn_i(conv_i(x_i))]) for x split into consecutive channel blocks x_i, one per conv (all
+    of one shape), as one grouped conv and one BatchNorm call."""
+    conv = convs[0]
+    weight = torch.cat([c.weight for c in convs])
+    groups = conv.groups * len(convs)
+    if not bns[0].training:
+        scale, shift = (torch.cat(t) for t in zip(*(bn_affine(bn) for bn in bns)))
+        weight = weight * scale[:, None, None, None]
+        return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, groups)
+    return batch_norm_many(F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, groups), bns)
+
+
+def batch_norm_many(x: torch.Tensor, bns: nn.ModuleList) -> torch.Tensor:
+    """Training-mode cat([bn_i(x_i)]) for consecutive channel blocks x_i of x, in one call; each
+    BatchNorm's running statistics and batch count are updated as its own forward would."""
+    first = bns[0]
+    for bn in bns:
+        bn.num_batches_tracked.add_(1)
+    momentum = first.momentum if first.momentum is not None else 1.0 / float(first.num_batches_tracked)
+    mean = torch.cat([bn.running_mean for bn in bns])
+    var = torch.cat([bn.running_var for bn in bns])
+    weight = torch.cat([bn.weight for bn in bns])
+    bias = torch.cat([bn.bias for bn in bns])
+    out = F.batch_norm(x, mean, var, weight, bias, True, momentum, first.eps)
+    with torch.no_grad():
+        for bn, m, v in zip(bns, mean.split(first.num_features), var.split(first.num_features)):
+            bn.running_mean.copy_(m)
+            bn.running_var.copy_(v)
+    return out
+
+
+def residual_se(h: torch.Tensor, skip: torch.Tensor, bn: nn.BatchNorm2d, fc1: nn.Linear, fc2: nn.Linear):
+    """h + skip + SE(bn(h)) with SE(z) = z * sigmoid(fc2(relu(fc1(GAP(z))))). In eval mode
+    bn(h) = h * scale + shift, so GAP(bn(h)) = GAP(h) * scale + shift and the sum is
+    h * (1 + scale * s) + shift * s + skip: two passes over h instead of five."""
+    area = h.shape[2] * h.shape[3]
+    if bn.training:
+        z = bn(h)
+        s = torch.sigmoid(fc2(torch.relu(fc1(z.sum((2, 3)) / area))))
+        return ScaleShiftAdd.apply(z, s, None, h + skip)
+    scale, shift = bn_affine(bn)
+    s = torch.sigmoid(fc2(torch.relu(fc1(h.sum((2, 3)).to(scale.dtype) * (scale / area) + shift))))
+    return ScaleShiftAdd.apply(h, (1 + scale * s).to(h.dtype), (shift * s).to(h.dtype), skip)
+
+
+class ScaleShiftAdd(torch.autograd.Function):
+    """h * gain + offset + skip, gain and offset (optional) per sample and channel: autograd's
+    own addcmul backward makes a pass over h more than the gradients need."""
+
+    @staticmethod
+    def forward(ctx, h, gain, offset, skip):
+        ctx.save_for_backward(h, gain)
+        ctx.has_offset = offset is not None
+        out = torch.addcmul(skip, h, gain[:, :, None, None])
+        return out.add_(offset[:, :, None, None]) if offset is not None else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, gain = ctx.saved_tensors
+        grad_gain = (grad * h).sum((2, 3)) if ctx.needs_input_grad[1] else None
+        grad_offset = grad.sum((2, 3)) if ctx.has_offset and ctx.needs_input_grad[2] else None
+        return grad * gain[:, :, None, None], grad_gain, grad_offset, grad
+
+
 class RobustResBlock(nn.Module):
     """Bottleneck family of RobustResNet (Huang et al., CVPR 2023); its defaults are the
     RobustResBlock: pre-activation bottleneck, hierarchical (S 8) aggregated (G 4) k x k convs
@@ -44,6 +133,11 @@ class RobustResBlock(nn.Module):
     summand, "conv3x3" gates the k x k convs' output, "identity" gates the skip branch's input.
     `preact=False` is the post-activation variant: a norm after conv3, a conv-norm shortcut and the
     activation after the sum.
+
+    With BatchNorm, pre-activation and SE "residual" or "none", `forward` is the fused formulation
+    (`fused`; see above): BN folded into the convs in eval mode, the S - 1 independent convs of a
+    strided block as one grouped conv, and the residual SE in two passes. Other variants, or
+    `fused = False`, run `forward_plain`.
     """
 
     def __init__(
@@ -92,6 +186,7 @@ class RobustResBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, 0, bias=False)
             if not preact:
                 self.shortcut = nn.Sequential(self.shortcut, make_norm(norm, out_channels))
+        self.fused = norm == "batch" and preact and se in ("residual", "none")
 
     def gate(self, z: torch.Tensor) -> torch.Tensor:
         """Squeeze-and-excitation: z * sigmoid(FC(ReLU(FC(GAP(z)))))."""
@@ -112,6 +207,29 @@ class RobustResBlock(nn.Module):
         return torch.cat(outs, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return self.forward_plain(x)
+        skip = x if self.shortcut is None else self.shortcut(self.act(self.bn1(x)))
+        h = self.conv3(self.fused_split_convs(self.act(conv_bn(x, self.conv1, self.bn2))))
+        if self.se == "residual":
+            return residual_se(h, skip, self.se_bn, self.se_fc1, self.se_fc2)
+        return h + skip
+
+    def fused_split_convs(self, h: torch.Tensor) -> torch.Tensor:
+        """`split_convs` with every conv-BN pair fused; a strided block's convs run as one."""
+        if self.scales == 1:
+            return self.act(conv_bn(h, self.convs[0], self.bns[0]))
+        if self.stride > 1:  # no cascade: the S - 1 convs are independent
+            head, last = torch.split(h, [h.shape[1] - self.width, self.width], dim=1)
+            return torch.cat([self.act(conv_bn_many(head, self.convs, self.bns)), self.pool(last)], dim=1)
+        chunks = torch.split(h, self.width, dim=1)
+        outs = [self.act(conv_bn(chunks[0], self.convs[0], self.bns[0]))]
+        for chunk, conv, bn in zip(chunks[1:], self.convs[1:], self.bns[1:]):
+            outs.append(self.act(conv_bn(chunk + outs[-1], conv, bn)))
+        outs.append(chunks[-1])
+        return torch.cat(outs, dim=1)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.gate(x) if self.se == "identity" else x
         if self.shortcut is not None:
             skip = self.shortcut(self.act(self.bn1(skip)) if self.preact else skip)
@@ -200,13 +318,16 @@ class RobustResNet(nn.Module):
         self.bn = make_norm("batch", 1280)
         self.act = make_act("relu")
         self.fc = nn.Linear(1280, num_classes)
+        self.fused = True  # the head's global average pool as a sum (its gradient keeps channels_last)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.stage3(self.stage2(self.stage1(x)))
-        x = F.adaptive_avg_pool2d(self.act(self.bn(x)), 1).flatten(1)
-        return self.fc(x)
+        x = self.act(self.bn(x))
+        if self.fused:
+            return self.fc(x.sum((2, 3)) / (x.shape[2] * x.shape[3]))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 def init_weights(model: nn.Module) -> None:

@@ -31,11 +31,37 @@ def make_norm(name: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {name!r}")
 
 
+# Fused formulations. Every block computes one function two ways from one state dict: its
+# `forward_plain` (the reference, written as the papers describe the block; FLOPs are counted
+# on it) and, while `fused` is True (the default), a faster `forward` that equals it to float
+# rounding. BatchNorm is a per-channel map, so it folds into the conv before it in eval mode and
+# several BatchNorms over consecutive channel blocks are one call; a global average pool is
+# taken as a sum (the gradient of a mean is materialised channels-first, which is slow to mix
+# with channels_last tensors).
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as its per-channel affine map: bn(x) = x * scale + shift."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """bn(conv(x)); in eval mode one conv whose weight and bias carry the BatchNorm."""
+    if bn.training:
+        return bn(conv(x))
+    scale, shift = bn_affine(bn)
+    weight = conv.weight * scale[:, None, None, None]
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class BasicBlock(nn.Module):
     """Two k x k convs plus a skip (He et al.). Pre-activation (the WRN block, default):
     norm-act-conv-norm-act-conv, the skip a 1x1 strided conv on the pre-activation (no norm) when
     the shape changes. Post-activation (`preact=False`, the original ResNet): conv-norm-act-conv-norm,
     a conv-norm skip, and the activation after the sum.
+    With BatchNorm, `forward` folds each norm that follows a conv into that conv in eval mode
+    (`fused`; see above); `forward_plain` is the reference.
     """
 
     def __init__(
@@ -74,8 +100,20 @@ class BasicBlock(nn.Module):
                     nn.Conv2d(in_channels, out_channels, 1, stride, 0, bias=False), make_norm(norm, out_channels)
                 )
             self.act2 = make_act(act)
+        self.fused = norm == "batch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return self.forward_plain(x)
+        if not self.preact:
+            y = self.act1(conv_bn(x, self.conv1, self.bn1))
+            skip = x if self.shortcut is None else conv_bn(x, self.shortcut[0], self.shortcut[1])
+            return self.act2(conv_bn(y, self.conv2, self.bn2) + skip)
+        pre = self.act1(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(pre)
+        return self.conv2(self.act2(conv_bn(pre, self.conv1, self.bn2))) + skip
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         if not self.preact:
             y = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
             skip = x if self.shortcut is None else self.shortcut(x)
@@ -116,13 +154,16 @@ class WideResNet(nn.Module):
         self.bn = make_norm("batch", 640)
         self.act = make_act("relu")
         self.fc = nn.Linear(640, num_classes)
+        self.fused = True  # the head's global average pool as a sum (its gradient keeps channels_last)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.stage3(self.stage2(self.stage1(x)))
-        x = F.adaptive_avg_pool2d(self.act(self.bn(x)), 1).flatten(1)
-        return self.fc(x)
+        x = self.act(self.bn(x))
+        if self.fused:
+            return self.fc(x.sum((2, 3)) / (x.shape[2] * x.shape[3]))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 def init_weights(model: nn.Module) -> None:

@@ -3,19 +3,37 @@ FLOPs (multiply-adds) and the parameter numel. Imports torch and fvcore when cal
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+
+@contextmanager
+def plain_formulation(model):
+    """Run every block of an emitted model in its plain (reference) formulation, `fused = False`,
+    restoring the flags on exit: the fused one computes the same function with other operators
+    (BatchNorm folded into convs, a pool taken as a sum), and FLOPs are counted on the plain one."""
+    flags = [(m, m.fused) for m in model.modules() if isinstance(getattr(m, "fused", None), bool)]
+    for m, _ in flags:
+        m.fused = False
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.fused = flag
+
 
 def fvcore_flops(model, resolution: int = 32) -> tuple[int, dict]:
-    """fvcore's total and per-operator count of an eval-mode model on one random input."""
+    """fvcore's total and per-operator count of an eval-mode model (its plain formulation) on one random input."""
     import logging
 
     import torch
     from fvcore.nn import FlopCountAnalysis
 
     logging.getLogger("fvcore").setLevel(logging.ERROR)
-    analysis = FlopCountAnalysis(model.eval(), torch.rand(1, 3, resolution, resolution))
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    return int(analysis.total()), dict(analysis.by_operator())
+    with plain_formulation(model):
+        analysis = FlopCountAnalysis(model.eval(), torch.rand(1, 3, resolution, resolution))
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        return int(analysis.total()), dict(analysis.by_operator())
 
 
 def numel(model) -> int:

@@ -1,0 +1,130 @@
+"""The fused formulation of the emitted blocks computes the plain one's function from the same
+state dict: outputs, input and parameter gradients and BatchNorm statistics agree to float64
+rounding in train and eval mode, for every knob the fused path covers (and the others fall back)."""
+
+import copy
+
+import pytest
+import torch
+
+from scaler.builder import build_model
+from scaler.cost import count
+from scaler.spec import ArchSpec
+from scaler.verify import fvcore_flops, plain_formulation
+
+ROBUST = dict(block="robust", depths=(1, 1, 1), planes=(16, 32, 64))
+SPECS = {
+    "robust": ArchSpec("robust", (2, 1, 1), (16, 32, 64)),  # an identity block too
+    "robust-se-none": ArchSpec(**ROBUST, se="none"),
+    "robust-s1": ArchSpec(**ROBUST, scales=1, cardinality=1, base_width=160),
+    "robust-k5-silu": ArchSpec(**ROBUST, kernel_size=5, activation="silu"),
+    "robust-same-pad": ArchSpec(**ROBUST, padding="same"),
+    "robust-g2": ArchSpec(**ROBUST, cardinality=2, scales=4),
+    "basic": ArchSpec("basic", (2, 1, 1), (16, 32, 64)),
+    "basic-same-pad": ArchSpec("basic", (1, 1, 1), (16, 32, 64), padding="same"),
+    "basic-post": ArchSpec("basic-post", (1, 1, 1), (16, 32, 64)),
+    "mixed": ArchSpec(("basic", "basic", "robust"), (1, 1, 1), (16, 32, 64)),
+}
+FALLBACK = {
+    "robust-se-standard": ArchSpec(**ROBUST, se="standard"),
+    "robust-post": ArchSpec("robust-post", (1, 1, 1), (16, 32, 64)),
+    "robust-layer-norm": ArchSpec(**ROBUST, norm="layer"),
+}
+
+
+def randomise_batchnorm(model, gen):
+    """Running statistics and affine parameters away from their init, so folding is not trivial."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen, dtype=m.running_mean.dtype) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=gen, dtype=m.running_var.dtype) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(n, generator=gen, dtype=m.weight.dtype) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen, dtype=m.bias.dtype) * 0.1)
+
+
+def pair(spec):
+    torch.manual_seed(0)
+    fused = build_model(spec).double()
+    randomise_batchnorm(fused, torch.Generator().manual_seed(1))
+    plain = copy.deepcopy(fused)
+    for m in plain.modules():
+        if hasattr(m, "fused"):
+            m.fused = False
+    return fused, plain
+
+
+def run(model, x, y, train: bool):
+    model.train(train)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    torch.nn.functional.cross_entropy(out, y).backward()
+    return out.detach(), x.grad
+
+
+QUICK = ("robust", "basic", "robust-same-pad", "mixed")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in sorted(SPECS)]
+)
+def test_fused_equals_plain(name, train):
+    fused, plain = pair(SPECS[name])
+    assert any(getattr(m, "fused", False) for m in fused.modules() if m is not fused), "no block runs fused"
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 3, 8, 8, generator=gen, dtype=torch.float64)  # float64 convs are slow on the CPU
+    y = torch.randint(0, 10, (3,), generator=gen)
+    for _ in range(2 if train else 1):  # the second pass sees the running statistics the first updated
+        out_f, gx_f = run(fused, x, y, train)
+        out_p, gx_p = run(plain, x, y, train)
+        torch.testing.assert_close(out_f, out_p, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(gx_f, gx_p, rtol=1e-8, atol=1e-12)
+    for (key, p), q in zip(fused.named_parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None), key
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-11, msg=key)
+    state_f, state_p = fused.state_dict(), plain.state_dict()
+    assert list(state_f) == list(state_p)
+    for key in state_f:
+        torch.testing.assert_close(state_f[key], state_p[key], rtol=1e-12, atol=1e-14, msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(FALLBACK))
+def test_unfused_variants_run_plain(name):
+    """SE placements, norms and layouts the fused path does not cover run their plain forward."""
+    model = build_model(FALLBACK[name])
+    blocks = [m for n, m in model.named_modules() if n.startswith("stage") and n.count(".") == 1]
+    assert blocks and not any(getattr(b, "fused", False) for b in blocks)
+
+
+def test_bf16_channels_last_close_to_plain():
+    """The speed path itself (bf16 autocast, channels_last): outputs within bf16 rounding."""
+    torch.manual_seed(0)
+    fused = build_model(SPECS["robust"]).eval().to(memory_format=torch.channels_last)
+    randomise_batchnorm(fused, torch.Generator().manual_seed(1))
+    x = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = fused(x).float()
+        with plain_formulation(fused):
+            b = fused(x).float()
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()
+
+
+@pytest.mark.parametrize("name", ["robust", "basic", "robust-same-pad"])
+def test_flops_are_counted_on_the_plain_formulation(name):
+    """fvcore sees the plain formulation (the flags are restored after): the cost model's count."""
+    spec = SPECS[name]
+    model = build_model(spec)
+    total, _ = fvcore_flops(model, spec.resolution)
+    assert total == count(spec).flops
+    assert all(m.fused for m in model.modules() if hasattr(m, "fused"))
+
+
+def test_plain_and_fused_state_dicts_load_into_each_other():
+    """A checkpoint written by either formulation loads strictly into the other (same names)."""
+    fused, plain = pair(SPECS["robust"])
+    fused.load_state_dict(plain.state_dict())
+    plain.load_state_dict(fused.state_dict())
+    assert list(fused.state_dict()) == list(plain.state_dict())
