@@ -67,9 +67,7 @@ QUICK = ("robust", "basic", "robust-same-pad", "mixed")
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize(
-    "name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in sorted(SPECS)]
-)
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in sorted(SPECS)])
 def test_fused_equals_plain(name, train):
     fused, plain = pair(SPECS[name])
     assert any(getattr(m, "fused", False) for m in fused.modules() if m is not fused), "no block runs fused"
