@@ -171,5 +171,12 @@ def bench_train_cmd(
         print(
             f"reference  {result['reference_images_per_s']:.1f} images/s (fp32 NCHW)   speedup {result['speedup']:.2f}x"
         )
-    if "tflops_per_s" in result:
-        print(f"achieved   {result['tflops_per_s']:.2f} TFLOP/s (cost-model FLOPs x 3 x (attack steps + 1))")
+    if "gflops_per_s" in result:
+        line = f"ours       {result['gflops_per_s']:.1f} GFLOP/s = {100 * result['fraction_of_peak']:.1f}% of this machine's "
+        line += f"{result['peak_precision']} matmul peak ({result['peak_gflops_per_s']:.0f} GFLOP/s)"
+        print(line)
+        if reference:
+            print(
+                f"reference  {result['reference_gflops_per_s']:.1f} GFLOP/s = {100 * result['reference_fraction_of_peak']:.1f}% of the fp32 peak"
+            )
+        print("GFLOP/s: the cost model's multiply-adds (attack steps 2x a forward, trained forwards 3x) per second")

@@ -104,8 +104,12 @@ def test_bench_cli_json(capsys):
     )
     data = json.loads(capsys.readouterr().out)
     spec = ArchSpec("basic", (1, 1, 1), (16, 32, 64))
-    attack_steps = 10  # the bat recipe's training attack
-    assert data["flops_per_step"] == count(spec).flops * 3 * (attack_steps + 1) * 8
+    attack_steps = 10  # the bat recipe's training attack: 2 forwards' worth each, the update 3
+    assert data["flops_per_step"] == count(spec).flops * (2 * attack_steps + 3) * 8
+    assert data["gflops_per_s"] == pytest.approx(data["flops_per_step"] / data["seconds_per_step"] / 1e9)
+    assert data["fraction_of_peak"] == pytest.approx(data["gflops_per_s"] / data["peak_gflops_per_s"])
+    assert 0 < data["fraction_of_peak"] < 1 and data["peak_precision"] == data["precision"]
+    assert data["reference_gflops_per_s"] == pytest.approx(data["gflops_per_s"] / data["speedup"])
     assert data["batch_size"] == 8 and data["steps"] == 1 and data["method"] == "pgd-at"
     assert data["channels_last"] is True  # no hazard: every strided shortcut sees >= 16 channels
     assert data["precision"] == ("bf16" if resolve_precision("auto", torch.device("cpu")) else "fp32")
@@ -191,3 +195,14 @@ def test_training_attacks_run_with_batchnorm_folded(monkeypatch, method):
     stepper.step(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)), lr=0.1)
     assert folded_counts and all(n > 0 and folded == n for n, folded in folded_counts)
     assert not any("forward" in m.__dict__ for m in model.modules())  # restored after the attack
+
+
+def test_training_step_flops_per_method():
+    """One forward F: attack steps cost 2F (no weight gradients), trained forwards 3F; TRADES's
+    attack adds a clean forward and TRADES/MART train on both batches."""
+    from trainers.bench import training_step_flops
+
+    assert training_step_flops("pgd-at", 10, 1) == 23
+    assert training_step_flops("trades", 10, 1) == 27
+    assert training_step_flops("mart", 10, 1) == 26
+    assert training_step_flops("pgd-at", 0, 5) == 15

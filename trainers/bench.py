@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from scaler.errors import ScalerError
 from trainers.config import make_config
+from trainers.peak import efficiency
 from trainers.step import Stepper, make_optimizer, resolve_device, resolve_precision, training_layout
 
 
@@ -43,6 +44,16 @@ def _timer(device):
         return time.perf_counter() - t["t0"]
 
     return begin_cpu, finish_cpu
+
+
+def training_step_flops(method: str, attack_steps: int, flops_per_image: int) -> int:
+    """Multiply-adds of one training step per image, F being one forward: an attack step is a
+    forward and an input-gradient backward (2F, no weight gradients), a trained forward 3F
+    (forward, input and weight gradients); TRADES's attack starts with one clean forward, and
+    TRADES and MART train on the clean and the adversarial batch."""
+    attack = 2 * attack_steps + (1 if method == "trades" and attack_steps else 0)
+    trained = 2 if method in ("trades", "mart") else 1
+    return flops_per_image * (attack + 3 * trained)
 
 
 def reference_step(model, opt, x, y, cfg) -> float:
@@ -138,9 +149,9 @@ def bench_train(
     result["seconds_per_step"] = seconds
     result["images_per_s"] = batch_size / seconds
     if flops_per_image:
-        step_flops = flops_per_image * 3 * (cfg.attack_steps + 1) * batch_size
+        step_flops = training_step_flops(method, cfg.attack_steps, flops_per_image) * batch_size
         result["flops_per_step"] = step_flops
-        result["tflops_per_s"] = step_flops / seconds / 1e12
+        result.update(efficiency(step_flops / seconds, dev.type, result["precision"]))
     if reference:
         ref_model = copy.deepcopy(model).to(dev)
         ref_opt = torch.optim.SGD(
@@ -149,6 +160,10 @@ def bench_train(
         ref_seconds = _time(lambda: reference_step(ref_model, ref_opt, x, y, cfg), steps, warmup, dev)
         result["reference_images_per_s"] = batch_size / ref_seconds
         result["speedup"] = ref_seconds / seconds
+        if flops_per_image:
+            ref = efficiency(step_flops / ref_seconds, dev.type, "fp32")
+            result["reference_gflops_per_s"] = ref["gflops_per_s"]
+            result["reference_fraction_of_peak"] = ref["fraction_of_peak"]
     return result
 
 
