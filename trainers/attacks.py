@@ -7,6 +7,7 @@ Randomness comes from an explicit `torch.Generator`, so attacks are reproducible
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import contextmanager, nullcontext
 
@@ -48,15 +49,22 @@ def folded_batchnorm(model: torch.nn.Module):
             shift = -m.running_mean * scale
             if m.bias is not None:
                 shift = shift + m.bias
-            shape = (1, -1) + (1,) * 2
-            s, b = scale.detach().view(shape), shift.detach().view(shape)
-            m.forward = lambda x, s=s, b=b: torch.addcmul(b.to(x.dtype), x, s.to(x.dtype))
-            patched.append(m)
+            patched.append((m, m.__dict__.get("forward")))  # an outer folding's patch comes back on exit
+            m.forward = functools.partial(_affine, scale.detach(), shift.detach())
     try:
         yield model
     finally:
-        for m in patched:
-            del m.forward
+        for m, previous in patched:
+            if previous is None:
+                del m.forward
+            else:
+                m.forward = previous
+
+
+def _affine(scale: torch.Tensor, shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x * scale + shift per channel (dim 1), for inputs of any rank (BatchNorm1d/2d/3d)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -105,7 +113,9 @@ def pgd(
     fold_bn: bool = False,
 ) -> torch.Tensor:
     """L-inf PGD with sign steps on CE or the CW margin; returns the adversarial batch (detached).
-    `fold_bn` runs BatchNorm as its affine map during the attack (training speed path)."""
+    `fold_bn` runs BatchNorm as its affine map during the attack, `autocast_dtype` its forward and
+    backward in that dtype (x_adv, the step and the projection stay in x's dtype); the speed paths of
+    training and evaluation. No host synchronisation inside the loop."""
     loss_fn = LOSSES[loss]
     x = x.detach()
     with frozen_eval(model), _maybe_fold(model, fold_bn):
@@ -119,9 +129,9 @@ def pgd(
     return x_adv.detach()
 
 
-def fgsm(model, x, y, *, eps: float) -> torch.Tensor:
+def fgsm(model, x, y, *, eps: float, autocast_dtype: torch.dtype | None = None, fold_bn: bool = False) -> torch.Tensor:
     """One step of size eps along the sign of the CE gradient, no random start."""
-    return pgd(model, x, y, eps=eps, step=eps, steps=1, start="none")
+    return pgd(model, x, y, eps=eps, step=eps, steps=1, start="none", autocast_dtype=autocast_dtype, fold_bn=fold_bn)
 
 
 def trades_attack(
@@ -162,14 +172,40 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage().strip())
 
 
+class Autocast(torch.nn.Module):
+    """`model` with its forward (and so its backward) under autocast to `dtype` and fp32 logits:
+    for code that calls the model itself (AutoAttack)."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x).float()
+
+
 def autoattack(
-    model, x, y, *, eps: float, version: str = "standard", seed: int = 0, batch_size: int = 250, progress: bool = False
+    model,
+    x,
+    y,
+    *,
+    eps: float,
+    version: str = "standard",
+    seed: int = 0,
+    batch_size: int = 250,
+    progress: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """AutoAttack through `pyautoattack` (seeded). version: 'standard' (APGD-CE, APGD-T, FAB-T,
     Square) or 'compact' (NARes AA-Compact: APGD-CE with 1 restart + APGD-T with 9 targets).
-    Returns the adversarial batch and AutoAttack's own warning messages (its sanity checks)."""
+    Returns the adversarial batch and AutoAttack's own warning messages (its sanity checks).
+    `autocast_dtype` runs the model under autocast (its logits and AutoAttack's own arithmetic stay
+    fp32); without it the model is called as given, exactly as pyautoattack run directly would."""
     from pyautoattack import AutoAttack
 
+    if autocast_dtype is not None:
+        model = Autocast(model, autocast_dtype)
     with frozen_eval(model):
         if version == "standard":
             aa = AutoAttack(model, eps=eps, norm="Linf", seed=seed, version="standard", device=x.device)
