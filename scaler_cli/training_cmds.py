@@ -65,7 +65,8 @@ def eval_cmd(
     eps: Optional[str] = typer.Option(None, help="L-inf radius [default: the run's, else 8/255]."),
     n: Optional[int] = typer.Option(None, help="Evaluate the first n test points [default: all]."),
     seed: int = typer.Option(0, help="Seed of the attacks' random starts."),
-    batch_size: int = typer.Option(256, help="Evaluation batch size."),
+    batch_size: Optional[int] = typer.Option(None, help="Evaluation batch size [default: 32 on a CPU, 256 on a GPU]."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast of the attacks and logits; faster)."),
     per_block_lipschitz: bool = typer.Option(False, "--per-block-lipschitz", help="LIP at every block output."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -81,7 +82,7 @@ def eval_cmd(
     names = parse_attacks(attacks)
     if n is not None and n < 1:
         raise ScalerError("--n must be >= 1")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ScalerError("--batch-size must be >= 1")
     results, info = trainers.evaluate(
         target,
@@ -96,6 +97,7 @@ def eval_cmd(
         device=device,
         progress=not quiet,
         announce=(lambda line: print(line, file=sys.stderr)) if not quiet else None,
+        precision=precision,
     )
     if as_json:
         print(json.dumps({**results, "checkpoint": info}, indent=2))
@@ -103,7 +105,7 @@ def eval_cmd(
     when = f"imported, {info['imported']['format']}" if "imported" in info else f"epoch {info['epoch']}"
     print(
         f"{info['checkpoint']} ({when}{', unfinished run' if info.get('unfinished') else ''}; "
-        f"{info['dataset']}, {info['n']} points, eps {info['eps']:.5f})"
+        f"{info['dataset']}, {info['n']} points, eps {info['eps']:.5f}{', bf16' if precision == 'bf16' else ''})"
     )
     rows = [
         [name, f"{r['accuracy']:.2f}", f"{r['stable']:.2f}", f"{r['lip']:.3f}"]

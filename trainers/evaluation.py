@@ -2,20 +2,36 @@
 
 Definitions (Huang et al., NeurIPS 2021; NARes): stable accuracy is the share of points whose prediction under
 attack equals the clean prediction, right or wrong; LIP is the mean over samples of
-||f(x) - f(x')||_1 / (||x - x'||_inf + 1e-6) on logits. Evaluation runs in fp32.
+||f(x) - f(x')||_1 / (||x - x'||_inf + 1e-6) on logits.
+
+Speed without changing what is computed: the attacks run with parameters frozen (input gradients
+only), eval-mode BatchNorm as its exact affine map, channels_last tensors for CNNs (NCHW where
+`trainers.step.channels_last_hazard` says so) and no host synchronisation inside an attack; fp32
+results equal the plain NCHW path's to float rounding. `precision="bf16"` autocasts the attacks'
+and the logits' forward and backward (perturbations, projections and logits stay fp32). The
+default is fp32; AutoAttack in fp32 calls the model as given, as pyautoattack run directly does.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from scaler.errors import ScalerError
-from trainers.attacks import autoattack, fgsm, pgd
+from trainers.attacks import autoattack, fgsm, folded_batchnorm, pgd
 
 ATTACKS = ("clean", "fgsm", "pgd20", "cw40", "aa", "aa-compact")
 DEFAULT_ATTACKS = ("clean", "pgd20", "cw40")
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_BATCH_SIZE = 256  # on a GPU
+CPU_BATCH_SIZE = 32  # attacks on a CPU run fastest on small, cache-sized batches (README: bench eval)
+
+
+def default_batch_size(device) -> int:
+    """The evaluation batch size that measured fastest on the device type."""
+    return CPU_BATCH_SIZE if torch.device(device).type == "cpu" else DEFAULT_BATCH_SIZE
 
 
 def parse_attacks(text: str) -> list[str]:
@@ -28,20 +44,93 @@ def parse_attacks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of an evaluation precision (None = fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    raise ScalerError(f"unknown precision {precision!r}; choose fp32 or bf16")
+
+
+def resolve_val_precision(val_precision: str, precision: str, device) -> str:
+    """The precision of per-epoch validation: 'auto' is bf16 when the training precision resolves
+    to bf16 here (trainers.step.resolve_precision), else fp32."""
+    from trainers import step
+
+    if val_precision == "auto":
+        return "bf16" if step.resolve_precision(precision, torch.device(device)) == torch.bfloat16 else "fp32"
+    precision_dtype(val_precision)
+    return val_precision
+
+
+def eval_layout(model, x: torch.Tensor, channels_last: bool = True) -> bool:
+    """Whether evaluation runs channels_last: asked for, 4-d inputs, a model with 2-d convolutions,
+    and no layout hazard for it here (the rule training follows; said nowhere, NCHW is as exact)."""
+    from trainers.step import channels_last_hazard
+
+    if not channels_last or x.dim() != 4:
+        return False
+    if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return False
+    return channels_last_hazard(model, x.device) is None
+
+
+@contextmanager
+def in_layout(model, channels_last: bool):
+    """The model's 4-d parameters and buffers in channels_last inside; a model that was NCHW
+    (contiguous) before is NCHW again on exit."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4]
+    contiguous = all(t.is_contiguous() for t in tensors)
+    if not channels_last or not tensors:
+        yield model
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        if contiguous:
+            model.to(memory_format=torch.contiguous_format)
+
+
 @torch.no_grad()
-def logits_of(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def logits_of(
+    model,
+    x: torch.Tensor,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    fold_bn: bool = False,
+) -> torch.Tensor:
+    """fp32 logits of x in eval mode, in batches (under autocast to `autocast_dtype` if given)."""
     was = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
-    model.train(was)
+    try:
+        with folded_batchnorm(model) if fold_bn else nullcontext():
+            with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    finally:
+        model.train(was)
     return out
 
 
 def adversarial(
-    model, name: str, x, y, *, eps: float, seed: int, batch_size: int, messages: list[str], progress: bool = False
+    model,
+    name: str,
+    x,
+    y,
+    *,
+    eps: float,
+    seed: int,
+    batch_size: int,
+    messages: list[str],
+    progress: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    fold_bn: bool = False,
 ):
     """The adversarial version of (x, y) under attack `name`, in batches, seeded. `progress` shows
-    a bar per attack with its ETA on stderr."""
+    a bar per attack with its ETA on stderr; `autocast_dtype` and `fold_bn` are the attacks' speed
+    options (AutoAttack takes the first only)."""
     if name == "clean":
         return x
     if name in ("aa", "aa-compact"):
@@ -54,19 +143,21 @@ def adversarial(
             seed=seed,
             batch_size=batch_size,
             progress=progress,
+            autocast_dtype=autocast_dtype,
         )
         messages.extend(f"AutoAttack: {m}" for m in msgs)
         return x_adv
     gen = torch.Generator(device=x.device).manual_seed(seed)
+    fast = dict(autocast_dtype=autocast_dtype, fold_bn=fold_bn)
     out = []
     for i in _bar(range(0, len(x), batch_size), name, progress):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         if name == "fgsm":
-            out.append(fgsm(model, xb, yb, eps=eps))
+            out.append(fgsm(model, xb, yb, eps=eps, **fast))
         elif name == "pgd20":
-            out.append(pgd(model, xb, yb, eps=eps, step=eps / 10, steps=20, loss="ce", generator=gen))
+            out.append(pgd(model, xb, yb, eps=eps, step=eps / 10, steps=20, loss="ce", generator=gen, **fast))
         elif name == "cw40":
-            out.append(pgd(model, xb, yb, eps=eps, step=eps / 10, steps=40, loss="cw", generator=gen))
+            out.append(pgd(model, xb, yb, eps=eps, step=eps / 10, steps=40, loss="cw", generator=gen, **fast))
         else:
             raise ScalerError(f"unknown attack {name!r}")
     return torch.cat(out)
@@ -96,31 +187,65 @@ def evaluate(
     *,
     eps: float = 8 / 255,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     per_block: bool = False,
     progress: bool = False,
+    precision: str = "fp32",
+    channels_last: bool = True,
+    fold_bn: bool = True,
 ) -> dict:
     """{attack: {accuracy, stable, lip, loss, n}} plus 'warnings' (gradient-masking sanity flags);
-    loss is the mean cross-entropy of the (attacked) logits, as NARes records it."""
+    loss is the mean cross-entropy of the (attacked) logits, as NARes records it. `precision`
+    fp32 or bf16 (autocast); `channels_last` and `fold_bn` are the exact speed paths (on by
+    default; off, evaluation runs as plain NCHW eval-mode code); `batch_size` defaults to
+    `default_batch_size` of x's device. The model comes back in its mode and layout."""
+    dtype = precision_dtype(precision)
+    if batch_size is None:
+        batch_size = default_batch_size(x.device)
+    if batch_size < 1:
+        raise ScalerError("--batch-size must be >= 1")
+    for name in attacks:
+        if name not in ATTACKS:
+            raise ScalerError(f"unknown attack {name!r}; choose from {','.join(ATTACKS)}")
+    layout = eval_layout(model, x, channels_last)
+    xs = x.contiguous(memory_format=torch.channels_last) if layout else x
+    fast = dict(autocast_dtype=dtype, fold_bn=fold_bn)
     results: dict = {}
     messages: list[str] = []
-    clean_logits = logits_of(model, x, batch_size)
+    with in_layout(model, layout):
+        clean_logits = logits_of(model, xs, batch_size, **fast)
     clean_pred = clean_logits.argmax(1)
     for name in attacks:
-        x_adv = adversarial(
-            model, name, x, y, eps=eps, seed=seed, batch_size=batch_size, messages=messages, progress=progress
-        )
-        adv_logits = clean_logits if name == "clean" else logits_of(model, x_adv, batch_size)
-        pred = adv_logits.argmax(1)
-        results[name] = {
-            "accuracy": 100.0 * (pred == y).float().mean().item(),
-            "stable": 100.0 * (pred == clean_pred).float().mean().item(),
-            "lip": 0.0 if name == "clean" else lipschitz(clean_logits, adv_logits, x, x_adv),
-            "loss": torch.nn.functional.cross_entropy(adv_logits, y).item(),
-            "n": len(y),
-        }
-        if per_block and name == "pgd20":
-            results[name]["per_block_lip"] = per_block_lipschitz(model, x, x_adv, batch_size)
+        plain = name in ("aa", "aa-compact") and dtype is None  # exact AutoAttack: the model as given
+        with in_layout(model, layout and not plain):
+            x_in = x if plain else xs
+            x_adv = adversarial(
+                model,
+                name,
+                x_in,
+                y,
+                eps=eps,
+                seed=seed,
+                batch_size=batch_size,
+                messages=messages,
+                progress=progress,
+                **fast,
+            )
+            adv_logits = (
+                clean_logits
+                if name == "clean"
+                else logits_of(model, x_adv, batch_size, autocast_dtype=dtype, fold_bn=fold_bn and not plain)
+            )
+            pred = adv_logits.argmax(1)
+            results[name] = {
+                "accuracy": 100.0 * (pred == y).float().mean().item(),
+                "stable": 100.0 * (pred == clean_pred).float().mean().item(),
+                "lip": 0.0 if name == "clean" else lipschitz(clean_logits, adv_logits, x, x_adv),
+                "loss": torch.nn.functional.cross_entropy(adv_logits, y).item(),
+                "n": len(y),
+            }
+            if per_block and name == "pgd20":
+                results[name]["per_block_lip"] = per_block_lipschitz(model, x_in, x_adv, batch_size)
     results["warnings"] = messages + sanity_flags(results)
     return results
 
@@ -147,7 +272,7 @@ _BLOCK_RE = re.compile(r"^stage\d+\.\d+$")
 
 
 @torch.no_grad()
-def per_block_lipschitz(model, x, x_adv, batch_size: int = 256) -> dict[str, float]:
+def per_block_lipschitz(model, x, x_adv, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, float]:
     """LIP at every residual block output (Huang et al., NeurIPS 2021, Fig. 5): mean ||phi(x) - phi(x')||_1 / ||x - x'||_inf."""
     blocks = {n: m for n, m in model.named_modules() if _BLOCK_RE.match(n)}
     if not blocks:

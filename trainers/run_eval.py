@@ -11,7 +11,7 @@ from scaler.builder import build_from_source
 from scaler.errors import ScalerError
 from trainers import checkpoint
 from trainers.data import NUM_CLASSES, load_split
-from trainers.evaluation import evaluate
+from trainers.evaluation import evaluate, precision_dtype
 from trainers.step import resolve_device
 
 
@@ -103,14 +103,18 @@ def evaluate_run(
     eps=None,
     n=None,
     seed=0,
-    batch_size=256,
+    batch_size=None,
     per_block=False,
     device="auto",
     progress=False,
     announce=None,
+    precision="fp32",
 ):
     """(results, info) for a run directory or checkpoint; `announce(line)` is told which
-    checkpoint and epoch is evaluated before the (possibly long) attacks start."""
+    checkpoint and epoch is evaluated before the (possibly long) attacks start. `precision`:
+    fp32 (default) or bf16 autocast of the attacks and logits; `batch_size` None is the device's
+    default (trainers.evaluation.default_batch_size)."""
+    precision_dtype(precision)  # bad input fails before the model and data load
     dev = resolve_device(device)
     model, config, info = load_trained(target, dev)
     model = model.to(memory_format=torch.contiguous_format)
@@ -120,7 +124,7 @@ def evaluate_run(
     x, y = load_split(dataset, "test", data_dir)
     if n is not None:
         x, y = x[:n], y[:n]
-    info.update(dataset=dataset, n=len(y), eps=eps)
+    info.update(dataset=dataset, n=len(y), eps=eps, precision=precision)
     if announce is not None:
         of = f" of {info['epochs']}" if info["epochs"] else ""
         why = " (no best.pt yet: the run has not validated)" if info["checkpoint"].endswith("last.pt") else ""
@@ -136,5 +140,6 @@ def evaluate_run(
         batch_size=batch_size,
         per_block=per_block,
         progress=progress,
+        precision=precision,
     )
     return results, info
