@@ -328,7 +328,12 @@ def _train_opts() -> list[Opt]:
         o("eval_every", Optional[int], "Validate every N epochs (and always after the last)."),
         o("seed", Optional[int], "Seed of data order, augmentation, attacks and init."),
         o("device", Optional[str], "auto, cpu or cuda."),
-        o("precision", Optional[str], "auto, fp32 or bf16 (autocast for training; evaluation is fp32)."),
+        o("precision", Optional[str], "auto, fp32 or bf16 (autocast for training; see --val-precision)."),
+        o(
+            "val_precision",
+            Optional[str],
+            "Per-epoch validation precision: auto (bf16 when training runs in bf16), fp32 or bf16.",
+        ),
         o("channels_last", Optional[bool], "channels_last tensors.", ("--channels-last/--no-channels-last",)),
         o("compile", Optional[bool], "torch.compile the model and attack model.", ("--compile/--no-compile",)),
         o(

@@ -73,7 +73,8 @@ class TrainConfig:
     eval_every: int = 1  # validate every N epochs (and always after the last)
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # bf16 autocast where the hardware has it (training only)
+    precision: str = "auto"  # bf16 autocast where the hardware has it (training)
+    val_precision: str = "auto"  # per-epoch validation: auto (bf16 when training resolves to bf16), fp32, bf16
     channels_last: bool = True
     compile: bool = False
     recipe: str | None = None
@@ -87,6 +88,8 @@ class TrainConfig:
             raise ScalerError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ScalerError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.val_precision not in PRECISIONS:
+            raise ScalerError(f"unknown --val-precision {self.val_precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ScalerError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         for name in ("epochs", "batch_size", "val_n", "eval_every"):

@@ -16,7 +16,7 @@ from trainers import checkpoint
 from trainers.config import TrainConfig
 from trainers.data import augment, batches
 from trainers.distributed import barrier, gather_generator_states, reduce_stats
-from trainers.evaluation import evaluate
+from trainers.evaluation import evaluate, resolve_val_precision
 from trainers.schedule import lr_at, steps_per_epoch
 
 
@@ -150,12 +150,23 @@ def run_epochs(
 
 
 def validate(model, ema, x_val, y_val, cfg) -> dict:
-    """Clean / PGD-20 / CW-40 on the validation points, fp32, with the EMA weights if any."""
+    """Clean / PGD-20 / CW-40 on the validation points, with the EMA weights if any, in
+    --val-precision (auto: bf16 when training runs in bf16, else fp32)."""
     net = model
     if ema is not None:
         net = copy.deepcopy(model)
         net.load_state_dict({k: v.to(dtype=net.state_dict()[k].dtype) for k, v in ema.state.items()})
-    r = evaluate(net, x_val, y_val, ("clean", "pgd20", "cw40"), eps=cfg.eps, seed=cfg.seed, batch_size=256)
+    precision = resolve_val_precision(cfg.val_precision, cfg.precision, x_val.device)
+    r = evaluate(
+        net,
+        x_val,
+        y_val,
+        ("clean", "pgd20", "cw40"),
+        eps=cfg.eps,
+        seed=cfg.seed,
+        precision=precision,
+        channels_last=cfg.channels_last,
+    )
     return {
         "val_clean": r["clean"]["accuracy"],
         "val_pgd20": r["pgd20"]["accuracy"],
