@@ -182,3 +182,71 @@ def bench_train_cmd(
                 f"reference  {result['reference_gflops_per_s']:.1f} GFLOP/s = {100 * result['reference_fraction_of_peak']:.1f}% of the fp32 peak"
             )
         print("GFLOP/s: the cost model's multiply-adds (attack steps 2x a forward, trained forwards 3x) per second")
+
+
+@bench_app.command(name="eval")
+@with_options(ARCH_OPTIONS, into="spec_opts")
+def bench_eval_cmd(
+    model: Optional[str] = typer.Argument(None, help="Preset name or model file."),
+    attack: str = typer.Option("pgd20", help="clean, fgsm, pgd20 or cw40."),
+    n: int = typer.Option(256, help="Synthetic images evaluated (fixed seed)."),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Batch size [default: scaler eval's: 32 on a CPU, 256 on a GPU]."
+    ),
+    precision: str = typer.Option("fp32", help="fp32 or bf16."),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="channels_last tensors."),
+    rounds: int = typer.Option(1, help="Timed passes of each (alternating); the medians are reported."),
+    reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time the fp32 reference loop."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    spec_opts: dict = None,
+) -> None:
+    """Images/s of `scaler eval`'s attack evaluation vs a plain fp32 evaluation loop."""
+    import scaler
+    from trainers.bench import EVAL_ATTACKS, bench_eval
+
+    if attack not in EVAL_ATTACKS:
+        raise ScalerError(f"unknown attack {attack!r}; bench eval takes {', '.join(EVAL_ATTACKS)}")
+    if precision not in ("fp32", "bf16"):
+        raise ScalerError(f"unknown precision {precision!r}; choose fp32 or bf16")
+    if n < 1 or rounds < 1 or (batch_size is not None and batch_size < 1):
+        raise ScalerError("--n, --batch-size and --rounds must be >= 1")
+    label, spec = model_from_options(model, spec_opts)
+    net = scaler.create_model(spec if spec is not None else label)
+    result = bench_eval(
+        net,
+        attack=attack,
+        n=n,
+        batch_size=batch_size,
+        precision=precision,
+        channels_last=channels_last,
+        device=device,
+        reference=reference,
+        flops_per_image=scaler.count(spec).flops if spec is not None else None,
+        resolution=spec.resolution if spec is not None else 32,
+        rounds=rounds,
+    )
+    result["model"] = label
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    layout = "channels_last" if result["channels_last"] else "NCHW"
+    print(
+        f"{label}: {attack} evaluation of {n} images, batch {result['batch_size']}, "
+        f"{result['precision']}, {layout} on {result['device']}"
+    )
+    print(f"ours       {result['images_per_s']:.1f} images/s ({result['seconds']:.2f} s)")
+    if reference:
+        print(
+            f"reference  {result['reference_images_per_s']:.1f} images/s (fp32 NCHW)   speedup {result['speedup']:.2f}x"
+        )
+    if "gflops_per_s" in result:
+        line = f"ours       {result['gflops_per_s']:.1f} GFLOP/s = {100 * result['fraction_of_peak']:.1f}% of this machine's "
+        line += f"{result['peak_precision']} matmul peak ({result['peak_gflops_per_s']:.0f} GFLOP/s)"
+        print(line)
+        if reference:
+            print(
+                f"reference  {result['reference_gflops_per_s']:.1f} GFLOP/s = "
+                f"{100 * result['reference_fraction_of_peak']:.1f}% of the fp32 peak"
+            )
+        print("GFLOP/s: the cost model's multiply-adds (clean and attacked forwards 1x, attack steps 2x) per second")

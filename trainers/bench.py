@@ -175,3 +175,145 @@ def _time(fn, steps: int, warmup: int, dev) -> float:
     for _ in range(steps):
         fn()
     return finish() / steps
+
+
+# --------------------------------------------------------------------------- evaluation
+EVAL_ATTACKS = {  # attack: (steps, step as a fraction of eps, loss, random start): evaluation.adversarial's settings
+    "clean": (0, 0.0, "ce", False),
+    "fgsm": (1, 1.0, "ce", False),
+    "pgd20": (20, 0.1, "ce", True),
+    "cw40": (40, 0.1, "cw", True),
+}
+
+
+def evaluation_flops(attack: str, flops_per_image: int) -> int:
+    """Multiply-adds of evaluating one image under `attack`, F being one forward: the clean
+    forward, 2F per attack step (a forward and an input-gradient backward; no weight gradients,
+    the convention of `training_step_flops`) and the forward on the attacked image."""
+    steps = EVAL_ATTACKS[attack][0]
+    return flops_per_image * (1 + (2 * steps + 1 if attack != "clean" else 0))
+
+
+def reference_eval(model, x, y, attack: str, *, eps: float = 8 / 255, batch_size: int = 64) -> float:
+    """Robust accuracy (%) under `attack` as public evaluation scripts compute it: model.eval(),
+    parameters left requiring grad, fp32 NCHW, the textbook PGD loop (mean CE, or the one-hot CW
+    margin with kappa 0) with the same steps, step size and random start as ours, and a per-batch
+    `.item()` for the clean and the robust count."""
+    steps, frac, loss_name, start = EVAL_ATTACKS[attack]
+    step = frac * eps
+    model.eval()
+    clean_correct, correct = 0, 0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        with torch.no_grad():
+            clean_correct += (model(xb).argmax(1) == yb).sum().item()
+        if attack == "clean":
+            continue
+        x_adv = (xb + torch.empty_like(xb).uniform_(-eps, eps)).clamp(0.0, 1.0) if start else xb.clone()
+        for _ in range(steps):
+            x_adv.requires_grad_()
+            out = model(x_adv)
+            if loss_name == "ce":
+                loss = F.cross_entropy(out, yb)
+            else:
+                onehot = torch.zeros_like(out).scatter_(1, yb[:, None], 1.0)
+                real = (onehot * out).sum(1)
+                other = ((1.0 - onehot) * out - onehot * 10000.0).max(1)[0]
+                loss = -torch.clamp(real - other, min=0.0).sum()
+            grad = torch.autograd.grad(loss, [x_adv])[0]
+            x_adv = x_adv.detach() + step * torch.sign(grad.detach())
+            x_adv = torch.min(torch.max(x_adv, xb - eps), xb + eps).clamp(0.0, 1.0)
+        with torch.no_grad():
+            correct += (model(x_adv).argmax(1) == yb).sum().item()
+    return 100.0 * (clean_correct if attack == "clean" else correct) / len(y)
+
+
+def bench_eval(
+    model,
+    *,
+    attack="pgd20",
+    n=256,
+    batch_size=None,
+    precision="fp32",
+    channels_last=True,
+    device="auto",
+    reference=True,
+    reference_batch_size=None,
+    flops_per_image=None,
+    seed=0,
+    resolution=32,
+    rounds=1,
+) -> dict:
+    """Time our evaluation of `attack` (trainers.evaluation.evaluate: clean logits, the attack,
+    the attacked logits and the metrics) over n synthetic images against `reference_eval` on the
+    same data, after a one-batch warm-up of each; `rounds` > 1 times each that often, alternating,
+    and keeps the medians."""
+    from trainers.evaluation import default_batch_size, eval_layout, evaluate, precision_dtype
+
+    if attack not in EVAL_ATTACKS:
+        raise ScalerError(f"unknown attack {attack!r}; bench eval takes {', '.join(EVAL_ATTACKS)}")
+    dtype = precision_dtype(precision)
+    dev = resolve_device(device)
+    batch_size = default_batch_size(dev) if batch_size is None else batch_size
+    reference_batch_size = batch_size if reference_batch_size is None else reference_batch_size
+    if batch_size < 1 or reference_batch_size < 1:
+        raise ScalerError("--batch-size must be >= 1")
+    if n < 1 or rounds < 1:
+        raise ScalerError("--n and --rounds must be >= 1")
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, resolution, resolution, generator=gen)
+    ours_model = copy.deepcopy(model).to(dev).eval()
+    with torch.no_grad():
+        classes = ours_model(x[:1].to(dev)).shape[1]
+    y = torch.randint(0, classes, (n,), generator=gen)
+    x, y = x.to(dev), y.to(dev)
+    layout = eval_layout(ours_model, x, channels_last)
+    result = {
+        "attack": attack,
+        "n": n,
+        "batch_size": batch_size,
+        "precision": "bf16" if dtype is not None else "fp32",
+        "channels_last": layout,
+        "device": str(dev),
+    }
+
+    def ours(xs, ys):
+        return evaluate(ours_model, xs, ys, (attack,), batch_size=batch_size, precision=precision, channels_last=layout)
+
+    ref_model = copy.deepcopy(model).to(dev) if reference else None
+
+    def ref(xs, ys):
+        return reference_eval(ref_model, xs, ys, attack, batch_size=reference_batch_size)
+
+    timed = {"ours": ours, **({"reference": ref} if reference else {})}
+    for fn in timed.values():  # warm-up: one batch of each
+        fn(x[:batch_size], y[:batch_size])
+    begin, finish = _timer(dev)
+    times: dict[str, list[float]] = {k: [] for k in timed}
+    outputs: dict = {}
+    for _ in range(rounds):
+        for name, fn in timed.items():
+            begin()
+            outputs[name] = fn(x, y)
+            times[name].append(finish())
+    seconds = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    result["seconds"] = seconds["ours"]
+    result["images_per_s"] = n / seconds["ours"]
+    result["accuracy"] = outputs["ours"][attack]["accuracy"]
+    if flops_per_image:
+        total = evaluation_flops(attack, flops_per_image) * n
+        result["flops"] = total
+        result.update(efficiency(total / seconds["ours"], dev.type, result["precision"]))
+    if reference:
+        result["reference_seconds"] = seconds["reference"]
+        result["reference_images_per_s"] = n / seconds["reference"]
+        result["reference_batch_size"] = reference_batch_size
+        result["reference_accuracy"] = outputs["reference"]
+        result["speedup"] = seconds["reference"] / seconds["ours"]
+        if flops_per_image:
+            ref_eff = efficiency(total / seconds["reference"], dev.type, "fp32")
+            result["reference_gflops_per_s"] = ref_eff["gflops_per_s"]
+            result["reference_fraction_of_peak"] = ref_eff["fraction_of_peak"]
+    return result
