@@ -1,0 +1,223 @@
+"""The fast evaluation path (channels_last, folded eval BN, bf16 option), --val-precision and
+`scaler bench eval`."""
+
+import json
+
+import pytest
+import torch
+
+from scaler.builder import build_model
+from scaler.cost import count
+from scaler.errors import ScalerError
+from scaler.spec import ArchSpec
+from tests_support import tiny_config
+from trainers.config import TrainConfig, make_config
+from trainers.evaluation import evaluate, resolve_val_precision
+
+BASIC = ArchSpec("basic", (1, 1, 1), (16, 32, 64))
+ROBUST = ArchSpec("robust", (1, 1, 1), (16, 32, 64))
+ATTACKS = ("clean", "fgsm", "pgd20", "cw40")
+
+
+def trained_looking(spec):
+    """An emitted model whose BatchNorms are not the identity (as after training), in eval mode."""
+    torch.manual_seed(0)
+    model = build_model(spec)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def data(n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("spec", [BASIC, ROBUST], ids=["basic", "robust"])
+def test_fast_fp32_evaluation_equals_the_plain_path(spec):
+    model = trained_looking(spec)
+    x, y = data(12)  # a full and a partial batch
+    plain = evaluate(model, x, y, ATTACKS, batch_size=8, channels_last=False, fold_bn=False)
+    fast = evaluate(model, x, y, ATTACKS, batch_size=8)  # channels_last, folded BN, fp32
+    for name in ATTACKS:
+        assert fast[name]["accuracy"] == plain[name]["accuracy"], name
+        assert fast[name]["stable"] == plain[name]["stable"], name
+        assert fast[name]["lip"] == pytest.approx(plain[name]["lip"], rel=1e-3, abs=1e-6), name
+        assert fast[name]["loss"] == pytest.approx(plain[name]["loss"], rel=1e-5), name
+    # the model comes back as it was: eval mode, NCHW, parameters trainable, BN unpatched
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_channels_last_model_stays_channels_last_and_hazard_runs_nchw():
+    from trainers.evaluation import eval_layout
+
+    model = trained_looking(BASIC).to(memory_format=torch.channels_last)
+    x, y = data(8)
+    evaluate(model, x, y, ("clean", "fgsm"), batch_size=8)
+    assert model.stem.weight.is_contiguous(memory_format=torch.channels_last)  # a training model's layout
+    tiny = build_model(ArchSpec("basic", (1, 1, 1), (8, 16, 32)))  # 1x1 strided shortcut on 8 channels
+    assert not eval_layout(tiny, x)
+    assert eval_layout(model, x) and not eval_layout(model, x, channels_last=False)
+    assert not eval_layout(torch.nn.Linear(3, 2), torch.rand(4, 3))
+
+
+def test_bf16_evaluation_runs_and_is_close():
+    model = trained_looking(BASIC)
+    x, y = data(32)
+    fp32 = evaluate(model, x, y, ATTACKS, batch_size=16)
+    bf16 = evaluate(model, x, y, ATTACKS, batch_size=16, precision="bf16")
+    for name in ATTACKS:
+        assert abs(bf16[name]["accuracy"] - fp32[name]["accuracy"]) <= 100 * 3 / 32, name
+        assert abs(bf16[name]["stable"] - fp32[name]["stable"]) <= 100 * 3 / 32, name
+        assert bf16[name]["lip"] == pytest.approx(fp32[name]["lip"], rel=0.15, abs=0.05), name
+        assert bf16[name]["loss"] == pytest.approx(fp32[name]["loss"], rel=0.02), name
+    with pytest.raises(ScalerError, match="unknown precision"):
+        evaluate(model, x, y, ATTACKS, precision="fp16")
+
+
+def test_val_precision_resolution(monkeypatch):
+    import trainers.step as step
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(step, "cpu_has_bf16", lambda: True)
+    assert resolve_val_precision("auto", "auto", cpu) == "bf16"
+    assert resolve_val_precision("auto", "fp32", cpu) == "fp32"
+    assert resolve_val_precision("fp32", "auto", cpu) == "fp32"
+    monkeypatch.setattr(step, "cpu_has_bf16", lambda: False)
+    assert resolve_val_precision("auto", "auto", cpu) == "fp32"
+    assert resolve_val_precision("auto", "bf16", cpu) == "bf16"
+    assert resolve_val_precision("bf16", "fp32", cpu) == "bf16"
+    with pytest.raises(ScalerError):
+        resolve_val_precision("half", "auto", cpu)
+
+
+def test_val_precision_config_round_trip_and_old_configs():
+    cfg = make_config(None, {"model": "m", "val_precision": "fp32"})
+    again = TrainConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg and again.val_precision == "fp32"
+    assert make_config(None, {"model": "m"}).val_precision == "auto"
+    with pytest.raises(ScalerError, match="val-precision"):
+        make_config(None, {"model": "m", "val_precision": "fp16"})
+    old = json.loads(cfg.to_json())
+    del old["val_precision"]  # a config.json written before the field existed
+    loaded = TrainConfig.from_dict(old)
+    loaded.validate()
+    assert loaded.val_precision == "auto"
+
+
+def test_validation_uses_val_precision_and_old_runs_resume(tmp_path, monkeypatch):
+    import trainers.loop as loop
+    from trainers.run import resume, train
+
+    seen = []
+    real = loop.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", spy)
+    out = tmp_path / "run"
+    train(tiny_config(epochs=2, attack_steps=1, val_n=16, val_precision="bf16"), out, progress=False, stop_after=1)
+    assert seen == ["bf16"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["val_precision"] == "bf16"
+    del config["val_precision"]  # as an older version wrote it
+    (out / "config.json").write_text(json.dumps(config))
+    import trainers.step as step
+
+    monkeypatch.setattr(step, "cpu_has_bf16", lambda: False)
+    resume(out, progress=False)
+    assert seen == ["bf16", "fp32"]  # auto, with training (precision auto) in fp32 here
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_train_refuses_a_bad_val_precision(tmp_path, capsys):
+    from scaler_cli.app import main
+    from tests_support import TINY_ARGS
+
+    code = main(["train", *TINY_ARGS, "--val-precision", "fp16", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "val-precision" in err, err
+
+
+BENCH = [
+    "bench",
+    "eval",
+    "--block",
+    "basic",
+    "--depths",
+    "1,1,1",
+    "--widths",
+    "1,1,1",
+    "--n",
+    "16",
+    "--batch-size",
+    "8",
+]
+
+
+def test_bench_eval_cli_json(capsys):
+    from scaler_cli.app import main
+    from trainers.bench import evaluation_flops
+
+    assert main([*BENCH, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in (
+        "images_per_s",
+        "reference_images_per_s",
+        "speedup",
+        "precision",
+        "channels_last",
+        "batch_size",
+        "n",
+        "attack",
+        "device",
+        "gflops_per_s",
+    ):
+        assert key in data, key
+    assert data["attack"] == "pgd20" and data["n"] == 16 and data["batch_size"] == 8
+    assert data["precision"] == "fp32" and data["channels_last"] is True and data["device"] == "cpu"
+    assert evaluation_flops("pgd20", 1) == 42  # clean forward, 20 x (forward + input gradient), attacked forward
+    flops = count(BASIC).flops * 42 * 16
+    assert data["gflops_per_s"] == pytest.approx(flops / data["seconds"] / 1e9)
+    assert data["images_per_s"] == pytest.approx(16 / data["seconds"])
+    assert data["speedup"] == pytest.approx(data["images_per_s"] / data["reference_images_per_s"])
+    assert 0 <= data["accuracy"] <= 100 and 0 <= data["reference_accuracy"] <= 100
+    assert main([*BENCH, "--attack", "fgsm", "--precision", "bf16", "--no-reference"]) == 0
+    out = capsys.readouterr().out
+    assert "fgsm evaluation of 16 images, batch 8, bf16, channels_last" in out and "GFLOP/s" in out
+    assert "reference" not in out.splitlines()[1]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--attack", "pgd7"], "unknown attack"),
+        (["--attack", "aa"], "unknown attack"),
+        (["--batch-size", "0"], ">= 1"),
+        (["--n", "0"], ">= 1"),
+        (["--precision", "x"], "unknown precision"),
+    ],
+)
+def test_bench_eval_bad_input(capsys, extra, message):
+    from scaler_cli.app import main
+
+    code = main([*BENCH, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+
+
+def test_eval_refuses_a_bad_precision(tmp_path, capsys):
+    from scaler_cli.app import main
+
+    code = main(["eval", str(tmp_path), "--precision", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unknown precision" in err, err
