@@ -82,6 +82,40 @@ def test_bf16_evaluation_runs_and_is_close():
         evaluate(model, x, y, ATTACKS, precision="fp16")
 
 
+def test_batchnorm_folding_nests_and_takes_any_rank():
+    from trainers.attacks import folded_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(4)).eval()
+    with torch.no_grad():
+        model[0].running_mean.uniform_(-1, 1)
+        model[0].running_var.uniform_(0.5, 2)
+    x = torch.randn(5, 4)
+    expected = model(x)
+    with folded_batchnorm(model):
+        outer = model[0].forward
+        with folded_batchnorm(model):
+            assert torch.allclose(model(x), expected, atol=1e-6)
+        assert model[0].forward is outer and torch.allclose(model(x), expected, atol=1e-6)
+    assert "forward" not in model[0].__dict__
+
+
+def test_bf16_autoattack_runs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 10),  # the targeted DLR loss needs >= 4 classes
+    ).eval()
+    x = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every point clean-correct: AutoAttack attacks them all
+    r = evaluate(model, x, y, ("clean", "aa-compact"), precision="bf16")
+    assert r["clean"]["accuracy"] == 100 and r["aa-compact"]["accuracy"] <= 100 and r["aa-compact"]["n"] == 4
+
+
 def test_val_precision_resolution(monkeypatch):
     import trainers.step as step
 

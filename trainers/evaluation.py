@@ -218,7 +218,7 @@ def evaluate(
     for name in attacks:
         plain = name in ("aa", "aa-compact") and dtype is None  # exact AutoAttack: the model as given
         with in_layout(model, layout and not plain):
-            x_in = x if plain else xs
+            x_in = x if name in ("aa", "aa-compact") else xs  # AutoAttack views its tensors: NCHW in
             x_adv = adversarial(
                 model,
                 name,
