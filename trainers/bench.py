@@ -247,7 +247,8 @@ def bench_eval(
     """Time our evaluation of `attack` (trainers.evaluation.evaluate: clean logits, the attack,
     the attacked logits and the metrics) over n synthetic images against `reference_eval` on the
     same data, after a one-batch warm-up of each; `rounds` > 1 times each that often, alternating,
-    and keeps the medians."""
+    and keeps the medians. Ours runs an emitted model's fused formulation, the reference its plain
+    one (`fused = False`: the blocks as the papers write them), as in `bench train`."""
     from trainers.evaluation import default_batch_size, eval_layout, evaluate, precision_dtype
 
     if attack not in EVAL_ATTACKS:
@@ -282,7 +283,10 @@ def bench_eval(
     def ours(xs, ys):
         return evaluate(ours_model, xs, ys, (attack,), batch_size=batch_size, precision=precision, channels_last=layout)
 
-    ref_model = copy.deepcopy(model).to(dev) if reference else None
+    ref_model = copy.deepcopy(model).to(dev) if reference else torch.nn.Module()
+    for m in ref_model.modules():  # the reference runs the blocks as the papers write them
+        if isinstance(getattr(m, "fused", None), bool):
+            m.fused = False
 
     def ref(xs, ys):
         return reference_eval(ref_model, xs, ys, attack, batch_size=reference_batch_size)
