@@ -206,3 +206,26 @@ def test_training_step_flops_per_method():
     assert training_step_flops("trades", 10, 1) == 27
     assert training_step_flops("mart", 10, 1) == 26
     assert training_step_flops("pgd-at", 0, 5) == 15
+
+
+def test_auto_compile_only_where_it_measured_faster(monkeypatch):
+    """--compile unset: on for basic-block networks on the CPU in long runs (where it won), never
+    for robust-block ones (slower compiled here), short runs or unmeasured devices; a choice wins."""
+    import shutil
+
+    from trainers.step import COMPILE_MIN_STEPS, resolve_compile
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    basic = build_model(SPEC)
+    robust = build_model(ArchSpec("robust", (1, 1, 1), (16, 32, 64)))
+    mixed = build_model(ArchSpec(("basic", "basic", "robust"), (1, 1, 1), (16, 32, 64)))
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    assert resolve_compile(None, basic, cpu, COMPILE_MIN_STEPS) is True
+    assert resolve_compile(None, basic, cpu, COMPILE_MIN_STEPS - 1) is False
+    assert resolve_compile(None, robust, cpu, 10**6) is False
+    assert resolve_compile(None, mixed, cpu, 10**6) is False
+    assert resolve_compile(None, basic, gpu, 10**6) is False  # unmeasured there
+    assert resolve_compile(None, torch.nn.Linear(2, 2), cpu, 10**6) is False
+    assert resolve_compile(True, robust, cpu, 1) is True and resolve_compile(False, basic, cpu, 10**6) is False
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler for Inductor
+    assert resolve_compile(None, basic, cpu, 10**6) is False

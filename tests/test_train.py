@@ -247,3 +247,16 @@ def test_compile_also_compiles_the_attack(tmp_path, monkeypatch):
     assert isinstance(attack_model, Compiled) and step_model is attack_model
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert {id(p) for p in attack_model.inner.parameters()} == trained  # wraps the model being trained
+
+
+def test_auto_compile_decision_is_recorded(tmp_path, monkeypatch):
+    """--compile unset resolves once per run and config.json keeps the decision (a resume follows
+    it); a long basic-block run on the CPU compiles, a short one does not."""
+    import trainers.run as train_mod
+
+    monkeypatch.setattr(train_mod.torch, "compile", lambda module: module)  # no real compilation
+    train(tiny_config(epochs=1, attack_steps=1), tmp_path / "short", progress=False)
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["compile"] is False
+    monkeypatch.setattr(train_mod, "steps_per_epoch", lambda n, cfg: 10**4)  # as long as a real run
+    train(tiny_config(epochs=1, attack_steps=1), tmp_path / "long", progress=False)
+    assert json.loads((tmp_path / "long" / "config.json").read_text())["compile"] is True

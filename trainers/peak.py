@@ -9,12 +9,12 @@ so the fraction says how much of the machine a model's step uses.
 from __future__ import annotations
 
 import time
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 
-@lru_cache(maxsize=None)
+@cache
 def matmul_peak(device: str = "cpu", dtype: str = "bf16", size: int = 2048, repeats: int = 9) -> float:
     """Multiply-adds per second of an n x n matmul: the median of `repeats` timings after a
     warm-up (a median, since single timings on a shared machine swing both ways)."""

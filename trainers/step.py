@@ -73,6 +73,34 @@ def training_layout(model, device, channels_last: bool) -> bool:
     return True
 
 
+COMPILE_SPEEDUP = {("cpu", "basic"): 1.19, ("cpu", "robust"): 0.74}
+"""Steady-state speedup of a torch.compile'd training step over the eager one, per device type
+and block family, measured on the 2-core AVX-512/AMX CPU (PGD-10, batch 64, bf16, channels_last,
+the benchmarks' bar models; compile took 20-80 s). Families and devices not listed are unmeasured."""
+COMPILE_MIN_STEPS = 2000
+"""Auto-compile needs a run this long: a cold compile repays itself after ~250-1000 steps here."""
+BLOCK_FAMILIES = {"BasicBlock": "basic", "RobustResBlock": "robust", "InvertedBlock": "inverted"}
+
+
+def block_families(model) -> set[str]:
+    """The residual block families of an emitted model (empty for anything else)."""
+    return {BLOCK_FAMILIES[type(m).__name__] for m in model.modules() if type(m).__name__ in BLOCK_FAMILIES}
+
+
+def resolve_compile(choice: bool | None, model, device, total_steps: int) -> bool:
+    """Whether training uses torch.compile. None (auto) compiles where it measured faster
+    (COMPILE_SPEEDUP > 1 for every block family of the model on this device type), the run is
+    long enough to repay the compilation and a C++ compiler is there for Inductor's CPU code."""
+    if choice is not None:
+        return bool(choice)
+    import shutil
+
+    families = block_families(model)
+    wins = bool(families) and all(COMPILE_SPEEDUP.get((device.type, f), 0.0) > 1.0 for f in families)
+    compiler = device.type != "cpu" or shutil.which("g++") or shutil.which("c++")
+    return bool(wins and total_steps >= COMPILE_MIN_STEPS and compiler)
+
+
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
