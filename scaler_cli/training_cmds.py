@@ -65,7 +65,9 @@ def eval_cmd(
     eps: Optional[str] = typer.Option(None, help="L-inf radius [default: the run's, else 8/255]."),
     n: Optional[int] = typer.Option(None, help="Evaluate the first n test points [default: all]."),
     seed: int = typer.Option(0, help="Seed of the attacks' random starts."),
-    batch_size: Optional[int] = typer.Option(None, help="Evaluation batch size [default: 32 on a CPU, 256 on a GPU]."),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Evaluation batch size [default: 32 on a CPU, 256 on a GPU and for AutoAttack]."
+    ),
     precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast of the attacks and logits; faster)."),
     per_block_lipschitz: bool = typer.Option(False, "--per-block-lipschitz", help="LIP at every block output."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

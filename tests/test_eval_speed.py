@@ -119,6 +119,25 @@ def test_bf16_autoattack_runs():
     assert r["clean"]["accuracy"] == 100 and r["aa-compact"]["accuracy"] <= 100 and r["aa-compact"]["n"] == 4
 
 
+def test_default_batch_sizes(monkeypatch):
+    import trainers.evaluation as evaluation
+
+    seen = {}
+
+    def fake_autoattack(model, x, y, *, batch_size, **kwargs):
+        seen["aa"] = batch_size
+        return x.clone(), []
+
+    monkeypatch.setattr(evaluation, "autoattack", fake_autoattack)
+    model = trained_looking(BASIC)
+    x, y = data(4)
+    evaluate(model, x, y, ("aa",))
+    assert seen["aa"] == 256  # AutoAttack seeds its restarts per batch: it keeps the batches it had
+    evaluate(model, x, y, ("aa",), batch_size=8)
+    assert seen["aa"] == 8
+    assert evaluation.default_batch_size("cpu") == 32 and evaluation.default_batch_size("cuda") == 256
+
+
 def test_val_precision_resolution(monkeypatch):
     import trainers.step as step
 

@@ -198,8 +198,11 @@ def evaluate(
     loss is the mean cross-entropy of the (attacked) logits, as NARes records it. `precision`
     fp32 or bf16 (autocast); `channels_last` and `fold_bn` are the exact speed paths (on by
     default; off, evaluation runs as plain NCHW eval-mode code); `batch_size` defaults to
-    `default_batch_size` of x's device. The model comes back in its mode and layout."""
+    `default_batch_size` of x's device, and to 256 for AutoAttack (whose random restarts are seeded
+    per batch: the batches pyautoattack users run, and this project's AA results so far). The model
+    comes back in its mode and layout."""
     dtype = precision_dtype(precision)
+    aa_batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if batch_size is None:
         batch_size = default_batch_size(x.device)
     if batch_size < 1:
@@ -216,9 +219,10 @@ def evaluate(
         clean_logits = logits_of(model, xs, batch_size, **fast)
     clean_pred = clean_logits.argmax(1)
     for name in attacks:
-        plain = name in ("aa", "aa-compact") and dtype is None  # exact AutoAttack: the model as given
+        is_aa = name in ("aa", "aa-compact")
+        plain = is_aa and dtype is None  # exact AutoAttack: the model as given
         with in_layout(model, layout and not plain):
-            x_in = x if name in ("aa", "aa-compact") else xs  # AutoAttack views its tensors: NCHW in
+            x_in = x if is_aa else xs  # AutoAttack views its tensors: NCHW in
             x_adv = adversarial(
                 model,
                 name,
@@ -226,7 +230,7 @@ def evaluate(
                 y,
                 eps=eps,
                 seed=seed,
-                batch_size=batch_size,
+                batch_size=aa_batch_size if is_aa else batch_size,
                 messages=messages,
                 progress=progress,
                 **fast,
