@@ -10,6 +10,7 @@ import pytest
 
 from scaler.builder import build_model
 from scaler.spec import ArchSpec
+from scaler.verify import use_plain_formulation
 
 MODELS = {
     "basic-bar": ArchSpec("basic", (1, 1, 1), (64, 128, 256)),  # --depths 1,1,1 --widths 4,4,4
@@ -40,9 +41,7 @@ def _evaluation(variant, spec):
     batch = default_batch_size("cpu")
     net = build_model(spec).eval()
     if variant == "reference":
-        for m in net.modules():  # the blocks as the papers write them
-            if hasattr(m, "fused"):
-                m.fused = False
+        use_plain_formulation(net)
         return lambda: reference_eval(net, x, y, "pgd20", batch_size=batch)
     precision = variant.removeprefix("ours-")
     return lambda: evaluate(net, x, y, ("pgd20",), batch_size=batch, precision=precision)

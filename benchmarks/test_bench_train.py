@@ -12,6 +12,7 @@ import pytest
 
 from scaler.builder import build_model
 from scaler.spec import ArchSpec
+from scaler.verify import use_plain_formulation
 
 MODELS = {
     # the bar models: --block robust --depths 2,2,1 --widths 1,1,1 and --depths 1,1,1 --widths 4,4,4,
@@ -41,9 +42,7 @@ def _step(variant, spec):
     cfg = make_config("bat", {"model": "bench", "batch_size": BATCH})
     net = build_model(spec)
     if variant != "ours":
-        for m in net.modules():  # the reference and ours-plain run the blocks as the papers write them
-            if hasattr(m, "fused"):
-                m.fused = False
+        use_plain_formulation(net)  # the reference and ours-plain run the blocks as the papers write them
     if variant == "reference":
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4, foreach=False)
         return lambda: reference_step(net, opt, x, y, cfg)

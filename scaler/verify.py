@@ -6,14 +6,21 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 
-@contextmanager
-def plain_formulation(model):
-    """Run every block of an emitted model in its plain (reference) formulation, `fused = False`,
-    restoring the flags on exit: the fused one computes the same function with other operators
-    (BatchNorm folded into convs, a pool taken as a sum), and FLOPs are counted on the plain one."""
+def use_plain_formulation(model) -> list:
+    """Switch every block of an emitted model to its plain (reference) formulation, `fused = False`:
+    the blocks as the papers write them. Returns (module, previous flag) pairs."""
     flags = [(m, m.fused) for m in model.modules() if isinstance(getattr(m, "fused", None), bool)]
     for m, _ in flags:
         m.fused = False
+    return flags
+
+
+@contextmanager
+def plain_formulation(model):
+    """`use_plain_formulation` for a block of code, restoring the flags on exit: the fused one
+    computes the same function with other operators (BatchNorm folded into convs, a pool taken as
+    a sum), and FLOPs are counted on the plain one."""
+    flags = use_plain_formulation(model)
     try:
         yield model
     finally:

@@ -10,7 +10,7 @@ import torch
 from scaler.builder import build_model
 from scaler.cost import count
 from scaler.spec import ArchSpec
-from scaler.verify import fvcore_flops, plain_formulation
+from scaler.verify import fvcore_flops, plain_formulation, use_plain_formulation
 
 ROBUST = dict(block="robust", depths=(1, 1, 1), planes=(16, 32, 64))
 SPECS = {
@@ -49,9 +49,7 @@ def pair(spec):
     fused = build_model(spec).double()
     randomise_batchnorm(fused, torch.Generator().manual_seed(1))
     plain = copy.deepcopy(fused)
-    for m in plain.modules():
-        if hasattr(m, "fused"):
-            m.fused = False
+    use_plain_formulation(plain)
     return fused, plain
 
 

@@ -229,3 +229,27 @@ def test_auto_compile_only_where_it_measured_faster(monkeypatch):
     assert resolve_compile(True, robust, cpu, 1) is True and resolve_compile(False, basic, cpu, 10**6) is False
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler for Inductor
     assert resolve_compile(None, basic, cpu, 10**6) is False
+
+
+@pytest.mark.parametrize("bench", ["train", "eval"])
+def test_bench_reference_runs_the_plain_blocks(monkeypatch, bench):
+    """The reference loops time the blocks as the papers write them (`fused = False`), ours the
+    fused formulation: a reference on fused blocks would hide what the fused code buys."""
+    import trainers.bench as tb
+
+    seen = {}
+    name = "reference_step" if bench == "train" else "reference_eval"
+    original = getattr(tb, name)
+
+    def spy(model, *args, **kwargs):
+        seen["fused"] = {m.fused for m in model.modules() if hasattr(m, "fused")}
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(tb, name, spy)
+    model = build_model(ArchSpec("robust", (1, 1, 1), (16, 32, 64)))
+    if bench == "train":
+        tb.bench_train(model, batch_size=2, steps=1, warmup=0, precision="fp32")
+    else:
+        tb.bench_eval(model, attack="fgsm", n=2, batch_size=2)
+    assert seen["fused"] == {False}
+    assert {m.fused for m in model.modules() if hasattr(m, "fused")} == {True}  # the caller's model untouched

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from scaler.errors import ScalerError
+from scaler.verify import use_plain_formulation
 from trainers.config import make_config
 from trainers.peak import efficiency
 from trainers.step import Stepper, make_optimizer, resolve_device, resolve_precision, training_layout
@@ -154,6 +155,7 @@ def bench_train(
         result.update(efficiency(step_flops / seconds, dev.type, result["precision"]))
     if reference:
         ref_model = copy.deepcopy(model).to(dev)
+        use_plain_formulation(ref_model)  # the blocks as the papers write them, as in bench eval
         ref_opt = torch.optim.SGD(
             ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=False
         )
@@ -284,9 +286,7 @@ def bench_eval(
         return evaluate(ours_model, xs, ys, (attack,), batch_size=batch_size, precision=precision, channels_last=layout)
 
     ref_model = copy.deepcopy(model).to(dev) if reference else torch.nn.Module()
-    for m in ref_model.modules():  # the reference runs the blocks as the papers write them
-        if isinstance(getattr(m, "fused", None), bool):
-            m.fused = False
+    use_plain_formulation(ref_model)
 
     def ref(xs, ys):
         return reference_eval(ref_model, xs, ys, attack, batch_size=reference_batch_size)
