@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scaler.builder import build_model
+from scaler.codegen import render
 from scaler.cost import count
 from scaler.spec import ArchSpec
 from scaler.verify import fvcore_flops, plain_formulation, use_plain_formulation
@@ -67,10 +68,24 @@ QUICK = ("robust", "basic", "robust-same-pad", "mixed")
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in sorted(SPECS)])
 def test_fused_equals_plain(name, train):
+    check_fused_equals_plain(name, train)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["robust", "robust-g2"])
+def test_fused_equals_plain_channels_last(name, train):
+    """channels_last is where the cascade copies its channel slices and its cat hands back dense
+    gradients (`dense`, `DenseCat`): same function, same gradients."""
+    check_fused_equals_plain(name, train, torch.channels_last)
+
+
+def check_fused_equals_plain(name, train, memory_format=torch.contiguous_format):
     fused, plain = pair(SPECS[name])
+    fused, plain = fused.to(memory_format=memory_format), plain.to(memory_format=memory_format)
     assert any(getattr(m, "fused", False) for m in fused.modules() if m is not fused), "no block runs fused"
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(3, 3, 8, 8, generator=gen, dtype=torch.float64)  # float64 convs are slow on the CPU
+    x = x.contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (3,), generator=gen)
     for _ in range(2 if train else 1):  # the second pass sees the running statistics the first updated
         out_f, gx_f = run(fused, x, y, train)
@@ -124,3 +139,49 @@ def test_plain_and_fused_state_dicts_load_into_each_other():
     fused.load_state_dict(plain.state_dict())
     plain.load_state_dict(fused.state_dict())
     assert list(fused.state_dict()) == list(plain.state_dict())
+
+
+def test_dense_cat_hands_back_dense_gradients():
+    """The cascade's cat returns channels_last gradients of its own for each piece (strided slices
+    make the gradient additions after it several times slower)."""
+    namespace = {}
+    exec(render(SPECS["robust"]), namespace)
+    cl = torch.channels_last
+    pieces = [
+        torch.rand(2, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=cl).requires_grad_() for _ in range(3)
+    ]
+    out = namespace["DenseCat"].apply(*pieces)
+    torch.testing.assert_close(out, torch.cat(pieces, 1), rtol=0, atol=0)
+    out.backward(torch.rand(out.shape, dtype=torch.float64).contiguous(memory_format=cl))
+    assert all(p.grad.is_contiguous(memory_format=cl) for p in pieces)
+
+
+@pytest.mark.parametrize("channels_per_group,stride,bias", [(2, 2, True), (1, 2, False), (4, 2, True), (2, 1, True)])
+def test_strided_thin_grouped_conv_gradients_in_float32(channels_per_group, stride, bias):
+    """Under bf16 autocast on a CPU, strided convs with 1-2 channels per group take their input
+    gradient in float32 (`Float32InputGrad`); others run as F.conv2d. Either way the output and the
+    gradients of input, weight and bias match a float64 reference to bf16 rounding."""
+    namespace = {}
+    exec(render(SPECS["robust"]), namespace)
+    gen = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    groups = 4
+    conv = torch.nn.Conv2d(
+        groups * channels_per_group, groups * channels_per_group, 3, stride, 1, groups=groups, bias=False
+    )
+    x = torch.rand(4, conv.in_channels, 8, 8, generator=gen).bfloat16().contiguous(memory_format=cl).requires_grad_()
+    b = torch.randn(conv.out_channels, generator=gen).requires_grad_() if bias else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = namespace["conv2d"](x, conv.weight, b, conv, groups)
+    uses_float32 = channels_per_group <= 2 and stride > 1
+    assert (type(out.grad_fn).__name__ == "Float32InputGradBackward") == uses_float32
+    g = torch.randn(out.shape, generator=gen).bfloat16().contiguous(memory_format=cl)
+    grads = torch.autograd.grad(out, [x, conv.weight] + ([b] if bias else []), g)
+    assert grads[0].dtype == torch.bfloat16 and grads[0].is_contiguous(memory_format=cl)
+    assert grads[1].dtype == torch.float32
+    leaves = [t.detach().double().requires_grad_() for t in (x, conv.weight.bfloat16()) + ((b,) if bias else ())]
+    ref = torch.nn.functional.conv2d(leaves[0], leaves[1], leaves[2] if bias else None, stride, 1, 1, groups)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    ref_grads = torch.autograd.grad(ref, leaves, g.double())
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=5e-2)
