@@ -49,32 +49,54 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """bn(conv(x)); in eval mode one conv whose weight and bias carry the BatchNorm."""
     if bn.training:
-        return bn(conv(x))
+        return bn(conv2d(x, conv.weight, None, conv, conv.groups))
     scale, shift = bn_affine(bn)
     weight = conv.weight * scale[:, None, None, None]
-    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv2d(x, weight, shift, conv, conv.groups)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, conv: nn.Conv2d, groups: int) -> torch.Tensor:
-    """F.conv2d with conv's stride, padding and dilation. A strided conv with at most 2 channels
-    per group in bfloat16 on a CPU takes its input gradient in float32 (`Float32InputGrad`)."""
-    if (
-        conv.stride != (1, 1)
-        and weight.shape[1] <= 2
-        and x.device.type == "cpu"
-        and (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype) == torch.bfloat16
-    ):
+    """F.conv2d with conv's stride, padding and dilation, by the fastest exact route `conv_route` names."""
+    route = conv_route(x, weight, conv.stride, groups)
+    if route == "dense":
+        weight, groups = block_diagonal(weight, groups), 1
+    elif route == "float32-input-grad":
         return Float32InputGrad.apply(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def conv_route(x: torch.Tensor, weight: torch.Tensor, stride, groups: int) -> str:
+    """How a grouped conv with few channels per group runs in bfloat16 on a CPU, where oneDNN's
+    grouped bf16 kernels are slow (measured, batch 64, forward + input gradient): up to 64 input
+    channels and 8 per group as a dense conv with a block-diagonal weight, 1.3-5x faster despite
+    its groups-times more multiply-adds ("dense"); wider strided ones with 1-2 channels per group
+    with their input gradient in float32, 2-15x faster ("float32-input-grad"); else "grouped"."""
+    if groups == 1 or x.device.type != "cpu":
+        return "grouped"
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype != torch.bfloat16:
+        return "grouped"
+    if weight.shape[1] * groups <= 64 and weight.shape[1] <= 8:
+        return "dense"
+    if tuple(stride) != (1, 1) and weight.shape[1] <= 2:
+        return "float32-input-grad"
+    return "grouped"
+
+
+def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's weight [out, in / groups, k, k] as the dense one [out, in, k, k] of the same
+    conv: each output channel's kernel in its group's input channels, zeros elsewhere."""
+    out_channels, per_group = weight.shape[:2]
+    mask = torch.eye(groups, dtype=weight.dtype, device=weight.device).repeat_interleave(out_channels // groups, 0)
+    return (mask[:, :, None, None, None] * weight[:, None]).reshape(out_channels, groups * per_group, *weight.shape[2:])
 
 
 conv_backward = torch.ops.aten.convolution_backward
 
 
 class Float32InputGrad(torch.autograd.Function):
-    """A bfloat16 conv2d whose input gradient is computed in float32: for strided convs with 1-2
-    channels per group oneDNN's bf16 backward is 2-15x slower than its float32 one on a CPU (56
-    channels in 28 groups, stride 2, 32x32, batch 64: 8.5 ms against 3.8 ms with the casts)."""
+    """A bfloat16 conv2d whose input gradient is computed in float32 (`conv_route`): for 224
+    channels in 112 groups, stride 2, 16x16, batch 64 12.3 ms in bf16 against 3.9 ms with the casts."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
@@ -291,7 +313,7 @@ class RobustResBlock(nn.Module):
             return self.act(conv_bn(h, self.convs[0], self.bns[0]))
         if self.stride > 1:  # no cascade: the S - 1 convs are independent
             head, last = torch.split(h, [h.shape[1] - self.width, self.width], dim=1)
-            return torch.cat([self.act(conv_bn_many(head, self.convs, self.bns)), self.pool(last)], dim=1)
+            return DenseCat.apply(self.act(conv_bn_many(head, self.convs, self.bns)), self.pool(last))
         chunks = torch.split(h, self.width, dim=1)
         outs = [self.act(conv_bn(chunks[0], self.convs[0], self.bns[0]))]
         for chunk, conv, bn in zip(chunks[1:], self.convs[1:], self.bns[1:]):

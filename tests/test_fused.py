@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scaler.builder import build_model
 from scaler.codegen import render
@@ -156,32 +157,51 @@ def test_dense_cat_hands_back_dense_gradients():
     assert all(p.grad.is_contiguous(memory_format=cl) for p in pieces)
 
 
-@pytest.mark.parametrize("channels_per_group,stride,bias", [(2, 2, True), (1, 2, False), (4, 2, True), (2, 1, True)])
-def test_strided_thin_grouped_conv_gradients_in_float32(channels_per_group, stride, bias):
-    """Under bf16 autocast on a CPU, strided convs with 1-2 channels per group take their input
-    gradient in float32 (`Float32InputGrad`); others run as F.conv2d. Either way the output and the
-    gradients of input, weight and bias match a float64 reference to bf16 rounding."""
+@pytest.mark.parametrize(
+    "channels,per_group,stride,route",
+    [
+        (8, 2, 2, "dense"),
+        (16, 4, 1, "dense"),
+        (72, 8, 1, "grouped"),  # over 64 input channels
+        (96, 2, 2, "float32-input-grad"),
+        (96, 1, 1, "grouped"),  # wide and thin, but not strided
+        (128, 16, 2, "grouped"),
+    ],
+)
+def test_thin_grouped_convs_take_their_fast_route(channels, per_group, stride, route):
+    """Under bf16 autocast on a CPU, thin grouped convs run as a dense conv with a block-diagonal
+    weight or with their input gradient in float32 (`conv_route`); whichever route, the output and
+    the gradients of input, weight and bias match a float64 reference to bf16 rounding."""
     namespace = {}
     exec(render(SPECS["robust"]), namespace)
     gen = torch.Generator().manual_seed(0)
     cl = torch.channels_last
-    groups = 4
-    conv = torch.nn.Conv2d(
-        groups * channels_per_group, groups * channels_per_group, 3, stride, 1, groups=groups, bias=False
-    )
-    x = torch.rand(4, conv.in_channels, 8, 8, generator=gen).bfloat16().contiguous(memory_format=cl).requires_grad_()
-    b = torch.randn(conv.out_channels, generator=gen).requires_grad_() if bias else None
+    groups = channels // per_group
+    conv = torch.nn.Conv2d(channels, channels, 3, stride, 1, groups=groups, bias=False)
+    x = torch.rand(2, channels, 6, 6, generator=gen).bfloat16().contiguous(memory_format=cl).requires_grad_()
+    b = torch.randn(channels, generator=gen).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert namespace["conv_route"](x, conv.weight, conv.stride, groups) == route
         out = namespace["conv2d"](x, conv.weight, b, conv, groups)
-    uses_float32 = channels_per_group <= 2 and stride > 1
-    assert (type(out.grad_fn).__name__ == "Float32InputGradBackward") == uses_float32
+    assert namespace["conv_route"](x.float(), conv.weight, conv.stride, groups) == "grouped"  # float32: as it is
     g = torch.randn(out.shape, generator=gen).bfloat16().contiguous(memory_format=cl)
-    grads = torch.autograd.grad(out, [x, conv.weight] + ([b] if bias else []), g)
-    assert grads[0].dtype == torch.bfloat16 and grads[0].is_contiguous(memory_format=cl)
-    assert grads[1].dtype == torch.float32
-    leaves = [t.detach().double().requires_grad_() for t in (x, conv.weight.bfloat16()) + ((b,) if bias else ())]
-    ref = torch.nn.functional.conv2d(leaves[0], leaves[1], leaves[2] if bias else None, stride, 1, 1, groups)
-    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
-    ref_grads = torch.autograd.grad(ref, leaves, g.double())
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=5e-2)
+    grads = torch.autograd.grad(out, [x, conv.weight, b], g)
+    assert [t.dtype for t in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    assert grads[0].is_contiguous(memory_format=cl)
+    leaves = [t.detach().double().requires_grad_() for t in (x, conv.weight.bfloat16(), b)]
+    ref = torch.nn.functional.conv2d(*leaves, stride, 1, 1, groups)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=3e-2)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-1)
+
+
+def test_block_diagonal_weight_is_the_grouped_conv():
+    """The dense weight computes exactly the grouped conv (zeros outside each group) in float64."""
+    namespace = {}
+    exec(render(SPECS["robust"]), namespace)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 3, 3, 3, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 12, 5, 5, generator=gen, dtype=torch.float64)
+    dense = namespace["block_diagonal"](w, 4)
+    assert dense.shape == (12, 12, 3, 3) and int((dense != 0).sum()) == w.numel()
+    torch.testing.assert_close(F.conv2d(x, dense, None, 2, 1), F.conv2d(x, w, None, 2, 1, 1, 4), rtol=1e-12, atol=1e-12)
