@@ -17,11 +17,16 @@ MODELS = {
     "robust-small": ArchSpec("robust", (2, 2, 1), (16, 32, 64)),  # --depths 2,2,1 --widths 1,1,1
 }
 TARGETS = {"ours-fp32": 1.5, "ours-bf16": 2.5}  # speedups over the reference the issue asks for
-# Asserted where they held with margin on the 2-core AVX-512-BF16 CPU (README: bench eval); the
-# others are reported: basic fp32 ~1.43x (its convs, 86% of our time, already run at ~80% of the
-# fp32 matmul peak), robust bf16 ~1.97x (elementwise work on 4-16-channel slices dominates; bf16
-# only speeds the convs, a third of the time).
-ASSERTED = {("basic-bar", "ours-bf16"): 2.5, ("robust-small", "ours-fp32"): 1.5}
+# Asserted where they held with margin on the 2-core AVX-512-BF16 CPU (README: bench eval), and a
+# floor below the target where they did not: basic fp32 1.46-1.49x (its convs, 86% of our time,
+# already run at the fp32 matmul peak), robust bf16 2.44-2.54x (memory-bound elementwise work over
+# the block outputs dominates; bf16 only speeds the convs).
+ASSERTED = {
+    ("basic-bar", "ours-bf16"): 2.5,
+    ("basic-bar", "ours-fp32"): 1.35,
+    ("robust-small", "ours-fp32"): 1.5,
+    ("robust-small", "ours-bf16"): 2.2,
+}
 N = 64
 
 

@@ -17,9 +17,9 @@ from scaler.verify import use_plain_formulation
 MODELS = {
     # the issue's bar models: --block robust --depths 2,2,1 --widths 1,1,1 and --depths 1,1,1 --widths 4,4,4,
     # with the speedups over the reference the issue asks for and the floor asserted here: the robust
-    # model measured 1.91-1.97x (target 2.0x missed: elementwise passes over its 4-16-channel splits,
-    # memory-bound, are most of its time), the basic one 4.2-4.3x
-    "robust-small": (ArchSpec("robust", (2, 2, 1), (16, 32, 64)), 2.0, 1.8),
+    # model measured 2.37-2.43x (goal 3x: memory-bound elementwise passes over its block outputs are
+    # most of its time), the basic one 3.8-4.3x
+    "robust-small": (ArchSpec("robust", (2, 2, 1), (16, 32, 64)), 2.0, 2.0),
     "basic-bar": (ArchSpec("basic", (1, 1, 1), (64, 128, 256)), 3.0, 3.0),
 }
 BATCH = 64

@@ -73,7 +73,7 @@ def training_layout(model, device, channels_last: bool) -> bool:
     return True
 
 
-COMPILE_SPEEDUP = {("cpu", "basic"): 1.19, ("cpu", "robust"): 0.74}
+COMPILE_SPEEDUP = {("cpu", "basic"): 1.15, ("cpu", "robust"): 0.60}
 """Steady-state speedup of a torch.compile'd training step over the eager one, per device type
 and block family, measured on the 2-core AVX-512/AMX CPU (PGD-10, batch 64, bf16, channels_last,
 the benchmarks' bar models; compile took 20-80 s). Families and devices not listed are unmeasured."""
