@@ -49,7 +49,7 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """bn(conv(x)); in eval mode one conv whose weight and bias carry the BatchNorm."""
     if bn.training:
-        return bn(conv2d(x, conv.weight, None, conv, conv.groups))
+        return bn(conv2d(x, conv.weight, conv.bias, conv, conv.groups))
     scale, shift = bn_affine(bn)
     weight = conv.weight * scale[:, None, None, None]
     return conv2d(x, weight, shift, conv, conv.groups)
