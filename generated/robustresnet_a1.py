@@ -49,38 +49,39 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """bn(conv(x)); in eval mode one conv whose weight and bias carry the BatchNorm."""
     if bn.training:
-        return bn(conv2d(x, conv.weight, conv.bias, conv, conv.groups))
+        dense = dense_route(x, conv.weight, conv.groups)
+        return bn(conv2d(x, conv.weight, conv.bias, conv, conv.groups) if dense else conv(x))
     scale, shift = bn_affine(bn)
     weight = conv.weight * scale[:, None, None, None]
     return conv2d(x, weight, shift, conv, conv.groups)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, conv: nn.Conv2d, groups: int) -> torch.Tensor:
-    """F.conv2d with conv's stride, padding and dilation, by the fastest exact route `conv_route` names."""
-    route = conv_route(x, weight, conv.stride, groups)
-    if route == "dense":
+    """F.conv2d with conv's stride, padding and dilation; as a dense conv where `dense_route` says."""
+    if dense_route(x, weight, groups):
         weight, groups = block_diagonal(weight, groups), 1
-    elif route == "float32-input-grad":
-        return Float32InputGrad.apply(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
 
 
-def conv_route(x: torch.Tensor, weight: torch.Tensor, stride, groups: int) -> str:
-    """How a grouped conv with few channels per group runs in bfloat16 on a CPU, where oneDNN's
-    grouped bf16 kernels are slow (measured, batch 64, forward + input gradient): up to 64 input
-    channels and 8 per group as a dense conv with a block-diagonal weight, 1.3-5x faster despite
-    its groups-times more multiply-adds ("dense"); wider strided ones with 1-2 channels per group
-    with their input gradient in float32, 2-15x faster ("float32-input-grad"); else "grouped"."""
-    if groups == 1 or x.device.type != "cpu":
-        return "grouped"
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if dtype != torch.bfloat16:
-        return "grouped"
-    if weight.shape[1] * groups <= 64 and weight.shape[1] <= 8:
-        return "dense"
-    if tuple(stride) != (1, 1) and weight.shape[1] <= 2:
-        return "float32-input-grad"
-    return "grouped"
+def dense_route(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """Whether a grouped conv runs as a dense conv with a block-diagonal weight: in bfloat16 on a
+    CPU, with up to 64 input channels and 8 per group. oneDNN's grouped bf16 kernels are slow
+    there; measured (batch 64, forward + input gradient) the dense conv ran 1.3-5x faster despite
+    its groups-times more multiply-adds. The function is the same; the sums run in another order."""
+    if groups == 1 or x.device.type != "cpu" or weight.shape[1] * groups > 64 or weight.shape[1] > 8:
+        return False
+    return compute_dtype(x) == torch.bfloat16
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU conv of x computes in: autocast's where it is on and casts x (float32)."""
+    if x.dtype != torch.float32:
+        return x.dtype
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        enabled, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    else:
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return dtype if enabled else x.dtype
 
 
 def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -89,40 +90,6 @@ def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
     out_channels, per_group = weight.shape[:2]
     mask = torch.eye(groups, dtype=weight.dtype, device=weight.device).repeat_interleave(out_channels // groups, 0)
     return (mask[:, :, None, None, None] * weight[:, None]).reshape(out_channels, groups * per_group, *weight.shape[2:])
-
-
-conv_backward = torch.ops.aten.convolution_backward
-
-
-class Float32InputGrad(torch.autograd.Function):
-    """A bfloat16 conv2d whose input gradient is computed in float32 (`conv_route`): for 224
-    channels in 112 groups, stride 2, 16x16, batch 64 12.3 ms in bf16 against 3.9 ms with the casts."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.dtypes = x.dtype, weight.dtype, None if bias is None else bias.dtype
-        x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-        bias = None if bias is None else bias.to(torch.bfloat16)
-        ctx.save_for_backward(x, weight)
-        ctx.geometry = stride, padding, dilation, False, [0, 0], groups  # not transposed, no output padding
-        with torch.autocast("cpu", enabled=False):
-            return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        x_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            like = torch.empty_like(x, dtype=torch.float32)  # only its shape and layout are read
-            grad_x = conv_backward(grad.float(), like, weight.float(), None, *ctx.geometry, [True, False, False])[0]
-            grad_x = grad_x.to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = conv_backward(grad, x, weight, None, *ctx.geometry, [False, True, False])[1]
-            grad_weight = grad_weight.to(weight_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2, 3), dtype=torch.float32).to(bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 def conv_bn_many(x: torch.Tensor, convs: nn.ModuleList, bns: nn.ModuleList) -> torch.Tensor:

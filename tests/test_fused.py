@@ -153,46 +153,80 @@ def test_dense_cat_hands_back_dense_gradients():
     ]
     out = namespace["DenseCat"].apply(*pieces)
     torch.testing.assert_close(out, torch.cat(pieces, 1), rtol=0, atol=0)
-    out.backward(torch.rand(out.shape, dtype=torch.float64).contiguous(memory_format=cl))
-    assert all(p.grad.is_contiguous(memory_format=cl) for p in pieces)
+    g = torch.rand(out.shape, dtype=torch.float64).contiguous(memory_format=cl)
+    grads = torch.autograd.grad(out, pieces, g)
+    assert all(t.is_contiguous(memory_format=cl) for t in grads)
+    torch.testing.assert_close(torch.cat(grads, 1), g, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
-    "channels,per_group,stride,route",
-    [
-        (8, 2, 2, "dense"),
-        (16, 4, 1, "dense"),
-        (72, 8, 1, "grouped"),  # over 64 input channels
-        (96, 2, 2, "float32-input-grad"),
-        (96, 1, 1, "grouped"),  # wide and thin, but not strided
-        (128, 16, 2, "grouped"),
-    ],
+    "channels,per_group,stride,dense",
+    [(8, 2, 2, True), (16, 4, 1, True), (64, 8, 1, True), (72, 8, 1, False), (64, 16, 2, False), (96, 2, 2, False)],
 )
-def test_thin_grouped_convs_take_their_fast_route(channels, per_group, stride, route):
-    """Under bf16 autocast on a CPU, thin grouped convs run as a dense conv with a block-diagonal
-    weight or with their input gradient in float32 (`conv_route`); whichever route, the output and
-    the gradients of input, weight and bias match a float64 reference to bf16 rounding."""
+def test_thin_grouped_convs_run_dense_in_bf16(channels, per_group, stride, dense):
+    """Under bf16 autocast on a CPU, grouped convs with up to 64 input channels and 8 per group run
+    as a dense conv with a block-diagonal weight (`dense_route`), in float32 and float64 as they
+    are; whichever route, output and input, weight and bias gradients match a float64 reference."""
     namespace = {}
     exec(render(SPECS["robust"]), namespace)
     gen = torch.Generator().manual_seed(0)
     cl = torch.channels_last
     groups = channels // per_group
     conv = torch.nn.Conv2d(channels, channels, 3, stride, 1, groups=groups, bias=False)
-    x = torch.rand(2, channels, 6, 6, generator=gen).bfloat16().contiguous(memory_format=cl).requires_grad_()
+    x = torch.rand(2, channels, 6, 6, generator=gen).contiguous(memory_format=cl).requires_grad_()
     b = torch.randn(channels, generator=gen).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert namespace["conv_route"](x, conv.weight, conv.stride, groups) == route
+        assert namespace["dense_route"](x, conv.weight, groups) == dense
+        assert not namespace["dense_route"](x.double(), conv.weight.double(), groups)  # autocast leaves float64
         out = namespace["conv2d"](x, conv.weight, b, conv, groups)
-    assert namespace["conv_route"](x.float(), conv.weight, conv.stride, groups) == "grouped"  # float32: as it is
+    assert out.dtype == torch.bfloat16
+    assert not namespace["dense_route"](x, conv.weight, groups)  # float32 without autocast: grouped
     g = torch.randn(out.shape, generator=gen).bfloat16().contiguous(memory_format=cl)
     grads = torch.autograd.grad(out, [x, conv.weight, b], g)
-    assert [t.dtype for t in grads] == [torch.bfloat16, torch.float32, torch.float32]
-    assert grads[0].is_contiguous(memory_format=cl)
-    leaves = [t.detach().double().requires_grad_() for t in (x, conv.weight.bfloat16(), b)]
+    leaves = [t.detach().bfloat16().double().requires_grad_() for t in (x, conv.weight, b)]
     ref = torch.nn.functional.conv2d(*leaves, stride, 1, 1, groups)
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=3e-2)
     for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-1)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_bf16_channels_last_gradients_as_close_as_plain(train):
+    """The speed path as training and the attacks run it (bf16 autocast, channels_last: dense
+    routes, dense slices, DenseCat): its input and parameter gradients are as close to the float32
+    ones as the plain formulation's under the same autocast (bf16 rounding on a random network
+    moves them by tens of percent, so the plain formulation's error is the yardstick)."""
+    fused, plain = pair(SPECS["robust"])
+    fused, plain = (m.float().to(memory_format=torch.channels_last).train(train) for m in (fused, plain))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(8, 3, 16, 16, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    namespace = type(fused).__init__.__globals__
+    routes = []
+    dense_route = namespace["dense_route"]
+
+    def gradients(model, bf16):
+        model = copy.deepcopy(model)
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(xr).float(), y)
+        gx, *gp = torch.autograd.grad(loss, [xr, *model.parameters()], allow_unused=True)
+        return gx, torch.cat([g.flatten() for g in gp if g is not None])
+
+    def error(got, want):
+        return [((a - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+
+    truth = gradients(plain, False)
+    try:
+        namespace["dense_route"] = lambda *args: routes.append(dense_route(*args)) or routes[-1]
+        fused_error = error(gradients(fused, True), truth)
+    finally:
+        namespace["dense_route"] = dense_route
+    plain_error = error(gradients(plain, True), truth)
+    assert any(routes), "no conv took the dense route"
+    for f, p in zip(fused_error, plain_error):
+        assert f <= 1.5 * p + 0.01, (fused_error, plain_error)
+    assert error(gradients(fused, False), truth) == pytest.approx([0, 0], abs=1e-5)  # float32: the same
 
 
 def test_block_diagonal_weight_is_the_grouped_conv():

@@ -106,8 +106,10 @@ def bench_train(
     """Time `steps` training steps of ours (and of the reference loop) on synthetic data."""
     if method not in ("pgd-at", "trades", "mart"):
         raise ScalerError(f"unknown method {method!r}; bench takes pgd-at, trades or mart")
-    if batch_size < 1 or steps < 1 or warmup < 0:
+    if batch_size < 1 or steps < 1:
         raise ScalerError("--batch-size and --steps must be >= 1")
+    if warmup < 0:
+        raise ScalerError("--warmup must be >= 0")
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
