@@ -116,6 +116,10 @@ def test_bench_cli_json(capsys):
     assert data["images_per_s"] == pytest.approx(8 / data["seconds_per_step"])
     assert data["speedup"] == pytest.approx(data["images_per_s"] / data["reference_images_per_s"])
     assert main(["bench", "train", "wrn-a1", "--method", "standard"]) == 2
+    capsys.readouterr()
+    assert main(["bench", "train", "wrn-a1", "--warmup", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--warmup must be >= 0" in err and err.count("\n") == 1
 
 
 def test_channels_last_hazard_is_detected():
