@@ -156,8 +156,7 @@ def residual_se(h: torch.Tensor, skip: torch.Tensor, bn: nn.BatchNorm2d, fc1: nn
         s = torch.sigmoid(fc2(torch.relu(fc1(z.sum((2, 3)) / area))))
         return ScaleShiftAdd.apply(z, s, None, h + skip)
     scale, shift = bn_affine(bn)
-    s = torch.sigmoid(fc2(torch.relu(fc1(h.sum((2, 3)).to(scale.dtype) * (scale / area) + shift))))
-    return ScaleShiftAdd.apply(h, (1 + scale * s).to(h.dtype), (shift * s).to(h.dtype), skip)
+    return EvalResidualSE.apply(h, skip, scale, shift, fc1.weight, fc2.weight)
 
 
 class ScaleShiftAdd(torch.autograd.Function):
@@ -177,6 +176,49 @@ class ScaleShiftAdd(torch.autograd.Function):
         grad_gain = (grad * h).sum((2, 3)) if ctx.needs_input_grad[1] else None
         grad_offset = grad.sum((2, 3)) if ctx.has_offset and ctx.needs_input_grad[2] else None
         return grad * gain[:, :, None, None], grad_gain, grad_offset, grad
+
+
+class EvalResidualSE(torch.autograd.Function):
+    """Eval-mode `residual_se` as one Function: h * (1 + scale * s) + shift * s + skip with
+    s = sigmoid(W2 relu(W1 p)), p = GAP(h) * scale + shift (the SE's small MLP in float32). Its
+    backward makes three passes over the block-sized tensors (grad * h, grad, and h's gradient with
+    the pooled sum's folded in, one addcmul) where autograd's graph makes six."""
+
+    @staticmethod
+    def forward(ctx, h, skip, scale, shift, w1, w2):
+        with torch.autocast(h.device.type, enabled=False):
+            pooled = h.sum((2, 3)).to(scale.dtype) / (h.shape[2] * h.shape[3])
+            p = pooled * scale + shift
+            u = p @ w1.to(p.dtype).t()
+            s = torch.sigmoid(torch.relu(u) @ w2.to(p.dtype).t())
+        ctx.save_for_backward(h, pooled, p, u, s, scale, shift, w1, w2)
+        out = torch.addcmul(skip, h, (1 + scale * s).to(h.dtype)[:, :, None, None])
+        return out.add_((shift * s).to(h.dtype)[:, :, None, None])
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, pooled, p, u, s, scale, shift, w1, w2 = ctx.saved_tensors
+        need_h, need_skip, need_scale, need_shift, need_w1, need_w2 = ctx.needs_input_grad
+        grad_gain = (grad * h).sum((2, 3)).to(s.dtype)  # per sample and channel
+        grad_offset = grad.sum((2, 3)).to(s.dtype)
+        grad_v = (grad_gain * scale + grad_offset * shift) * s * (1 - s)  # through the sigmoid
+        r = torch.relu(u)
+        grad_u = (grad_v @ w2.to(s.dtype)) * (u > 0)
+        grad_p = grad_u @ w1.to(s.dtype)
+        grad_h = grad_scale = grad_shift = grad_w1 = grad_w2 = None
+        if need_h:
+            grad_pooled = (grad_p * scale / (h.shape[2] * h.shape[3])).to(h.dtype)
+            gain = (1 + scale * s).to(h.dtype)
+            grad_h = torch.addcmul(grad_pooled[:, :, None, None].expand_as(h), grad, gain[:, :, None, None])
+        if need_scale:
+            grad_scale = (grad_gain * s + grad_p * pooled).sum(0)
+        if need_shift:
+            grad_shift = (grad_offset * s + grad_p).sum(0)
+        if need_w1:
+            grad_w1 = (grad_u.t() @ p).to(w1.dtype)
+        if need_w2:
+            grad_w2 = (grad_v.t() @ r).to(w2.dtype)
+        return grad_h, grad if need_skip else None, grad_scale, grad_shift, grad_w1, grad_w2
 
 
 class RobustResBlock(nn.Module):
