@@ -113,7 +113,11 @@ STANDALONE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("name", ["robustresnet-a1", "wrn-34-r", "vgg-11-r", "densenet-121-r"])
+@pytest.mark.parametrize(
+    "name",
+    # A1 takes ~17 s (torch.export traces the fused blocks' autograd Functions): CI runs it, the quick subset does not
+    [pytest.param("robustresnet-a1", marks=pytest.mark.slow), "wrn-34-r", "vgg-11-r", "densenet-121-r"],
+)
 def test_emitted_file_is_standalone_exact_and_exportable(name, tmp_path):
     script = tmp_path / "check.py"
     script.write_text(STANDALONE)
