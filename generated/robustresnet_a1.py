@@ -154,28 +154,25 @@ def residual_se(h: torch.Tensor, skip: torch.Tensor, bn: nn.BatchNorm2d, fc1: nn
     if bn.training:
         z = bn(h)
         s = torch.sigmoid(fc2(torch.relu(fc1(z.sum((2, 3)) / area))))
-        return ScaleShiftAdd.apply(z, s, None, h + skip)
+        return ScaleAdd.apply(z, s, h + skip)
     scale, shift = bn_affine(bn)
     return EvalResidualSE.apply(h, skip, scale, shift, fc1.weight, fc2.weight)
 
 
-class ScaleShiftAdd(torch.autograd.Function):
-    """h * gain + offset + skip, gain and offset (optional) per sample and channel: autograd's
-    own addcmul backward makes a pass over h more than the gradients need."""
+class ScaleAdd(torch.autograd.Function):
+    """h * gain + skip, gain per sample and channel (training-mode `residual_se`): autograd's own
+    addcmul backward makes a pass over h more than the gradients need."""
 
     @staticmethod
-    def forward(ctx, h, gain, offset, skip):
+    def forward(ctx, h, gain, skip):
         ctx.save_for_backward(h, gain)
-        ctx.has_offset = offset is not None
-        out = torch.addcmul(skip, h, gain[:, :, None, None])
-        return out.add_(offset[:, :, None, None]) if offset is not None else out
+        return torch.addcmul(skip, h, gain[:, :, None, None])
 
     @staticmethod
     def backward(ctx, grad):
         h, gain = ctx.saved_tensors
         grad_gain = (grad * h).sum((2, 3)) if ctx.needs_input_grad[1] else None
-        grad_offset = grad.sum((2, 3)) if ctx.has_offset and ctx.needs_input_grad[2] else None
-        return grad * gain[:, :, None, None], grad_gain, grad_offset, grad
+        return grad * gain[:, :, None, None], grad_gain, grad
 
 
 class EvalResidualSE(torch.autograd.Function):
@@ -189,21 +186,20 @@ class EvalResidualSE(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             pooled = h.sum((2, 3)).to(scale.dtype) / (h.shape[2] * h.shape[3])
             p = pooled * scale + shift
-            u = p @ w1.to(p.dtype).t()
-            s = torch.sigmoid(torch.relu(u) @ w2.to(p.dtype).t())
-        ctx.save_for_backward(h, pooled, p, u, s, scale, shift, w1, w2)
+            r = torch.relu(p @ w1.to(p.dtype).t())
+            s = torch.sigmoid(r @ w2.to(p.dtype).t())
+        ctx.save_for_backward(h, pooled, p, r, s, scale, shift, w1, w2)
         out = torch.addcmul(skip, h, (1 + scale * s).to(h.dtype)[:, :, None, None])
         return out.add_((shift * s).to(h.dtype)[:, :, None, None])
 
     @staticmethod
     def backward(ctx, grad):
-        h, pooled, p, u, s, scale, shift, w1, w2 = ctx.saved_tensors
+        h, pooled, p, r, s, scale, shift, w1, w2 = ctx.saved_tensors
         need_h, need_skip, need_scale, need_shift, need_w1, need_w2 = ctx.needs_input_grad
         grad_gain = (grad * h).sum((2, 3)).to(s.dtype)  # per sample and channel
         grad_offset = grad.sum((2, 3)).to(s.dtype)
         grad_v = (grad_gain * scale + grad_offset * shift) * s * (1 - s)  # through the sigmoid
-        r = torch.relu(u)
-        grad_u = (grad_v @ w2.to(s.dtype)) * (u > 0)
+        grad_u = (grad_v @ w2.to(s.dtype)) * (r > 0)
         grad_p = grad_u @ w1.to(s.dtype)
         grad_h = grad_scale = grad_shift = grad_w1 = grad_w2 = None
         if need_h:
