@@ -146,10 +146,17 @@ def batch_norm_many(x: torch.Tensor, bns: nn.ModuleList) -> torch.Tensor:
     return out
 
 
-def residual_se(h: torch.Tensor, skip: torch.Tensor, bn: nn.BatchNorm2d, fc1: nn.Linear, fc2: nn.Linear):
-    """h + skip + SE(bn(h)) with SE(z) = z * sigmoid(fc2(relu(fc1(GAP(z))))). In eval mode
-    bn(h) = h * scale + shift, so GAP(bn(h)) = GAP(h) * scale + shift and the sum is
-    h * (1 + scale * s) + shift * s + skip: two passes over h instead of five."""
+def residual_se(
+    u: torch.Tensor, skip: torch.Tensor, conv3: nn.Conv2d, bn: nn.BatchNorm2d, fc1: nn.Linear, fc2: nn.Linear
+):
+    """h + skip + SE(bn(h)) for h = conv3(u), with SE(z) = z * sigmoid(fc2(relu(fc1(GAP(z))))). In
+    eval mode bn(h) = h * scale + shift, so GAP(bn(h)) = GAP(h) * scale + shift and the sum is
+    h * (1 + scale * s) + shift * s + skip: two passes over h instead of five; where
+    `per_sample_route` allows, h is never materialised (`ConvResidualSE`)."""
+    if not bn.training and per_sample_route(u, skip, conv3, bn, fc1, fc2):
+        scale, shift = bn_affine(bn)
+        return ConvResidualSE.apply(u, skip, conv3.weight, scale, shift, fc1.weight, fc2.weight)
+    h = conv3(u)
     area = h.shape[2] * h.shape[3]
     if bn.training:
         z = bn(h)
@@ -157,6 +164,23 @@ def residual_se(h: torch.Tensor, skip: torch.Tensor, bn: nn.BatchNorm2d, fc1: nn
         return ScaleAdd.apply(z, s, h + skip)
     scale, shift = bn_affine(bn)
     return EvalResidualSE.apply(h, skip, scale, shift, fc1.weight, fc2.weight)
+
+
+def per_sample_route(u: torch.Tensor, skip: torch.Tensor, conv3: nn.Conv2d, *frozen: nn.Module) -> bool:
+    """Whether eval-mode `residual_se` runs as `ConvResidualSE`: on a CPU, channels_last operands of
+    one dtype that the convs compute in, no parameter that wants a gradient (attacks), and a
+    feature map of at least 4 pixels per input channel, so that the per-sample weights it builds
+    (batch x out x in) stay a quarter of the block output or less. Measured (batch 32, bf16,
+    forward + input gradients) at 32x32 it ran 1.6-2.4x faster than conv3 + `EvalResidualSE`, at
+    16x16 the same, and at 8x8 with 128 or more input channels 1.5-6x slower."""
+    channels_last = torch.channels_last
+    if u.device.type != "cpu" or u.shape[2] * u.shape[3] < 4 * u.shape[1]:
+        return False
+    if u.dtype != skip.dtype or compute_dtype(u) != u.dtype:
+        return False
+    if not (u.is_contiguous(memory_format=channels_last) and skip.is_contiguous(memory_format=channels_last)):
+        return False
+    return not any(p.requires_grad for m in (conv3, *frozen) for p in m.parameters())
 
 
 class ScaleAdd(torch.autograd.Function):
@@ -215,6 +239,54 @@ class EvalResidualSE(torch.autograd.Function):
         if need_w2:
             grad_w2 = (grad_v.t() @ r).to(w2.dtype)
         return grad_h, grad if need_skip else None, grad_scale, grad_shift, grad_w1, grad_w2
+
+
+class ConvResidualSE(torch.autograd.Function):
+    """Eval-mode `residual_se` of h = conv3(u) without h, for frozen parameters: the SE reads
+    GAP(h) = W3 GAP(u), and h * gain + skip is one batched matmul of u with per-sample weights
+    W3 * gain (sample n's pixels [HW, in] times [in, out], added to skip's), the offset a second
+    pass. Its backward takes grad * h summed over pixels as the W3-weighted sum of the matmul
+    grad^T u, and u's gradient as one batched matmul, so no h is written, read or differentiated;
+    the price is twice conv3's multiply-adds, cheap beside the passes over memory they replace."""
+
+    @staticmethod
+    def forward(ctx, u, skip, w3, scale, shift, w1, w2):
+        n, _, height, breadth = u.shape
+        area, f = height * breadth, scale.dtype
+        with torch.autocast(u.device.type, enabled=False):
+            w = w3.flatten(1).to(f)  # [out, in]
+            pooled = (u.sum((2, 3)).to(f) / area) @ w.t()  # GAP(conv3(u))
+            p = pooled * scale + shift
+            r = torch.relu(p @ w1.to(f).t())
+            s = torch.sigmoid(r @ w2.to(f).t())
+            per_sample = (w[None] * (1 + scale * s)[:, :, None]).to(u.dtype)  # [n, out, in]
+            shape, cl = (n, w.shape[0], height, breadth), torch.channels_last
+            out = torch.empty(shape, dtype=u.dtype, device=u.device, memory_format=cl)
+            torch.baddbmm(pixels(skip), pixels(u), per_sample.transpose(1, 2), out=pixels(out))
+            out.add_((shift * s).to(u.dtype)[:, :, None, None])
+        ctx.save_for_backward(u, w, per_sample, r, s, scale, shift, w1, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, w, per_sample, r, s, scale, shift, w1, w2 = ctx.saved_tensors
+        area, f = u.shape[2] * u.shape[3], s.dtype
+        with torch.autocast(u.device.type, enabled=False):
+            grad = grad.to(u.dtype).contiguous(memory_format=torch.channels_last)
+            g = pixels(grad)
+            grad_gain = (torch.bmm(pixels(u).transpose(1, 2), g).to(f) * w.t()).sum(1)  # sum over pixels of grad * h
+            grad_offset = g.sum(1).to(f)
+            grad_v = (grad_gain * scale + grad_offset * shift) * s * (1 - s)  # through the sigmoid
+            grad_p = ((grad_v @ w2.to(f)) * (r > 0)) @ w1.to(f)
+            grad_pooled = ((grad_p * scale) @ w / area).to(u.dtype)  # d loss / d GAP(u), per pixel
+            grad_u = torch.empty_like(u, memory_format=torch.channels_last)
+            torch.baddbmm(grad_pooled[:, None, :], g, per_sample, out=pixels(grad_u))
+        return grad_u, grad, None, None, None, None, None
+
+
+def pixels(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last [n, c, h, w] tensor as the [n, h * w, c] matrix view of its memory."""
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], t.shape[2] * t.shape[3], t.shape[1])
 
 
 class RobustResBlock(nn.Module):
@@ -307,10 +379,10 @@ class RobustResBlock(nn.Module):
         if not self.fused:
             return self.forward_plain(x)
         skip = x if self.shortcut is None else self.shortcut(self.act(self.bn1(x)))
-        h = self.conv3(self.fused_split_convs(self.act(conv_bn(x, self.conv1, self.bn2))))
+        u = self.fused_split_convs(self.act(conv_bn(x, self.conv1, self.bn2)))
         if self.se == "residual":
-            return residual_se(h, skip, self.se_bn, self.se_fc1, self.se_fc2)
-        return h + skip
+            return residual_se(u, skip, self.conv3, self.se_bn, self.se_fc1, self.se_fc2)
+        return self.conv3(u) + skip
 
     def fused_split_convs(self, h: torch.Tensor) -> torch.Tensor:
         """`split_convs` with every conv-BN pair fused; a strided block's convs run as one."""

@@ -239,3 +239,88 @@ def test_block_diagonal_weight_is_the_grouped_conv():
     dense = namespace["block_diagonal"](w, 4)
     assert dense.shape == (12, 12, 3, 3) and int((dense != 0).sum()) == w.numel()
     torch.testing.assert_close(F.conv2d(x, dense, None, 2, 1), F.conv2d(x, w, None, 2, 1, 1, 4), rtol=1e-12, atol=1e-12)
+
+
+def spy(model, name):
+    """Record what the emitted module's function `name` returns while the test runs it."""
+    namespace, calls = type(model).__init__.__globals__, []
+    original = namespace[name]
+    namespace[name] = lambda *args: calls.append(original(*args)) or calls[-1]
+    return calls, lambda: namespace.__setitem__(name, original)
+
+
+def frozen_input_gradient(model, x, y, bf16=False):
+    """Logits and the input gradient with every parameter frozen, as the attacks run the model."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    xr = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(xr)
+    out = out.float() if bf16 else out
+    return out.detach(), torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), [xr])[0]
+
+
+def test_frozen_eval_residual_se_without_h_equals_plain():
+    """With parameters frozen (attacks) the eval-mode residual SE runs conv3 as a batched matmul
+    with per-sample weights (`ConvResidualSE`) where the map has >= 4 pixels per channel: same
+    logits and input gradients as the plain formulation in float64, with and without grad."""
+    fused, plain = pair(SPECS["robust"])
+    fused, plain = (m.to(memory_format=torch.channels_last) for m in (fused, plain))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 3, 16, 16, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (3,), generator=gen)
+    calls, restore = spy(fused, "per_sample_route")
+    try:
+        out_f, gx_f = frozen_input_gradient(fused, x, y)
+        with torch.no_grad():
+            clean = fused(x)
+    finally:
+        restore()
+    out_p, gx_p = frozen_input_gradient(plain, x, y)
+    assert True in calls and False in calls  # the 16x16 stage takes it, the 8x8 and 4x4 ones do not
+    torch.testing.assert_close(out_f, out_p, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(clean, out_p, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gx_f, gx_p, rtol=1e-8, atol=1e-12)
+
+
+def test_residual_se_without_h_only_for_frozen_channels_last_cpu():
+    """Parameters that want gradients, NCHW operands or an fp32 map under bf16 autocast keep the
+    path through h (whose Function has the parameter gradients)."""
+    fused, _ = pair(SPECS["robust"])
+    fused = fused.float().eval()
+    block = fused.stage1[0]
+    cl = torch.channels_last
+    u = torch.rand(2, block.conv3.in_channels, 16, 16).contiguous(memory_format=cl)
+    skip = torch.rand(2, block.conv3.out_channels, 16, 16).contiguous(memory_format=cl)
+    route = type(fused).__init__.__globals__["per_sample_route"]
+    modules = (block.conv3, block.se_bn, block.se_fc1, block.se_fc2)
+    assert not route(u, skip, *modules)  # parameters require grad
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    assert route(u, skip, *modules)
+    assert not route(u.contiguous(), skip.contiguous(), *modules)
+    assert not route(u[:, :, :4, :4], skip[:, :, :4, :4], *modules)  # 16 pixels for 32 channels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not route(u, skip, *modules)
+        assert route(u.bfloat16(), skip.bfloat16(), *modules)
+
+
+def test_bf16_frozen_input_gradients_as_close_as_plain():
+    """The attacks' bf16 path through `ConvResidualSE`: logits and input gradients no further from
+    the float32 ones than the plain formulation's under the same autocast."""
+    fused, plain = pair(SPECS["robust"])
+    fused, plain = (m.float().to(memory_format=torch.channels_last) for m in (fused, plain))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(8, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    truth = frozen_input_gradient(copy.deepcopy(plain), x, y)
+    calls, restore = spy(fused, "per_sample_route")
+    try:
+        got = frozen_input_gradient(fused, x, y, bf16=True)
+    finally:
+        restore()
+    assert True in calls
+    reference = frozen_input_gradient(plain, x, y, bf16=True)
+    for g, r, t in zip(got, reference, truth):
+        assert (g - t).norm() <= 1.5 * (r - t).norm() + 1e-3 * t.norm()
