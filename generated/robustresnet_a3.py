@@ -378,11 +378,19 @@ class RobustResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return self.forward_plain(x)
-        skip = x if self.shortcut is None else self.shortcut(self.act(self.bn1(x)))
+        skip = x if self.shortcut is None else self.fused_shortcut(x)
         u = self.fused_split_convs(self.act(conv_bn(x, self.conv1, self.bn2)))
         if self.se == "residual":
             return residual_se(u, skip, self.conv3, self.se_bn, self.se_fc1, self.se_fc2)
         return self.conv3(u) + skip
+
+    def fused_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """shortcut(act(bn1(x))). In eval mode bn1 and act are per pixel, so a strided 1x1 conv
+        reads the same values when they run on the pixels it samples only: 1 / stride^2 of them."""
+        if self.bn1.training or self.stride == 1:
+            return self.shortcut(self.act(self.bn1(x)))
+        sampled = x[:, :, :: self.stride, :: self.stride]
+        return F.conv2d(self.act(self.bn1(sampled)), self.shortcut.weight, self.shortcut.bias)
 
     def fused_split_convs(self, h: torch.Tensor) -> torch.Tensor:
         """`split_convs` with every conv-BN pair fused; a strided block's convs run as one."""
