@@ -172,7 +172,7 @@ def per_sample_route(u: torch.Tensor, skip: torch.Tensor, conv3: nn.Conv2d, *fro
     feature map of at least 4 pixels per input channel, so that the per-sample weights it builds
     (batch x out x in) stay a quarter of the block output or less. Measured (batch 32, bf16,
     forward + input gradients) at 32x32 it ran 1.6-2.4x faster than conv3 + `EvalResidualSE`, at
-    16x16 the same, and at 8x8 with 128 or more input channels 1.5-6x slower."""
+    16x16 about the same, and at 8x8 with 128 or more input channels 1.6-6.6x slower."""
     channels_last = torch.channels_last
     if u.device.type != "cpu" or u.shape[2] * u.shape[3] < 4 * u.shape[1]:
         return False
@@ -247,7 +247,8 @@ class ConvResidualSE(torch.autograd.Function):
     W3 * gain (sample n's pixels [HW, in] times [in, out], added to skip's), the offset a second
     pass. Its backward takes grad * h summed over pixels as the W3-weighted sum of the matmul
     grad^T u, and u's gradient as one batched matmul, so no h is written, read or differentiated;
-    the price is twice conv3's multiply-adds, cheap beside the passes over memory they replace."""
+    the price is that extra matmul, one more conv3's worth of multiply-adds, which costs less than
+    the passes over memory it replaces."""
 
     @staticmethod
     def forward(ctx, u, skip, w3, scale, shift, w1, w2):
