@@ -286,8 +286,9 @@ class ConvResidualSE(torch.autograd.Function):
 
 
 def pixels(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last [n, c, h, w] tensor as the [n, h * w, c] matrix view of its memory."""
-    return t.permute(0, 2, 3, 1).reshape(t.shape[0], t.shape[2] * t.shape[3], t.shape[1])
+    """A channels_last [n, c, h, w] tensor as the [n, h * w, c] matrix view of its memory (a view,
+    never a copy: `out=` writes through it)."""
+    return t.permute(0, 2, 3, 1).view(t.shape[0], t.shape[2] * t.shape[3], t.shape[1])
 
 
 class RobustResBlock(nn.Module):
