@@ -300,7 +300,13 @@ def test_residual_se_without_h_only_for_frozen_channels_last_cpu():
         p.requires_grad_(False)
     assert route(u, skip, *modules)
     assert not route(u.contiguous(), skip.contiguous(), *modules)
-    assert not route(u[:, :, :4, :4], skip[:, :, :4, :4], *modules)  # 16 pixels for 32 channels
+    small = (t[:, :, :4, :4].contiguous(memory_format=cl) for t in (u, skip))
+    assert not route(*small, *modules)  # 16 pixels for 32 channels
+    assert not route(u, skip.double().contiguous(memory_format=cl), *modules)
+    for p in (p for m in modules for p in m.parameters()):  # any one parameter that wants a gradient
+        p.requires_grad_(True)
+        assert not route(u, skip, *modules)
+        p.requires_grad_(False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not route(u, skip, *modules)
         assert route(u.bfloat16(), skip.bfloat16(), *modules)
@@ -324,3 +330,45 @@ def test_bf16_frozen_input_gradients_as_close_as_plain():
     reference = frozen_input_gradient(plain, x, y, bf16=True)
     for g, r, t in zip(got, reference, truth):
         assert (g - t).norm() <= 1.5 * (r - t).norm() + 1e-3 * t.norm()
+
+
+def test_conv_residual_se_gradients_by_gradcheck():
+    """`ConvResidualSE` against conv3 + the SE written out, in float64 by finite differences, with
+    an SE hidden layer of 3 whose pre-activations take both signs (so its ReLU mask matters)."""
+    fused, _ = pair(SPECS["robust"])
+    cls = type(fused).__init__.__globals__["ConvResidualSE"]
+    gen = torch.Generator().manual_seed(6)
+    cl = torch.channels_last
+    u = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64).contiguous(memory_format=cl)
+    skip = torch.randn(2, 6, 3, 5, generator=gen, dtype=torch.float64).contiguous(memory_format=cl)
+    w3, w1, w2 = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((6, 4, 1, 1), (3, 6), (6, 3)))
+    scale, shift = (
+        torch.rand(6, generator=gen, dtype=torch.float64) + 0.5,
+        torch.randn(6, generator=gen, dtype=torch.float64),
+    )
+    w1[1] = -w1[0]  # so the hidden pre-activations take both signs
+
+    def written_out(u, skip):
+        h = F.conv2d(u, w3)
+        z = h * scale[:, None, None] + shift[:, None, None]
+        pre = z.mean((2, 3)) @ w1.t()
+        return h + skip + z * torch.sigmoid(torch.relu(pre) @ w2.t())[:, :, None, None], pre
+
+    pre = written_out(u, skip)[1]
+    assert (pre > 0).any() and (pre < 0).any()
+    torch.testing.assert_close(cls.apply(u, skip, w3, scale, shift, w1, w2), written_out(u, skip)[0])
+    leaves = [t.clone().requires_grad_() for t in (u, skip)]
+    assert torch.autograd.gradcheck(lambda a, b: cls.apply(a, b, w3, scale, shift, w1, w2), leaves)
+
+
+def test_fused_shortcut_samples_odd_maps():
+    """The eval-mode strided shortcut on odd-sized maps (its 1x1 conv samples rows and columns
+    0, 2, 4, ...): same logits and input gradients as the plain formulation in float64."""
+    fused, plain = pair(SPECS["robust"])
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 3, 9, 7, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (2,), generator=gen)
+    out_f, gx_f = run(fused, x, y, train=False)
+    out_p, gx_p = run(plain, x, y, train=False)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gx_f, gx_p, rtol=1e-8, atol=1e-12)
