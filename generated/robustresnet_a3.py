@@ -201,7 +201,7 @@ class ScaleAdd(torch.autograd.Function):
 
 class EvalResidualSE(torch.autograd.Function):
     """Eval-mode `residual_se` as one Function: h * (1 + scale * s) + shift * s + skip with
-    s = sigmoid(W2 relu(W1 p)), p = GAP(h) * scale + shift (the SE's small MLP in float32). Its
+    s = sigmoid(W2 relu(W1 p)), p = GAP(h) * scale + shift (`se_mlp`, in float32 under autocast). Its
     backward makes three passes over the block-sized tensors (grad * h, grad, and h's gradient with
     the pooled sum's folded in, one addcmul) where autograd's graph makes six."""
 
@@ -209,9 +209,7 @@ class EvalResidualSE(torch.autograd.Function):
     def forward(ctx, h, skip, scale, shift, w1, w2):
         with torch.autocast(h.device.type, enabled=False):
             pooled = h.sum((2, 3)).to(scale.dtype) / (h.shape[2] * h.shape[3])
-            p = pooled * scale + shift
-            r = torch.relu(p @ w1.to(p.dtype).t())
-            s = torch.sigmoid(r @ w2.to(p.dtype).t())
+            p, r, s = se_mlp(pooled, scale, shift, w1, w2)
         ctx.save_for_backward(h, pooled, p, r, s, scale, shift, w1, w2)
         out = torch.addcmul(skip, h, (1 + scale * s).to(h.dtype)[:, :, None, None])
         return out.add_((shift * s).to(h.dtype)[:, :, None, None])
@@ -222,9 +220,7 @@ class EvalResidualSE(torch.autograd.Function):
         need_h, need_skip, need_scale, need_shift, need_w1, need_w2 = ctx.needs_input_grad
         grad_gain = (grad * h).sum((2, 3)).to(s.dtype)  # per sample and channel
         grad_offset = grad.sum((2, 3)).to(s.dtype)
-        grad_v = (grad_gain * scale + grad_offset * shift) * s * (1 - s)  # through the sigmoid
-        grad_u = (grad_v @ w2.to(s.dtype)) * (r > 0)
-        grad_p = grad_u @ w1.to(s.dtype)
+        grad_v, grad_u, grad_p = se_mlp_backward(grad_gain, grad_offset, r, s, scale, shift, w1, w2)
         grad_h = grad_scale = grad_shift = grad_w1 = grad_w2 = None
         if need_h:
             grad_pooled = (grad_p * scale / (h.shape[2] * h.shape[3])).to(h.dtype)
@@ -239,6 +235,22 @@ class EvalResidualSE(torch.autograd.Function):
         if need_w2:
             grad_w2 = (grad_v.t() @ r).to(w2.dtype)
         return grad_h, grad if need_skip else None, grad_scale, grad_shift, grad_w1, grad_w2
+
+
+def se_mlp(pooled: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):
+    """The eval-mode residual SE's gate from GAP(h): p = GAP(bn(h)), r = relu(W1 p), s = sigmoid(W2 r),
+    in the BatchNorm's dtype (float32 under autocast)."""
+    p = pooled * scale + shift
+    r = torch.relu(p @ w1.to(p.dtype).t())
+    return p, r, torch.sigmoid(r @ w2.to(p.dtype).t())
+
+
+def se_mlp_backward(grad_gain, grad_offset, r, s, scale, shift, w1, w2):
+    """Gradients through `se_mlp` given those of the per-sample gain 1 + scale * s and offset
+    shift * s: at W2's output (v), at r's input (u) and at p."""
+    grad_v = (grad_gain * scale + grad_offset * shift) * s * (1 - s)  # through the sigmoid
+    grad_u = (grad_v @ w2.to(s.dtype)) * (r > 0)
+    return grad_v, grad_u, grad_u @ w1.to(s.dtype)
 
 
 class ConvResidualSE(torch.autograd.Function):
@@ -257,9 +269,7 @@ class ConvResidualSE(torch.autograd.Function):
         with torch.autocast(u.device.type, enabled=False):
             w = w3.flatten(1).to(f)  # [out, in]
             pooled = (u.sum((2, 3)).to(f) / area) @ w.t()  # GAP(conv3(u))
-            p = pooled * scale + shift
-            r = torch.relu(p @ w1.to(f).t())
-            s = torch.sigmoid(r @ w2.to(f).t())
+            r, s = se_mlp(pooled, scale, shift, w1, w2)[1:]
             per_sample = (w[None] * (1 + scale * s)[:, :, None]).to(u.dtype)  # [n, out, in]
             shape, cl = (n, w.shape[0], height, breadth), torch.channels_last
             out = torch.empty(shape, dtype=u.dtype, device=u.device, memory_format=cl)
@@ -277,8 +287,7 @@ class ConvResidualSE(torch.autograd.Function):
             g = pixels(grad)
             grad_gain = (torch.bmm(pixels(u).transpose(1, 2), g).to(f) * w.t()).sum(1)  # sum over pixels of grad * h
             grad_offset = g.sum(1).to(f)
-            grad_v = (grad_gain * scale + grad_offset * shift) * s * (1 - s)  # through the sigmoid
-            grad_p = ((grad_v @ w2.to(f)) * (r > 0)) @ w1.to(f)
+            grad_p = se_mlp_backward(grad_gain, grad_offset, r, s, scale, shift, w1, w2)[2]
             grad_pooled = ((grad_p * scale) @ w / area).to(u.dtype)  # d loss / d GAP(u), per pixel
             grad_u = torch.empty_like(u, memory_format=torch.channels_last)
             torch.baddbmm(grad_pooled[:, None, :], g, per_sample, out=pixels(grad_u))
