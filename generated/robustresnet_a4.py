@@ -11,6 +11,7 @@ spec: {"activation": "relu", "block": "robust", "depths": [27, 28, 13], "mean": 
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +47,75 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, bn.bias - bn.running_mean * scale
 
 
+@contextmanager
+def constant_folds(model: nn.Module):
+    """Within it, each eval-mode fold of the model (a conv's weight and bias with its BatchNorm in
+    the dtype the conv computes in, a BatchNorm's affine map) is built once and reused while its
+    tensors want no gradient and stay unchanged: the steps of an attack, whose parameters are
+    frozen, stop rebuilding them (measured on a CPU: 7-11% of a PGD-20 evaluation). Every reuse
+    checks the tensors' versions, so an in-place update inside rebuilds the fold; gone on exit."""
+    owners = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and "fold_cache" not in vars(m)]
+    for m in owners:
+        m.fold_cache = {}
+    try:
+        yield model
+    finally:
+        for m in owners:
+            del m.fold_cache
+
+
+def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...], build, *args):
+    """build(*args), a fold of `tensors` for an op on x; inside `constant_folds` the one built before
+    for x's device and compute dtype while none of them wants a gradient or has changed since."""
+    cache = vars(owner).get("fold_cache")
+    if cache is None or torch.is_inference_mode_enabled() or any(t.requires_grad for t in tensors):
+        return build(*args)
+    stamp = tuple((t.data_ptr(), t._version) for t in tensors)
+    key = (x.device, compute_dtype(x))
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = cache[key] = (stamp, build(*args))
+    return hit[1]
+
+
+def bn_tensors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a conv of x computes in: autocast's (on x's device) where it is on and casts x (float32)."""
+    if x.dtype != torch.float32:
+        return x.dtype
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        enabled, dtype = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+    else:
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return dtype if enabled else x.dtype
+
+
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """bn(conv(x)); in eval mode one conv whose weight and bias carry the BatchNorm."""
     if bn.training:
         dense = dense_route(x, conv.weight, conv.groups)
         return bn(conv2d(x, conv.weight, conv.bias, conv, conv.groups) if dense else conv(x))
-    scale, shift = bn_affine(bn)
-    weight = conv.weight * scale[:, None, None, None]
-    return conv2d(x, weight, shift, conv, conv.groups)
+    weight, bias, groups = folded(x, conv, (conv.weight, *bn_tensors(bn)), fold_conv_bn, x, conv, bn)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def fold_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    return fold_into_conv(x, (conv.weight, *bn_affine(bn)), conv.groups)
+
+
+def fold_into_conv(x: torch.Tensor, folding: tuple[torch.Tensor, torch.Tensor, torch.Tensor], groups: int):
+    """(weight, bias, groups) of the conv of x equal to conv(x) * scale + shift (an eval-mode BatchNorm)
+    for folding = (conv weight, scale, shift), in the dtype the conv computes in (autocast would cast
+    them on every call), dense where `dense_route` says."""
+    weight, scale, shift = folding
+    weight = weight * scale[:, None, None, None]
+    if dense_route(x, weight, groups):
+        weight, groups = block_diagonal(weight, groups), 1
+    dtype = compute_dtype(x)
+    return weight.to(dtype), shift.to(dtype), groups
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, conv: nn.Conv2d, groups: int) -> torch.Tensor:
@@ -73,17 +135,6 @@ def dense_route(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     return compute_dtype(x) == torch.bfloat16
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a CPU conv of x computes in: autocast's where it is on and casts x (float32)."""
-    if x.dtype != torch.float32:
-        return x.dtype
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        enabled, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
-    else:
-        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-    return dtype if enabled else x.dtype
-
-
 def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """A grouped conv's weight [out, in / groups, k, k] as the dense one [out, in, k, k] of the same
     conv: each output channel's kernel in its group's input channels, zeros elsewhere."""
@@ -96,12 +147,18 @@ def conv_bn_many(x: torch.Tensor, convs: nn.ModuleList, bns: nn.ModuleList) -> t
     """cat([bn_i(conv_i(x_i))]) for x split into consecutive channel blocks x_i, one per conv (all
     of one shape), as one grouped conv and one BatchNorm call."""
     conv = convs[0]
-    weight = torch.cat([c.weight for c in convs])
-    groups = conv.groups * len(convs)
-    if not bns[0].training:
-        scale, shift = (torch.cat(t) for t in zip(*(bn_affine(bn) for bn in bns)))
-        return conv2d(x, weight * scale[:, None, None, None], shift, conv, groups)
-    return batch_norm_many(conv2d(x, weight, None, conv, groups), bns)
+    if bns[0].training:
+        weight = torch.cat([c.weight for c in convs])
+        return batch_norm_many(conv2d(x, weight, None, conv, conv.groups * len(convs)), bns)
+    tensors = tuple(t for c, bn in zip(convs, bns) for t in (c.weight, *bn_tensors(bn)))
+    weight, bias, groups = folded(x, conv, tensors, fold_many, x, convs, bns)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def fold_many(x: torch.Tensor, convs: nn.ModuleList, bns: nn.ModuleList):
+    """`fold_conv_bn` for `conv_bn_many`: the convs' weights stacked, their BatchNorms' maps as one."""
+    scale, shift = (torch.cat(t) for t in zip(*(bn_affine(bn) for bn in bns)))
+    return fold_into_conv(x, (torch.cat([c.weight for c in convs]), scale, shift), convs[0].groups * len(convs))
 
 
 def dense(t: torch.Tensor) -> torch.Tensor:
@@ -154,7 +211,7 @@ def residual_se(
     h * (1 + scale * s) + shift * s + skip: two passes over h instead of five; where
     `per_sample_route` allows, h is never materialised (`ConvResidualSE`)."""
     if not bn.training and per_sample_route(u, skip, conv3, bn, fc1, fc2):
-        scale, shift = bn_affine(bn)
+        scale, shift = folded(u, bn, bn_tensors(bn), bn_affine, bn)
         return ConvResidualSE.apply(u, skip, conv3.weight, scale, shift, fc1.weight, fc2.weight)
     h = conv3(u)
     area = h.shape[2] * h.shape[3]
@@ -162,7 +219,7 @@ def residual_se(
         z = bn(h)
         s = torch.sigmoid(fc2(torch.relu(fc1(z.sum((2, 3)) / area))))
         return ScaleAdd.apply(z, s, h + skip)
-    scale, shift = bn_affine(bn)
+    scale, shift = folded(h, bn, bn_tensors(bn), bn_affine, bn)
     return EvalResidualSE.apply(h, skip, scale, shift, fc1.weight, fc2.weight)
 
 

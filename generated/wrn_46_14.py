@@ -11,6 +11,7 @@ spec: {"activation": "relu", "block": "basic", "depths": [7, 7, 7], "mean": null
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +47,72 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, bn.bias - bn.running_mean * scale
 
 
+@contextmanager
+def constant_folds(model: nn.Module):
+    """Within it, each eval-mode fold of the model (a conv's weight and bias with its BatchNorm in
+    the dtype the conv computes in, a BatchNorm's affine map) is built once and reused while its
+    tensors want no gradient and stay unchanged: the steps of an attack, whose parameters are
+    frozen, stop rebuilding them (measured on a CPU: 7-11% of a PGD-20 evaluation). Every reuse
+    checks the tensors' versions, so an in-place update inside rebuilds the fold; gone on exit."""
+    owners = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and "fold_cache" not in vars(m)]
+    for m in owners:
+        m.fold_cache = {}
+    try:
+        yield model
+    finally:
+        for m in owners:
+            del m.fold_cache
+
+
+def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...], build, *args):
+    """build(*args), a fold of `tensors` for an op on x; inside `constant_folds` the one built before
+    for x's device and compute dtype while none of them wants a gradient or has changed since."""
+    cache = vars(owner).get("fold_cache")
+    if cache is None or torch.is_inference_mode_enabled() or any(t.requires_grad for t in tensors):
+        return build(*args)
+    stamp = tuple((t.data_ptr(), t._version) for t in tensors)
+    key = (x.device, compute_dtype(x))
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = cache[key] = (stamp, build(*args))
+    return hit[1]
+
+
+def bn_tensors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a conv of x computes in: autocast's (on x's device) where it is on and casts x (float32)."""
+    if x.dtype != torch.float32:
+        return x.dtype
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        enabled, dtype = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+    else:
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return dtype if enabled else x.dtype
+
+
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """bn(conv(x)); in eval mode one conv whose weight and bias carry the BatchNorm."""
     if bn.training:
         return bn(conv(x))
-    scale, shift = bn_affine(bn)
-    weight = conv.weight * scale[:, None, None, None]
-    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    weight, bias, groups = folded(x, conv, (conv.weight, *bn_tensors(bn)), fold_conv_bn, x, conv, bn)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def fold_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    return fold_into_conv(x, (conv.weight, *bn_affine(bn)), conv.groups)
+
+
+def fold_into_conv(x: torch.Tensor, folding: tuple[torch.Tensor, torch.Tensor, torch.Tensor], groups: int):
+    """(weight, bias, groups) of the conv of x equal to conv(x) * scale + shift (an eval-mode BatchNorm)
+    for folding = (conv weight, scale, shift), in the dtype the conv computes in (autocast would cast
+    them on every call)."""
+    weight, scale, shift = folding
+    weight = weight * scale[:, None, None, None]
+    dtype = compute_dtype(x)
+    return weight.to(dtype), shift.to(dtype), groups
 
 
 class BasicBlock(nn.Module):

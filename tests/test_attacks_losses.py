@@ -1,6 +1,7 @@
 """Attacks and losses on tiny models, against hand-computed values."""
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -160,6 +161,33 @@ def test_folded_batchnorm_is_eval_batchnorm():
     b = pgd(model, x, y, eps=0.1, step=0.02, steps=5, generator=torch.Generator().manual_seed(0), fold_bn=True)
     assert (a - b).abs().max() <= 0.02 + 1e-6  # same attack; at most a sign flip on a near-zero gradient
     assert (a == b).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_folded_attack_builds_an_emitted_models_folds_once(fold_bn):
+    """With `fold_bn` a PGD attack on an emitted model enters its `constant_folds`: the conv-BN folds
+    are built on the first step only (parameters are frozen throughout), and the attack is the same."""
+    from scaler.builder import build_model
+    from scaler.spec import ArchSpec
+    from trainers.attacks import emitted_constant_folds
+
+    torch.manual_seed(0)
+    model = build_model(ArchSpec("robust", (1, 1, 1), (16, 32, 64))).eval()
+    namespace = type(model).__init__.__globals__
+    original, builds = namespace["fold_into_conv"], []
+    namespace["fold_into_conv"] = lambda *args: builds.append(1) or original(*args)
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
+    try:
+        with torch.no_grad():
+            model(x)
+        per_forward = len(builds)
+        a = pgd(model, x, y, eps=0.03, step=0.01, steps=3, generator=torch.Generator().manual_seed(0), fold_bn=fold_bn)
+    finally:
+        namespace["fold_into_conv"] = original
+    assert per_forward > 0 and len(builds) == per_forward * (2 if fold_bn else 4)
+    b = pgd(model, x, y, eps=0.03, step=0.01, steps=3, generator=torch.Generator().manual_seed(0))
+    assert (a - b).abs().max() <= 0.01 + 1e-6 and (a == b).float().mean() > 0.99
+    assert isinstance(emitted_constant_folds(tiny_cnn()), type(nullcontext()))  # not an emitted model: no-op
 
 
 def test_autoattack_progress_shows_a_bar_per_attack_and_changes_nothing(capsys):

@@ -58,7 +58,13 @@ def test_render_is_deterministic_and_documents_itself():
     assert '"planes": [80, 224, 192]' in a and "params: 19,222,738" in a
     assert "def build_model(num_classes: int = 10)" in a
     imports = [line for line in a.splitlines() if line.startswith(("import ", "from "))]
-    assert imports == ["import math", "import torch", "import torch.nn.functional as F", "from torch import nn"]
+    assert imports == [
+        "import math",
+        "from contextlib import contextmanager",
+        "import torch",
+        "import torch.nn.functional as F",
+        "from torch import nn",
+    ]
 
 
 KNOB_SPECS = [

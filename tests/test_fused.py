@@ -369,3 +369,94 @@ def test_fused_shortcut_samples_odd_maps():
     out_p, gx_p = run(plain, x, y, train=False)
     torch.testing.assert_close(out_f, out_p, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(gx_f, gx_p, rtol=1e-8, atol=1e-12)
+
+
+def constant_folds(model):
+    return type(model).__init__.__globals__["constant_folds"](model)
+
+
+@pytest.mark.parametrize("name", ["robust", "mixed"])
+def test_constant_folds_built_once_for_frozen_steps(name):
+    """Inside `constant_folds` with parameters frozen (an attack's steps) every eval-mode fold is
+    built on the first forward and reused by the next ones, with the plain formulation's logits and
+    input gradients in float64; outside it every forward builds them again."""
+    fused, plain = pair(SPECS[name])
+    gen = torch.Generator().manual_seed(8)
+    x = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (2,), generator=gen)
+    truth = frozen_input_gradient(plain, x, y)
+    builds, restore = spy(fused, "fold_into_conv")
+    affines, restore_affine = spy(fused, "bn_affine")
+    try:
+        with constant_folds(fused):
+            first = frozen_input_gradient(fused, x, y)
+            built = (len(builds), len(affines))
+            again = [frozen_input_gradient(fused, x, y) for _ in range(2)]
+            assert (len(builds), len(affines)) == built  # nothing rebuilt
+        assert all(not hasattr(m, "fold_cache") for m in fused.modules())
+        outside = frozen_input_gradient(fused, x, y)
+    finally:
+        restore(), restore_affine()
+    assert built[0] > 0 and len(builds) == 2 * built[0] and len(affines) == 2 * built[1]
+    for got in (first, *again, outside):
+        torch.testing.assert_close(got[0], truth[0], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got[1], truth[1], rtol=1e-8, atol=1e-12)
+
+
+def test_constant_folds_follow_in_place_updates_and_gradients():
+    """A fold is rebuilt when one of its tensors changes in place inside the span (here BatchNorm
+    statistics and a conv weight), and never cached for parameters that want gradients, whose
+    gradients stay the plain formulation's."""
+    fused, plain = pair(SPECS["robust"])
+    gen = torch.Generator().manual_seed(9)
+    x = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (2,), generator=gen)
+    with constant_folds(fused):
+        frozen_input_gradient(fused, x, y)
+        for model in (fused, plain):
+            randomise_batchnorm(model, torch.Generator().manual_seed(10))
+            with torch.no_grad():
+                model.stage2[0].convs[1].weight.mul_(-2)
+        got = frozen_input_gradient(fused, x, y)
+        for p in (*fused.parameters(), *plain.parameters()):
+            p.requires_grad_(True)
+        builds, restore = spy(fused, "fold_into_conv")
+        try:
+            fused_out = [run(fused, x, y, train=False) for _ in range(2)]
+        finally:
+            restore()
+        assert len(builds) % 2 == 0 and builds and builds[0][0] is not builds[len(builds) // 2][0]  # built twice
+        fused_grads = [None if p.grad is None else p.grad / 2 for p in fused.parameters()]  # two backwards
+    truth = frozen_input_gradient(plain, x, y)
+    torch.testing.assert_close(got[0], truth[0], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(got[1], truth[1], rtol=1e-8, atol=1e-12)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    plain_out = run(plain, x, y, train=False)
+    torch.testing.assert_close(fused_out[1][1], plain_out[1], rtol=1e-8, atol=1e-12)
+    assert sum(g is not None for g in fused_grads) > 0.9 * len(fused_grads)  # an identity block's bn1 has none
+    for (name, p), g in zip(plain.named_parameters(), fused_grads):
+        assert (g is None) == (p.grad is None), name
+        if g is not None:
+            torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_constant_folds_keep_dtypes_and_inference_mode_apart():
+    """One span holding float32, bf16 autocast and inference-mode forwards: each gives exactly what
+    it gives outside the span (folds are kept per compute dtype; none are cached in inference mode,
+    whose tensors could not be saved for a later backward), and spans nest."""
+    fused, _ = pair(SPECS["robust"])
+    fused = fused.float().to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.rand(4, 3, 16, 16, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (4,), generator=gen)
+    expected = [frozen_input_gradient(fused, x, y, bf16=b) for b in (True, False, True)]
+    with constant_folds(fused):
+        with torch.inference_mode():
+            clean = fused(x)
+        with constant_folds(fused):
+            got = [frozen_input_gradient(fused, x, y, bf16=b) for b in (True, False, True)]
+        assert all(hasattr(m, "fold_cache") for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
+    for g, e in zip(got, expected):
+        assert torch.equal(g[0], e[0]) and torch.equal(g[1], e[1])
+    assert torch.equal(clean, expected[1][0])
