@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETUP = {"make", "pip", "torchrun"}
 QUICK = {"zoo", "count", "solve", "compare", "emit", "space", "--help", "-h", "--version"}
 SMALLER = [  # (pattern, replacement) applied to slow commands only
-    (r"--epochs \d+", "--epochs 2"),
+    (r"--epochs (\d+)", lambda m: f"--epochs {min(int(m[1]), 2)}"),
     (r"--eval-every \d+", "--eval-every 1"),
     (r"--n \d+", "--n 4"),
     (r"--steps \d+", "--steps 1"),
@@ -34,6 +34,7 @@ SMALLER = [  # (pattern, replacement) applied to slow commands only
     (r"--runs \d+", "--runs 1"),
     (r"--queries \d+", "--queries 40"),
     (r"(--live .*)--queries \d+", r"\1--queries 3"),  # after the line above: live queries train
+    (r"(--live .*)--epochs \d+", r"\1--epochs 1 --attack-steps 1 --val-n 32 --test-n 64"),  # as the sweep's
     (r"\brobustresnet-a1\b", "--block robust --depths 1,1,1 --widths 1,1,1"),
     (r"--recipe bat", "--recipe bat --epochs 2 --stop-after 1 --batch-size 16 --attack-steps 1 --val-n 8"),
 ]
