@@ -219,7 +219,7 @@ def autoattack(
 
     if autocast_dtype is not None:
         model = Autocast(model, autocast_dtype)
-    with frozen_eval(model):
+    with frozen_eval(model), emitted_constant_folds(model):  # the same function, its folds built once
         if version == "standard":
             aa = AutoAttack(model, eps=eps, norm="Linf", seed=seed, version="standard", device=x.device)
         elif version == "compact":
