@@ -52,8 +52,9 @@ def constant_folds(model: nn.Module):
     """Within it, each eval-mode fold of the model (a conv's weight and bias with its BatchNorm in
     the dtype the conv computes in, a BatchNorm's affine map) is built once and reused while its
     tensors want no gradient and stay unchanged: the steps of an attack, whose parameters are
-    frozen, stop rebuilding them (measured on a CPU: 7-11% of a PGD-20 evaluation). Every reuse
-    checks the tensors' versions, so an in-place update inside rebuilds the fold; gone on exit."""
+    frozen, stop rebuilding them (measured on a CPU: 7-11% of a PGD-20 evaluation of small models,
+    little at 19M parameters and batch 32). Every reuse checks the tensors' versions, so an in-place
+    update inside rebuilds the fold; gone on exit."""
     owners = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and "fold_cache" not in vars(m)]
     for m in owners:
         m.fold_cache = {}
