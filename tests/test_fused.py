@@ -393,7 +393,7 @@ def test_constant_folds_built_once_for_frozen_steps(name):
             built = (len(builds), len(affines))
             again = [frozen_input_gradient(fused, x, y) for _ in range(2)]
             assert (len(builds), len(affines)) == built  # nothing rebuilt
-        assert all(not hasattr(m, "fold_cache") for m in fused.modules())
+        assert not type(fused).__init__.__globals__["FOLD_CACHES"]  # nothing kept after the span
         outside = frozen_input_gradient(fused, x, y)
     finally:
         restore(), restore_affine()
@@ -456,7 +456,75 @@ def test_constant_folds_keep_dtypes_and_inference_mode_apart():
             clean = fused(x)
         with constant_folds(fused):
             got = [frozen_input_gradient(fused, x, y, bf16=b) for b in (True, False, True)]
-        assert all(hasattr(m, "fold_cache") for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
+        caches = type(fused).__init__.__globals__["FOLD_CACHES"]
+        assert all(id(m) in caches for m in fused.modules() if isinstance(m, torch.nn.Conv2d))  # the outer's
     for g, e in zip(got, expected):
         assert torch.equal(g[0], e[0]) and torch.equal(g[1], e[1])
     assert torch.equal(clean, expected[1][0])
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("change", ["in-place", "re-estimated", "replaced"])
+def test_constant_folds_see_changes_inside_the_span(change, memory_format):
+    """A fold is rebuilt when its tensors change inside the span: in place (BatchNorm affines and
+    statistics, a conv weight), BatchNorm statistics re-estimated by training forwards (which bump
+    no version), tensors replaced through `.data` (twice, so an address may come back): exactly what
+    the model gives outside a span, on the residual SE's NCHW route and its channels_last one
+    (`ConvResidualSE`, the 16x16 stage)."""
+    fused, _ = pair(SPECS["robust"])
+    fused = fused.to(memory_format=memory_format)
+    torch.manual_seed(12)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (2,))
+    conv, se_bn = fused.stage2[0].convs[1], fused.stage1[0].se_bn
+    with constant_folds(fused):
+        frozen_input_gradient(fused, x, y)
+        if change == "in-place":
+            randomise_batchnorm(fused, torch.Generator().manual_seed(10))
+            with torch.no_grad():
+                conv.weight.mul_(-2)
+        elif change == "re-estimated":
+            fused.train()
+            with torch.no_grad():
+                fused(torch.rand(8, 3, 16, 16, dtype=torch.float64).contiguous(memory_format=memory_format) * 3)
+        else:  # the fold of the first replacement is built, then two more (the second may take its address)
+            for i in range(3):
+                conv.weight.data = torch.randn_like(conv.weight)
+                se_bn.running_var.data = torch.rand_like(se_bn.running_var) + 0.5
+                if i == 0:
+                    frozen_input_gradient(fused, x, y)
+        got = frozen_input_gradient(fused, x, y)
+    expected = frozen_input_gradient(fused, x, y)
+    assert not torch.equal(got[0], frozen_input_gradient(pair(SPECS["robust"])[0], x, y)[0])  # it did change
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_constant_folds_keep_functional_and_forward_mode_calls():
+    """Parameters passed in per call (`functional_call`, fresh tensors each time) and forward-mode
+    derivatives with respect to a weight (`torch.func.jvp`, dual tensors) come out as outside a span."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import functional_call, jvp
+
+    fused, _ = pair(SPECS["basic"])
+    fused.eval()
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    name = "stage1.0.conv2.weight"
+    w = dict(fused.named_parameters())[name]
+    tangent = torch.ones_like(w)
+
+    def calls():
+        outs = [functional_call(fused, {name: w * (1 + i)}, (x,)) for i in range(3)]
+        outs.append(jvp(lambda v: functional_call(fused, {name: v}, (x,)), (w,), (tangent,))[1])
+        with fwad.dual_level():
+            outs.append(fwad.unpack_dual(functional_call(fused, {name: fwad.make_dual(w, tangent)}, (x,))).tangent)
+        return outs
+
+    expected = calls()
+    with constant_folds(fused):
+        fused(x)
+        got = calls()
+    assert expected[-1].abs().sum() > 0
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)

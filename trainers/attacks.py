@@ -8,6 +8,7 @@ Randomness comes from an explicit `torch.Generator`, so attacks are reproducible
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from contextlib import contextmanager, nullcontext
 
@@ -65,10 +66,11 @@ def folded_batchnorm(model: torch.nn.Module):
 
 def emitted_constant_folds(model: torch.nn.Module):
     """The emitted model file's `constant_folds(model)` (its eval-mode conv-BN folds built once and
-    reused while the parameters are frozen and unchanged), found through the module of the first
-    submodule whose class defines it; a no-op for models without one."""
+    reused while the parameters are frozen and unchanged), found in the globals of the first
+    submodule's `forward` that has one; a no-op for other models (TorchScript ones included)."""
     for m in model.modules():
-        enter = getattr(type(m).forward, "__globals__", {}).get("constant_folds")
+        forward = inspect.getattr_static(type(m), "forward", None)  # no descriptors run (TorchScript's raise)
+        enter = getattr(forward, "__globals__", {}).get("constant_folds")
         if callable(enter):
             return enter(model)
     return nullcontext()
