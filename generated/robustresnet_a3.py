@@ -188,6 +188,15 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def dense_cat(*tensors: torch.Tensor) -> torch.Tensor:
+    """`DenseCat` in eager mode; torch.cat under torch.compile, which picks its own layouts (and whose
+    tracing of a variadic autograd.Function under no_grad returned only its last input, torch 2.13)."""
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if compiling is not None and compiling():
+        return torch.cat(tensors, dim=1)
+    return DenseCat.apply(*tensors)
+
+
 class DenseCat(torch.autograd.Function):
     """torch.cat along channels whose gradients come back dense (`dense`): the cascade adds them to
     other gradients and feeds them to activation backwards."""
@@ -484,13 +493,13 @@ class RobustResBlock(nn.Module):
             return self.act(conv_bn(h, self.convs[0], self.bns[0]))
         if self.stride > 1:  # no cascade: the S - 1 convs are independent
             head, last = torch.split(h, [h.shape[1] - self.width, self.width], dim=1)
-            return DenseCat.apply(self.act(conv_bn_many(head, self.convs, self.bns)), self.pool(last))
+            return dense_cat(self.act(conv_bn_many(head, self.convs, self.bns)), self.pool(last))
         chunks = torch.split(h, self.width, dim=1)
         outs = [self.act(conv_bn(chunks[0], self.convs[0], self.bns[0]))]
         for chunk, conv, bn in zip(chunks[1:], self.convs[1:], self.bns[1:]):
             outs.append(self.act(conv_bn(dense(chunk) + outs[-1], conv, bn)))
         outs.append(chunks[-1])
-        return DenseCat.apply(*outs)
+        return dense_cat(*outs)
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.gate(x) if self.se == "identity" else x

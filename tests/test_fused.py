@@ -528,3 +528,17 @@ def test_constant_folds_keep_functional_and_forward_mode_calls():
     assert expected[-1].abs().sum() > 0
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
+
+
+def test_compiled_eval_forward_equals_eager():
+    """torch.compile traces the fused formulation in eval mode under no_grad (validation logits),
+    where a variadic autograd.Function (`DenseCat`) traced to its last input only: `dense_cat` is
+    torch.cat there."""
+    fused, _ = pair(SPECS["robust"])
+    fused = fused.float().eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(14))
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), fused(x), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
