@@ -121,14 +121,13 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
 
 
 def fold_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    return fold_into_conv(x, (conv.weight, *bn_affine(bn)), conv.groups)
+    return fold_into_conv(x, conv.weight, *bn_affine(bn), conv.groups)
 
 
-def fold_into_conv(x: torch.Tensor, folding: tuple[torch.Tensor, torch.Tensor, torch.Tensor], groups: int):
-    """(weight, bias, groups) of the conv of x equal to conv(x) * scale + shift (an eval-mode BatchNorm)
-    for folding = (conv weight, scale, shift), in the dtype the conv computes in (autocast would cast
-    them on every call), dense where `dense_route` says."""
-    weight, scale, shift = folding
+def fold_into_conv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, groups: int):
+    """(weight, bias, groups) of the conv of x equal to conv(x) * scale + shift (an eval-mode BatchNorm
+    after a conv of this weight), in the dtype the conv computes in (autocast would cast them on
+    every call), dense where `dense_route` says."""
     weight = weight * scale[:, None, None, None]
     if dense_route(x, weight, groups):
         weight, groups = block_diagonal(weight, groups), 1
@@ -176,7 +175,7 @@ def conv_bn_many(x: torch.Tensor, convs: nn.ModuleList, bns: nn.ModuleList) -> t
 def fold_many(x: torch.Tensor, convs: nn.ModuleList, bns: nn.ModuleList):
     """`fold_conv_bn` for `conv_bn_many`: the convs' weights stacked, their BatchNorms' maps as one."""
     scale, shift = (torch.cat(t) for t in zip(*(bn_affine(bn) for bn in bns)))
-    return fold_into_conv(x, (torch.cat([c.weight for c in convs]), scale, shift), convs[0].groups * len(convs))
+    return fold_into_conv(x, torch.cat([c.weight for c in convs]), scale, shift, convs[0].groups * len(convs))
 
 
 def dense(t: torch.Tensor) -> torch.Tensor:
@@ -188,11 +187,13 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch >= 2.3
+
+
 def dense_cat(*tensors: torch.Tensor) -> torch.Tensor:
     """`DenseCat` in eager mode; torch.cat under torch.compile, which picks its own layouts (and whose
     tracing of a variadic autograd.Function under no_grad returned only its last input, torch 2.13)."""
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if compiling is not None and compiling():
+    if is_compiling():
         return torch.cat(tensors, dim=1)
     return DenseCat.apply(*tensors)
 

@@ -120,14 +120,13 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
 
 
 def fold_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    return fold_into_conv(x, (conv.weight, *bn_affine(bn)), conv.groups)
+    return fold_into_conv(x, conv.weight, *bn_affine(bn), conv.groups)
 
 
-def fold_into_conv(x: torch.Tensor, folding: tuple[torch.Tensor, torch.Tensor, torch.Tensor], groups: int):
-    """(weight, bias, groups) of the conv of x equal to conv(x) * scale + shift (an eval-mode BatchNorm)
-    for folding = (conv weight, scale, shift), in the dtype the conv computes in (autocast would cast
-    them on every call)."""
-    weight, scale, shift = folding
+def fold_into_conv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, groups: int):
+    """(weight, bias, groups) of the conv of x equal to conv(x) * scale + shift (an eval-mode BatchNorm
+    after a conv of this weight), in the dtype the conv computes in (autocast would cast them on
+    every call)."""
     weight = weight * scale[:, None, None, None]
     dtype = compute_dtype(x)
     return weight.to(dtype), shift.to(dtype), groups

@@ -396,7 +396,8 @@ def test_constant_folds_built_once_for_frozen_steps(name):
         assert not type(fused).__init__.__globals__["FOLD_CACHES"]  # nothing kept after the span
         outside = frozen_input_gradient(fused, x, y)
     finally:
-        restore(), restore_affine()
+        restore()
+        restore_affine()
     assert built[0] > 0 and len(builds) == 2 * built[0] and len(affines) == 2 * built[1]
     for got in (first, *again, outside):
         torch.testing.assert_close(got[0], truth[0], rtol=1e-9, atol=1e-11)
