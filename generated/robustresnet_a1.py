@@ -231,6 +231,57 @@ def batch_norm_many(x: torch.Tensor, bns: nn.ModuleList) -> torch.Tensor:
     return out
 
 
+def shared_input_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether an eval-mode bottleneck's conv1 and its skip branch read x through `SharedInputConv`:
+    on a CPU, a channels_last x that wants a gradient in the dtype the conv computes in, a folded
+    conv1 that wants none (attacks), eager mode without forward-mode derivatives. Measured (batch
+    32, PGD-20, bf16 and fp32) it made a RobustResNet evaluation 3-5% faster."""
+    if x.device.type != "cpu" or not (torch.is_grad_enabled() and x.requires_grad) or weight.requires_grad:
+        return False
+    if bias.requires_grad or is_compiling() or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return False
+    try:
+        x.data_ptr()
+    except RuntimeError:  # functorch wrappers: this Function has no functorch rules
+        return False
+    return x.dtype == compute_dtype(x) == weight.dtype and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class SharedInputConv(torch.autograd.Function):
+    """(conv1x1(x), x's pixels the skip branch reads: all at stride 1, else every stride-th) with one
+    backward: x's gradient is conv1's input gradient, one matmul over pixels ([pixels, out] times
+    [out, in]), with the skip's added by that matmul at stride 1 and into the sampled pixels
+    otherwise. Autograd would write conv1's gradient and then add the other in another pass over
+    x's size (the block input: the largest tensors of a stage)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride):
+        ctx.save_for_backward(weight)
+        ctx.stride, ctx.shape = stride, x.shape
+        return F.conv2d(x, weight, bias), x[:, :, ::stride, ::stride]  # a view, as without this Function
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_skip):
+        (weight,) = ctx.saved_tensors
+        cl, w = torch.channels_last, weight.flatten(1)  # [out, in]
+        grad_h = grad_h.to(w.dtype).contiguous(memory_format=cl)
+        grad_skip = grad_skip.to(w.dtype).contiguous(memory_format=cl)
+        grad_x = torch.empty(ctx.shape, dtype=w.dtype, device=w.device, memory_format=cl)
+        flat = pixels(grad_x).view(-1, w.shape[1])
+        if ctx.stride == 1:
+            torch.addmm(pixels(grad_skip).reshape(-1, w.shape[1]), pixels(grad_h).reshape(-1, w.shape[0]), w, out=flat)
+        else:
+            torch.mm(pixels(grad_h).reshape(-1, w.shape[0]), w, out=flat)
+            grad_x[:, :, :: ctx.stride, :: ctx.stride].add_(grad_skip)
+        return grad_x, None, None, None
+
+
+def pixels(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last [n, c, h, w] tensor as the [n, h * w, c] matrix view of its memory (a view,
+    never a copy: `out=` writes through it)."""
+    return t.permute(0, 2, 3, 1).view(t.shape[0], t.shape[2] * t.shape[3], t.shape[1])
+
+
 def residual_se(
     u: torch.Tensor, skip: torch.Tensor, conv3: nn.Conv2d, bn: nn.BatchNorm2d, fc1: nn.Linear, fc2: nn.Linear
 ):
@@ -379,11 +430,6 @@ class ConvResidualSE(torch.autograd.Function):
         return grad_u, grad, None, None, None, None, None
 
 
-def pixels(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last [n, c, h, w] tensor as the [n, h * w, c] matrix view of its memory (a view,
-    never a copy: `out=` writes through it)."""
-    return t.permute(0, 2, 3, 1).view(t.shape[0], t.shape[2] * t.shape[3], t.shape[1])
-
 
 class RobustResBlock(nn.Module):
     """Bottleneck family of RobustResNet (Huang et al., CVPR 2023); its defaults are the
@@ -474,19 +520,34 @@ class RobustResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return self.forward_plain(x)
-        skip = x if self.shortcut is None else self.fused_shortcut(x)
-        u = self.fused_split_convs(self.act(conv_bn(x, self.conv1, self.bn2)))
+        h, skip = self.fused_conv1_and_skip(x)
+        u = self.fused_split_convs(self.act(h))
         if self.se == "residual":
             return residual_se(u, skip, self.conv3, self.se_bn, self.se_fc1, self.se_fc2)
         return self.conv3(u) + skip
 
-    def fused_shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        """shortcut(act(bn1(x))). In eval mode bn1 and act are per pixel, so a strided 1x1 conv
-        reads the same values when they run on the pixels it samples only: 1 / stride^2 of them."""
-        if self.bn1.training or self.stride == 1:
-            return self.shortcut(self.act(self.bn1(x)))
-        sampled = x[:, :, :: self.stride, :: self.stride]
-        return F.conv2d(self.act(self.bn1(sampled)), self.shortcut.weight, self.shortcut.bias)
+    def fused_conv1_and_skip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bn2(conv1(x)), the skip branch: x or shortcut(act(bn1(x)))). In eval mode bn1 and act are
+        per pixel, so a strided 1x1 shortcut reads the same values when they run on the pixels it
+        samples only: 1 / stride^2 of them. With conv1 folded and frozen (attacks) both read x
+        through `SharedInputConv`, whose backward adds their gradients in conv1's matmul."""
+        sample = self.shortcut is not None and self.stride > 1 and not self.bn1.training
+        step = self.stride if sample else 1
+        if self.bn2.training:
+            h = conv_bn(x, self.conv1, self.bn2)
+        else:
+            tensors = (self.conv1.weight, *bn_tensors(self.bn2))
+            weight, bias, _ = folded(x, self.conv1, tensors, fold_conv_bn, x, self.conv1, self.bn2)
+            if shared_input_route(x, weight, bias):
+                (h, x), step = SharedInputConv.apply(x, weight, bias, step), 1
+            else:
+                h = F.conv2d(x, weight, bias)
+        if step > 1:
+            x = x[:, :, ::step, ::step]
+        if self.shortcut is None:
+            return h, x
+        pre = self.act(self.bn1(x))
+        return h, F.conv2d(pre, self.shortcut.weight, self.shortcut.bias) if sample else self.shortcut(pre)
 
     def fused_split_convs(self, h: torch.Tensor) -> torch.Tensor:
         """`split_convs` with every conv-BN pair fused; a strided block's convs run as one."""

@@ -371,6 +371,78 @@ def test_fused_shortcut_samples_odd_maps():
     torch.testing.assert_close(gx_f, gx_p, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [(16, 16), (9, 7)], ids=["even", "odd"])
+def test_frozen_eval_shared_input_equals_plain(size):
+    """With parameters frozen (attacks) and channels_last inputs, each block's conv1 and skip branch
+    read x through `SharedInputConv` (identity skips, a stride-1 and strided shortcuts): same
+    logits and input gradients as the plain formulation in float64, clean logits too."""
+    fused, plain = pair(SPECS["robust"])
+    fused, plain = (m.to(memory_format=torch.channels_last) for m in (fused, plain))
+    gen = torch.Generator().manual_seed(15)
+    x = torch.rand(3, 3, *size, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (3,), generator=gen)
+    calls, restore = spy(fused, "shared_input_route")
+    try:
+        out_f, gx_f = frozen_input_gradient(fused, x, y)
+        with torch.no_grad():
+            clean = fused(x)
+    finally:
+        restore()
+    blocks = [m for m in fused.modules() if type(m).__name__ == "RobustResBlock"]
+    assert calls == [True] * len(blocks) + [False] * len(blocks)  # no route without gradients
+    assert {(b.shortcut is None, b.stride) for b in blocks} == {(True, 1), (False, 1), (False, 2)}
+    out_p, gx_p = frozen_input_gradient(plain, x, y)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-9, atol=1e-11)
+    assert torch.equal(clean, out_f)
+    torch.testing.assert_close(gx_f, gx_p, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_shared_input_conv_gradients_by_gradcheck(stride):
+    """`SharedInputConv` against conv1x1(x) and x's sampled pixels written out, by finite differences
+    in float64, on an odd map; the skip's gradient is added (stride 1) or scattered (stride 2)."""
+    fused, _ = pair(SPECS["robust"])
+    cls = type(fused).__init__.__globals__["SharedInputConv"]
+    gen = torch.Generator().manual_seed(16)
+    x = torch.rand(2, 6, 5, 7, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 6, 1, 1, generator=gen, dtype=torch.float64)
+    bias = torch.randn(4, generator=gen, dtype=torch.float64)
+    h, skip = cls.apply(x, weight, bias, stride)
+    assert torch.equal(h, F.conv2d(x, weight, bias)) and torch.equal(skip, x[:, :, ::stride, ::stride])
+
+    def f(a):
+        h, skip = cls.apply(a.contiguous(memory_format=torch.channels_last), weight, bias, stride)
+        return h, skip * 3  # a skip gradient unlike conv1's
+
+    assert torch.autograd.gradcheck(f, [x.clone().requires_grad_()])
+
+
+def test_shared_input_only_for_frozen_channels_last_cpu_gradients():
+    """Folded weights that want gradients, NCHW or fp32 inputs under bf16 autocast, no input
+    gradient, and forward-mode derivatives keep conv1 and the skip as two reads of x."""
+    fused, _ = pair(SPECS["robust"])
+    route = type(fused).__init__.__globals__["shared_input_route"]
+    cl = torch.channels_last
+    x = torch.rand(2, 8, 4, 4).contiguous(memory_format=cl).requires_grad_()
+    weight, bias = torch.rand(4, 8, 1, 1), torch.rand(4)
+    assert route(x, weight, bias)
+    assert not route(x.detach(), weight, bias)
+    with torch.no_grad():
+        assert not route(x, weight, bias)
+    assert not route(x.detach().contiguous().requires_grad_(), weight, bias)
+    assert not route(x, weight.clone().requires_grad_(), bias)
+    assert not route(x, weight, bias.clone().requires_grad_())
+    assert not route(x, weight.double(), bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not route(x, weight.bfloat16(), bias.bfloat16())
+        xb = x.detach().bfloat16().contiguous(memory_format=cl).requires_grad_()
+        assert route(xb, weight.bfloat16(), bias.bfloat16())
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        assert not route(x, weight, bias)
+
+
 def constant_folds(model):
     return type(model).__init__.__globals__["constant_folds"](model)
 
