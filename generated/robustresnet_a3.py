@@ -430,7 +430,6 @@ class ConvResidualSE(torch.autograd.Function):
         return grad_u, grad, None, None, None, None, None
 
 
-
 class RobustResBlock(nn.Module):
     """Bottleneck family of RobustResNet (Huang et al., CVPR 2023); its defaults are the
     RobustResBlock: pre-activation bottleneck, hierarchical (S 8) aggregated (G 4) k x k convs
