@@ -207,6 +207,9 @@ def bench_eval_cmd(
     ),
     precision: str = typer.Option("fp32", help="fp32 or bf16."),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="channels_last tensors."),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="torch.compile ours; its compiling warm-up is reported, not timed."
+    ),
     rounds: int = typer.Option(1, help="Timed passes of each (alternating); the medians are reported."),
     reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time the fp32 reference loop."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -226,6 +229,7 @@ def bench_eval_cmd(
         batch_size=batch_size,
         precision=precision,
         channels_last=channels_last,
+        compile=compile_model,
         device=device,
         reference=reference,
         flops_per_image=scaler.count(spec).flops if spec is not None else None,
@@ -239,7 +243,9 @@ def bench_eval_cmd(
     layout = "channels_last" if result["channels_last"] else "NCHW"
     print(
         f"{label}: {attack} evaluation of {n} images, batch {result['batch_size']}, "
-        f"{result['precision']}, {layout} on {result['device']}"
+        f"{result['precision']}, {layout}{', compiled' if compile_model else ''} on {result['device']}"
     )
     print(f"ours       {result['images_per_s']:.1f} images/s ({result['seconds']:.2f} s)")
+    if compile_model:
+        print(f"           compiling warm-up {result['warmup_seconds']:.1f} s (not timed)")
     _print_speed(result, reference, "clean and attacked forwards 1x, attack steps 2x")

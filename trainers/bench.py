@@ -240,6 +240,7 @@ def bench_eval(
     batch_size=None,
     precision="fp32",
     channels_last=True,
+    compile=False,
     device="auto",
     reference=True,
     reference_batch_size=None,
@@ -252,7 +253,9 @@ def bench_eval(
     the attacked logits and the metrics) over n synthetic images against `reference_eval` on the
     same data, after a one-batch warm-up of each; `rounds` > 1 times each that often, alternating,
     and keeps the medians. Ours runs an emitted model's fused formulation, the reference its plain
-    one (`fused = False`: the blocks as the papers write them), as in `bench train`."""
+    one (`fused = False`: the blocks as the papers write them), as in `bench train`. `compile`
+    times ours torch.compile'd (BatchNorm left to the compiler, as in compiled training); its
+    warm-up, which compiles each batch shape, is reported as `warmup_seconds` and not timed."""
     from trainers.evaluation import default_batch_size, eval_layout, evaluate, precision_dtype
 
     if attack not in EVAL_ATTACKS:
@@ -284,8 +287,20 @@ def bench_eval(
         "device": str(dev),
     }
 
+    eval_model = torch.compile(ours_model) if compile else ours_model
+    result["compile"] = compile
+
     def ours(xs, ys):
-        return evaluate(ours_model, xs, ys, (attack,), batch_size=batch_size, precision=precision, channels_last=layout)
+        return evaluate(
+            eval_model,
+            xs,
+            ys,
+            (attack,),
+            batch_size=batch_size,
+            precision=precision,
+            channels_last=layout,
+            fold_bn=not compile,
+        )
 
     ref_model = copy.deepcopy(model).to(dev) if reference else torch.nn.Module()
     use_plain_formulation(ref_model)
@@ -294,9 +309,15 @@ def bench_eval(
         return reference_eval(ref_model, xs, ys, attack, batch_size=reference_batch_size)
 
     timed = {"ours": ours, **({"reference": ref} if reference else {})}
-    for fn in timed.values():  # warm-up: one batch of each
-        fn(x[:batch_size], y[:batch_size])
     begin, finish = _timer(dev)
+    last = n % batch_size  # a shorter last batch is one more shape to compile
+    begin()  # warm-up: one batch of each, and ours on the last batch's shape where compiled
+    ours(x[:batch_size], y[:batch_size])
+    if compile and last:
+        ours(x[:last], y[:last])
+    result["warmup_seconds"] = finish()
+    if reference:
+        ref(x[:batch_size], y[:batch_size])
     times: dict[str, list[float]] = {k: [] for k in timed}
     outputs: dict = {}
     for _ in range(rounds):
