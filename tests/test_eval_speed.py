@@ -253,7 +253,6 @@ def test_bench_eval_cli_json(capsys):
     assert "reference" not in out.splitlines()[1]
 
 
-
 def test_bench_eval_compiled(capsys, monkeypatch):
     """--compile times ours through torch.compile (here its eager backend, which traces the same
     graphs without building kernels), leaves BatchNorm to the compiler, and compiles the warm-up's
