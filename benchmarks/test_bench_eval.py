@@ -19,15 +19,15 @@ MODELS = {
 }
 VARIANTS = ("reference", "ours-fp32", "ours-bf16")
 TARGETS = {"ours-fp32": 1.5, "ours-bf16": 2.5}  # speedups over the reference the issue asks for
-# Asserted where they held with margin on the 2-core AVX-512-BF16 CPU (README: bench eval), and a
-# floor below the target where they did not: basic fp32 (its convs, 84% of our time, already run
-# at the fp32 FMA peak) and robust bf16 (elementwise work over the block outputs and the per-op
-# overhead of the 4-channel cascade dominate; bf16 only speeds the convs).
+# Asserted where they held with margin on the 2-core AVX-512-BF16 CPU in alternating rounds (README:
+# bench eval; robust 1.88-1.97x fp32 and 2.8-3.0x bf16, basic bf16 4.9-5.1x), and a floor below the
+# target where they did not: basic fp32 measured 1.36-1.47x (its convs, 84% of our time, already
+# run at about the fp32 FMA peak).
 ASSERTED = {
     ("basic-bar", "ours-bf16"): 2.5,
     ("basic-bar", "ours-fp32"): 1.2,
     ("robust-small", "ours-fp32"): 1.5,
-    ("robust-small", "ours-bf16"): 2.0,
+    ("robust-small", "ours-bf16"): 2.5,
 }
 N = 64
 ROUNDS = 5

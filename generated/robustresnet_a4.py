@@ -263,6 +263,12 @@ class SharedInputConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h, grad_skip):
         (weight,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (double backward): the same linear map, differentiable
+            grad_x = F.conv2d(grad_h, weight.transpose(0, 1))
+            if ctx.stride == 1:
+                return grad_x + grad_skip, None, None, None
+            grad_x[:, :, :: ctx.stride, :: ctx.stride] += grad_skip
+            return grad_x, None, None, None
         cl, w = torch.channels_last, weight.flatten(1)  # [out, in]
         grad_h = grad_h.to(w.dtype).contiguous(memory_format=cl)
         grad_skip = grad_skip.to(w.dtype).contiguous(memory_format=cl)
@@ -354,6 +360,10 @@ class EvalResidualSE(torch.autograd.Function):
     def backward(ctx, grad):
         h, pooled, p, r, s, scale, shift, w1, w2 = ctx.saved_tensors
         need_h, need_skip, need_scale, need_shift, need_w1, need_w2 = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph (double backward): p, r and s were saved without history
+            needs = (need_h, need_scale, need_shift, need_w1, need_w2)
+            grads = graph_gradients(eval_residual_se_gain, (h, scale, shift, w1, w2), needs, grad)
+            return grads[0], grad if need_skip else None, *grads[1:]
         grad_gain = (grad * h).sum((2, 3)).to(s.dtype)  # per sample and channel
         grad_offset = grad.sum((2, 3)).to(s.dtype)
         grad_v, grad_u, grad_p = se_mlp_backward(grad_gain, grad_offset, r, s, scale, shift, w1, w2)
@@ -371,6 +381,28 @@ class EvalResidualSE(torch.autograd.Function):
         if need_w2:
             grad_w2 = (grad_v.t() @ r).to(w2.dtype)
         return grad_h, grad if need_skip else None, grad_scale, grad_shift, grad_w1, grad_w2
+
+
+def eval_residual_se_gain(
+    h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+):
+    """h * (1 + scale * s) + shift * s, the eval-mode residual SE less its skip, in differentiable ops
+    (the Functions' backwards under create_graph)."""
+    with torch.autocast(h.device.type, enabled=False):
+        s = se_mlp(h.sum((2, 3)).to(scale.dtype) / (h.shape[2] * h.shape[3]), scale, shift, w1, w2)[2]
+        return h * (1 + scale * s).to(h.dtype)[:, :, None, None] + (shift * s).to(h.dtype)[:, :, None, None]
+
+
+def graph_gradients(formula, inputs: tuple, needs: tuple, grad: torch.Tensor) -> list:
+    """The gradients of formula(*inputs) (given grad at its output) with respect to the inputs `needs`
+    marks, by autograd with a graph: a Function's backward under create_graph (double backward),
+    where its own formulas would read intermediates saved without history."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    if not wanted:
+        return [None] * len(inputs)
+    with torch.enable_grad():
+        found = iter(torch.autograd.grad(formula(*inputs), wanted, grad, create_graph=True, allow_unused=True))
+    return [next(found) if need else None for need in needs]
 
 
 def se_mlp(pooled: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):
@@ -417,6 +449,12 @@ class ConvResidualSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         u, w, per_sample, r, s, scale, shift, w1, w2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (double backward): conv3 and the SE written out
+            weight = w.to(u.dtype)[:, :, None, None]
+            grad_u = graph_gradients(
+                lambda u: eval_residual_se_gain(F.conv2d(u, weight), scale, shift, w1, w2), (u,), (True,), grad
+            )[0]
+            return grad_u, grad, None, None, None, None, None
         area, f = u.shape[2] * u.shape[3], s.dtype
         with torch.autocast(u.device.type, enabled=False):
             grad = grad.to(u.dtype).contiguous(memory_format=torch.channels_last)

@@ -443,6 +443,44 @@ def test_shared_input_only_for_frozen_channels_last_cpu_gradients():
         assert not route(x, weight, bias)
 
 
+@pytest.mark.parametrize(
+    "frozen, memory_format, train",
+    [
+        (True, torch.channels_last, False),  # SharedInputConv, ConvResidualSE
+        (False, torch.contiguous_format, False),  # EvalResidualSE
+        (False, torch.contiguous_format, True),
+    ],
+    ids=["frozen-cl-eval", "eval", "train"],
+)
+def test_double_backward_equals_plain(frozen, memory_format, train):
+    """Second derivatives through the fused Functions (create_graph: Hessian-vector products, input
+    gradient penalties) equal the plain formulation's in float64; their hand-written backwards
+    read intermediates saved without history, so under create_graph they run as autograd graphs."""
+    fused, plain = pair(SPECS["robust"])
+    fused, plain = (m.to(memory_format=memory_format).train(train) for m in (fused, plain))
+    for p in (*fused.parameters(), *plain.parameters()):
+        p.requires_grad_(not frozen)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+    x = x.contiguous(memory_format=memory_format)
+
+    def hessian_vector(model):
+        xr = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(xr).square().sum(), xr, create_graph=True)
+        return g.detach(), torch.autograd.grad(g.square().sum(), xr)[0]
+
+    calls = {name: spy(fused, name) for name in ("shared_input_route", "per_sample_route")}
+    try:
+        got = hessian_vector(fused)
+    finally:
+        for _, restore in calls.values():
+            restore()
+    expected = hessian_vector(plain)
+    assert (True in calls["shared_input_route"][0]) == (True in calls["per_sample_route"][0]) == (frozen and not train)
+    assert expected[1].abs().max() > 0
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-7, atol=1e-12)
+
+
 def constant_folds(model):
     return type(model).__init__.__globals__["constant_folds"](model)
 
