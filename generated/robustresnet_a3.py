@@ -247,6 +247,13 @@ def shared_input_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return x.dtype == compute_dtype(x) == weight.dtype and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def backward_differentiated() -> bool:
+    """Whether a Function's backward is itself being differentiated: under create_graph (double
+    backward) or with forward-mode tangents (forward-over-reverse). Then the fused Functions run
+    written-out formulas; their own read intermediates saved without history, and write with out=."""
+    return torch.is_grad_enabled() or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 class SharedInputConv(torch.autograd.Function):
     """(conv1x1(x), x's pixels the skip branch reads: all at stride 1, else every stride-th) with one
     backward: x's gradient is conv1's input gradient, one matmul over pixels ([pixels, out] times
@@ -263,7 +270,7 @@ class SharedInputConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h, grad_skip):
         (weight,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph (double backward): the same linear map, differentiable
+        if backward_differentiated():  # the same linear map in differentiable ops
             grad_x = F.conv2d(grad_h, weight.transpose(0, 1))
             if ctx.stride == 1:
                 return grad_x + grad_skip, None, None, None
@@ -360,7 +367,7 @@ class EvalResidualSE(torch.autograd.Function):
     def backward(ctx, grad):
         h, pooled, p, r, s, scale, shift, w1, w2 = ctx.saved_tensors
         need_h, need_skip, need_scale, need_shift, need_w1, need_w2 = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph (double backward): p, r and s were saved without history
+        if backward_differentiated():  # p, r and s were saved without history
             needs = (need_h, need_scale, need_shift, need_w1, need_w2)
             grads = graph_gradients(eval_residual_se_gain, (h, scale, shift, w1, w2), needs, grad)
             return grads[0], grad if need_skip else None, *grads[1:]
@@ -449,12 +456,15 @@ class ConvResidualSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         u, w, per_sample, r, s, scale, shift, w1, w2 = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph (double backward): conv3 and the SE written out
+        if backward_differentiated():  # conv3 and the SE written out
             weight = w.to(u.dtype)[:, :, None, None]
-            grad_u = graph_gradients(
-                lambda u: eval_residual_se_gain(F.conv2d(u, weight), scale, shift, w1, w2), (u,), (True,), grad
-            )[0]
-            return grad_u, grad, None, None, None, None, None
+            need_u, need_skip = ctx.needs_input_grad[:2]
+
+            def formula(u):
+                return eval_residual_se_gain(F.conv2d(u, weight), scale, shift, w1, w2)
+
+            grad_u = graph_gradients(formula, (u,), (need_u,), grad)[0]
+            return grad_u, grad if need_skip else None, None, None, None, None, None
         area, f = u.shape[2] * u.shape[3], s.dtype
         with torch.autocast(u.device.type, enabled=False):
             grad = grad.to(u.dtype).contiguous(memory_format=torch.channels_last)

@@ -254,32 +254,50 @@ def test_bench_eval_cli_json(capsys):
 
 
 def test_bench_eval_compiled(capsys, monkeypatch):
-    """--compile times ours through torch.compile (here its eager backend, which traces the same
-    graphs without building kernels), leaves BatchNorm to the compiler, and compiles the warm-up's
-    batch shapes (a full and a shorter last batch) before timing, reporting that warm-up."""
+    """--compile times ours through torch.compile (here with a backend that records each graph it
+    is handed and runs it eagerly), with static shapes, BatchNorm left to the compiler, and every
+    graph compiled in the warm-up (a full and a shorter last batch): none while timing."""
+    import trainers.bench as tb
     import trainers.evaluation as ev
     from scaler_cli.app import main
 
-    compiled, folds = [], []
-    real_compile, real = torch.compile, ev.evaluate
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, backend="eager"))
-    monkeypatch.setattr(ev, "evaluate", lambda *a, **kw: folds.append(kw["fold_bn"]) or real(*a, **kw))
+    compiles, folds, timers = [], [], []
+    real_compile, real_evaluate, real_timer = torch.compile, ev.evaluate, tb._timer
+
+    def recording(gm, example_inputs):
+        compiles.append((len(timers), tuple(t.shape[0] for t in example_inputs if isinstance(t, torch.Tensor))))
+        return gm.forward
+
+    def compile_(model, **kw):
+        assert kw == {"dynamic": False}
+        return real_compile(model, backend=recording, **kw)
+
+    def timer(device):
+        begin, finish = real_timer(device)
+        return lambda: timers.append("begin") or begin(), finish
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **kw: folds.append(kw["fold_bn"]) or real_evaluate(*a, **kw))
+    monkeypatch.setattr(tb, "_timer", timer)
+    torch._dynamo.reset()
     args = [*BENCH[:-4], "--n", "12", "--batch-size", "8", "--no-reference"]
     torch.manual_seed(0)  # the command initialises its model from the global generator
-    assert main([*args, "--attack", "clean", "--compile", "--json"]) == 0
+    assert main([*args, "--attack", "fgsm", "--compile", "--rounds", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert len(compiled) == 1 and data["compile"] is True and data["warmup_seconds"] > 0
-    assert folds and not any(folds)
-    eager_folds = len(folds)
+    assert data["compile"] is True and data["warmup_seconds"] > 0 and folds and not any(folds)
+    assert timers == ["begin"] * 3  # the warm-up, then two timed rounds
+    assert compiles and {begun for begun, _ in compiles} == {1}  # all inside the warm-up
+    assert {8, 4} <= {size for _, sizes in compiles for size in sizes}  # both batch shapes
+    timers.clear()
     torch.manual_seed(0)
-    assert main([*args, "--attack", "clean", "--json"]) == 0
+    assert main([*args, "--attack", "fgsm", "--json"]) == 0
     eager = json.loads(capsys.readouterr().out)
-    assert eager["compile"] is False and all(folds[eager_folds:]) and len(compiled) == 1
-    assert eager["accuracy"] == data["accuracy"]  # the same model's clean accuracy
-    args += ["--attack", "fgsm"]
+    assert eager["compile"] is False and "warmup_seconds" not in eager and folds[-1] is True
+    assert eager["accuracy"] == pytest.approx(data["accuracy"], abs=100 / 12)  # the same model; a point may flip
     assert main([*args, "--compile"]) == 0
     out = capsys.readouterr().out
     assert "fp32, channels_last, compiled on cpu" in out and "compiling warm-up" in out
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize(

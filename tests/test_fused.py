@@ -481,6 +481,49 @@ def test_double_backward_equals_plain(frozen, memory_format, train):
     torch.testing.assert_close(got[1], expected[1], rtol=1e-7, atol=1e-12)
 
 
+
+def test_second_order_through_fused_functions_in_every_direction():
+    """The backwards of the frozen eval-mode Functions differentiated other ways than input
+    Hessian-vector products: a gradient penalty on the one trainable weight whose gradient flows
+    only through ConvResidualSE's skip (its input u wants none), and forward-over-reverse (tangents
+    on the cotangent through SharedInputConv's backward); all equal the plain formulation's."""
+    import torch.autograd.forward_ad as fwad
+
+    fused, plain = pair(SPECS["robust"])
+    fused, plain = (m.to(memory_format=torch.channels_last).eval() for m in (fused, plain))
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def weight_penalty(model):
+        for name, q in model.named_parameters():
+            q.requires_grad_(name == "stage1.0.shortcut.weight")
+        w = model.stage1[0].shortcut.weight
+        (g,) = torch.autograd.grad(model(x).sin().sum(), w, create_graph=True)
+        return g.detach(), torch.autograd.grad(g.square().sum(), w)[0]
+
+    def forward_over_reverse(model):
+        for q in model.parameters():
+            q.requires_grad_(False)
+        xr = x.clone().requires_grad_()
+        out = model(xr)
+        tangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(19), dtype=out.dtype)
+        with fwad.dual_level():
+            (g,) = torch.autograd.grad(out, xr, fwad.make_dual(torch.ones_like(out), tangent))
+            return fwad.unpack_dual(g).primal.clone(), fwad.unpack_dual(g).tangent.clone()
+
+    calls = {name: spy(fused, name) for name in ("shared_input_route", "per_sample_route")}
+    try:
+        got = [weight_penalty(fused), forward_over_reverse(fused)]
+    finally:
+        for _, restore in calls.values():
+            restore()
+    assert True in calls["per_sample_route"][0] and True in calls["shared_input_route"][0]
+    for g, e in zip(got, [weight_penalty(plain), forward_over_reverse(plain)]):
+        assert e[1].abs().max() > 0
+        torch.testing.assert_close(g[0], e[0], rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(g[1], e[1], rtol=1e-7, atol=1e-12)
+
+
 def constant_folds(model):
     return type(model).__init__.__globals__["constant_folds"](model)
 

@@ -287,7 +287,7 @@ def bench_eval(
         "device": str(dev),
     }
 
-    eval_model = torch.compile(ours_model) if compile else ours_model
+    eval_model = torch.compile(ours_model, dynamic=False) if compile else ours_model  # a static graph per shape
     result["compile"] = compile
 
     def ours(xs, ys):
@@ -310,12 +310,14 @@ def bench_eval(
 
     timed = {"ours": ours, **({"reference": ref} if reference else {})}
     begin, finish = _timer(dev)
-    last = n % batch_size  # a shorter last batch is one more shape to compile
+    last = n % batch_size if n > batch_size else 0  # a shorter last batch is one more shape to compile
     begin()  # warm-up: one batch of each, and ours on the last batch's shape where compiled
     ours(x[:batch_size], y[:batch_size])
     if compile and last:
         ours(x[:last], y[:last])
-    result["warmup_seconds"] = finish()
+    warmup = finish()
+    if compile:
+        result["warmup_seconds"] = warmup
     if reference:
         ref(x[:batch_size], y[:batch_size])
     times: dict[str, list[float]] = {k: [] for k in timed}
