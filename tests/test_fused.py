@@ -481,7 +481,6 @@ def test_double_backward_equals_plain(frozen, memory_format, train):
     torch.testing.assert_close(got[1], expected[1], rtol=1e-7, atol=1e-12)
 
 
-
 def test_second_order_through_fused_functions_in_every_direction():
     """The backwards of the frozen eval-mode Functions differentiated other ways than input
     Hessian-vector products: a gradient penalty on the one trainable weight whose gradient flows
