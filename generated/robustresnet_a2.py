@@ -182,7 +182,9 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     """A channel slice of a channels_last tensor as a tensor of its own. Elementwise ops on such a
     slice step through a few channels per pixel (4-16 in the cascade) and run several times slower
     than a copy followed by the op on dense operands."""
-    if t.dim() == 4 and t.stride(1) == 1 and not t.is_contiguous(memory_format=torch.channels_last):
+    if t.dim() != 4 or t.stride(1) != 1 or not has_storage(t):  # functorch's batched tensors have no layout
+        return t
+    if not t.is_contiguous(memory_format=torch.channels_last):
         return t.contiguous(memory_format=torch.channels_last)
     return t
 
@@ -240,11 +242,19 @@ def shared_input_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return False
     if bias.requires_grad or is_compiling() or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         return False
-    try:
-        x.data_ptr()
-    except RuntimeError:  # functorch wrappers: this Function has no functorch rules
+    if not has_storage(x):  # functorch wrappers: this Function has no functorch rules
         return False
     return x.dtype == compute_dtype(x) == weight.dtype and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def has_storage(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors are plain ones: functorch's batched and wrapper tensors have no storage."""
+    try:
+        for t in tensors:
+            t.data_ptr()
+    except RuntimeError:
+        return False
+    return True
 
 
 def backward_differentiated() -> bool:
@@ -270,7 +280,7 @@ class SharedInputConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h, grad_skip):
         (weight,) = ctx.saved_tensors
-        if backward_differentiated():  # the same linear map in differentiable ops
+        if backward_differentiated() or not has_storage(grad_h, grad_skip):  # the same map, differentiable
             grad_x = F.conv2d(grad_h, weight.transpose(0, 1))
             if ctx.stride == 1:
                 return grad_x + grad_skip, None, None, None
@@ -456,7 +466,7 @@ class ConvResidualSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         u, w, per_sample, r, s, scale, shift, w1, w2 = ctx.saved_tensors
-        if backward_differentiated():  # conv3 and the SE written out
+        if backward_differentiated() or not has_storage(grad):  # conv3 and the SE written out
             weight = w.to(u.dtype)[:, :, None, None]
             need_u, need_skip = ctx.needs_input_grad[:2]
 

@@ -523,6 +523,33 @@ def test_second_order_through_fused_functions_in_every_direction():
         torch.testing.assert_close(g[1], e[1], rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["robust", "robust-se-none", "robust-s1"])
+def test_batched_gradients_equal_plain(name):
+    """Per-class input gradients in one call (`is_grads_batched`: the backward under vmap, whose
+    batched tensors have no storage and no channels_last strides) through the frozen eval-mode
+    Functions equal the plain formulation's, one row per logit."""
+    fused, plain = pair(SPECS[name])
+    fused, plain = (m.to(memory_format=torch.channels_last).eval() for m in (fused, plain))
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def jacobian(model):
+        for q in model.parameters():
+            q.requires_grad_(False)
+        xr = x.clone().requires_grad_()
+        out = model(xr)
+        rows = torch.eye(out.shape[1], dtype=out.dtype)[:, None].expand(-1, *out.shape)
+        return torch.autograd.grad(out, xr, rows, is_grads_batched=True)[0]
+
+    calls, restore = spy(fused, "shared_input_route")
+    try:
+        got = jacobian(fused)
+    finally:
+        restore()
+    assert True in calls
+    torch.testing.assert_close(got, jacobian(plain), rtol=1e-8, atol=1e-12)
+
+
 def constant_folds(model):
     return type(model).__init__.__globals__["constant_folds"](model)
 
