@@ -79,7 +79,7 @@ def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...],
     cache = FOLD_CACHES.get(id(owner)) if FOLD_CACHES else None
     if cache is None or torch.is_inference_mode_enabled() or any(t.requires_grad for t in tensors):
         return build(*args)
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:  # dual tensors may carry tangents
+    if forward_mode_active():  # dual tensors may carry tangents
         return build(*args)
     try:
         stamp = tuple((t.data_ptr(), t._version) for t in tensors)
@@ -90,6 +90,11 @@ def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...],
     if hit is None or hit[0] != stamp:
         hit = cache[key] = (stamp, [t.detach() for t in tensors], build(*args))  # their storage, even if replaced
     return hit[2]
+
+
+def forward_mode_active() -> bool:
+    """Whether a forward-mode AD level is open (`torch.autograd.forward_ad.dual_level`)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def bn_tensors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
@@ -240,7 +245,7 @@ def shared_input_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     32, PGD-20, bf16 and fp32) it made a RobustResNet evaluation 3-5% faster."""
     if x.device.type != "cpu" or not (torch.is_grad_enabled() and x.requires_grad) or weight.requires_grad:
         return False
-    if bias.requires_grad or is_compiling() or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+    if bias.requires_grad or is_compiling() or forward_mode_active():
         return False
     if not has_storage(x):  # functorch wrappers: this Function has no functorch rules
         return False
@@ -261,7 +266,7 @@ def backward_differentiated() -> bool:
     """Whether a Function's backward is itself being differentiated: under create_graph (double
     backward) or with forward-mode tangents (forward-over-reverse). Then the fused Functions run
     written-out formulas; their own read intermediates saved without history, and write with out=."""
-    return torch.is_grad_enabled() or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+    return torch.is_grad_enabled() or forward_mode_active()
 
 
 class SharedInputConv(torch.autograd.Function):

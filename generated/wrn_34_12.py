@@ -79,7 +79,7 @@ def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...],
     cache = FOLD_CACHES.get(id(owner)) if FOLD_CACHES else None
     if cache is None or torch.is_inference_mode_enabled() or any(t.requires_grad for t in tensors):
         return build(*args)
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:  # dual tensors may carry tangents
+    if forward_mode_active():  # dual tensors may carry tangents
         return build(*args)
     try:
         stamp = tuple((t.data_ptr(), t._version) for t in tensors)
@@ -90,6 +90,11 @@ def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...],
     if hit is None or hit[0] != stamp:
         hit = cache[key] = (stamp, [t.detach() for t in tensors], build(*args))  # their storage, even if replaced
     return hit[2]
+
+
+def forward_mode_active() -> bool:
+    """Whether a forward-mode AD level is open (`torch.autograd.forward_ad.dual_level`)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def bn_tensors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
