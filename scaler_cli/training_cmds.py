@@ -70,6 +70,11 @@ def eval_cmd(
     ),
     precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast of the attacks and logits; faster)."),
     per_block_lipschitz: bool = typer.Option(False, "--per-block-lipschitz", help="LIP at every block output."),
+    compile_model: bool = typer.Option(
+        False,
+        "--compile",
+        help="torch.compile the logits and our attacks (AutoAttack stays eager); little gain on a CPU.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -100,6 +105,7 @@ def eval_cmd(
         progress=not quiet,
         announce=(lambda line: print(line, file=sys.stderr)) if not quiet else None,
         precision=precision,
+        compile=compile_model,
     )
     if as_json:
         print(json.dumps({**results, "checkpoint": info}, indent=2))

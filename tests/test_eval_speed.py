@@ -324,3 +324,80 @@ def test_eval_refuses_a_bad_precision(tmp_path, capsys):
     code = main(["eval", str(tmp_path), "--precision", "fp16"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "unknown precision" in err, err
+
+
+def _recording_compile(monkeypatch):
+    """torch.compile with a backend that records each graph's grad mode and image batch size and runs it
+    eagerly (Inductor would take minutes here and computes the same function)."""
+    graphs = []
+    real_compile = torch.compile
+
+    def recording(gm, example_inputs):
+        sizes = {t.shape[0] for t in example_inputs if isinstance(t, torch.Tensor) and t.shape[-2:] == (32, 32)}
+        graphs.append((torch.is_grad_enabled(), tuple(sorted(sizes))))
+        return gm.forward
+
+    def compile_(model, **kw):
+        assert kw == {"dynamic": False}
+        return real_compile(model, backend=recording, **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    return graphs
+
+
+def test_evaluate_compiled_equals_eager_and_leaves_autoattack_eager(monkeypatch):
+    """evaluate(compile=True) runs the logits and our attacks through one compiled model (BatchNorm
+    not folded: the compiler's), one graph per batch shape and grad mode, and hands AutoAttack the
+    model as given; its metrics equal eager's to float rounding."""
+    import trainers.attacks as ta
+    import trainers.evaluation as ev
+    from scaler.builder import build_model
+    from scaler.spec import ArchSpec
+
+    torch.manual_seed(0)
+    model = build_model(ArchSpec("basic", (1, 1, 1), (16, 32, 64))).eval()
+    x, y = torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))
+    folds, handed = [], []
+    real_fold = ta.folded_batchnorm
+    for module in (ta, ev):
+        monkeypatch.setattr(module, "folded_batchnorm", lambda m: folds.append(m) or real_fold(m))
+    eager = ev.evaluate(model, x, y, ("clean", "fgsm", "pgd20"), batch_size=8)
+    assert folds  # the spy sees eager evaluation fold
+    folds.clear()
+    graphs = _recording_compile(monkeypatch)
+    monkeypatch.setattr(ev, "autoattack", lambda m, x, y, **kw: handed.append(m) or (x.clone(), []))
+    compiled = ev.evaluate(model, x, y, ("clean", "fgsm", "pgd20", "aa-compact"), batch_size=8, compile=True)
+    torch._dynamo.reset()
+    assert {(True, (8,)), (True, (4,)), (False, (8,)), (False, (4,))} <= set(graphs), graphs
+    assert handed == [model]  # AutoAttack gets the eager model
+    assert folds == []  # ours leaves BatchNorm to the compiler; fp32 AutoAttack runs the model as given
+    for name in ("clean", "fgsm", "pgd20"):
+        for key in ("accuracy", "stable"):
+            assert compiled[name][key] == pytest.approx(eager[name][key], abs=100 / 12), name
+        assert compiled[name]["lip"] == pytest.approx(eager[name]["lip"], rel=1e-3), name
+        assert compiled[name]["loss"] == pytest.approx(eager[name]["loss"], rel=1e-4), name
+    assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules())
+
+
+def test_eval_cli_compile(tmp_path, capsys, monkeypatch):
+    """`scaler eval --compile` compiles and says so; without a C++ compiler on a CPU it refuses in
+    one line before loading anything."""
+    import shutil
+
+    from scaler_cli.app import main
+    from tests_support import TINY_ARGS
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    graphs = _recording_compile(monkeypatch)
+    assert main(["eval", str(out), "--n", "12", "--batch-size", "8", "--attacks", "clean,fgsm", "--compile"]) == 0
+    captured = capsys.readouterr()
+    torch._dynamo.reset()
+    assert "torch.compile on" in captured.err and "RobustResBlock" not in captured.err
+    assert "fgsm" in captured.out and {(True, (8,)), (True, (4,))} <= set(graphs)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code = main(["eval", str(out), "--attacks", "clean", "--compile", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "C++ compiler" in err, err

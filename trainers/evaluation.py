@@ -193,6 +193,7 @@ def evaluate(
     precision: str = "fp32",
     channels_last: bool = True,
     fold_bn: bool = True,
+    compile: bool = False,
 ) -> dict:
     """{attack: {accuracy, stable, lip, loss, n}} plus 'warnings' (gradient-masking sanity flags);
     loss is the mean cross-entropy of the (attacked) logits, as NARes records it. `precision`
@@ -200,7 +201,9 @@ def evaluate(
     default; off, evaluation runs as plain NCHW eval-mode code); `batch_size` defaults to
     `default_batch_size` of x's device, and to 256 for AutoAttack (whose random restarts are seeded
     per batch: the batches pyautoattack users run, and this project's AA results so far). The model
-    comes back in its mode and layout."""
+    comes back in its mode and layout. `compile` runs the logits and our attacks (not AutoAttack:
+    pyautoattack calls the model as given) through torch.compile, one static graph per batch shape,
+    with BatchNorm left to the compiler (not folded) as in compiled training."""
     dtype = precision_dtype(precision)
     aa_batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if batch_size is None:
@@ -212,19 +215,21 @@ def evaluate(
             raise ScalerError(f"unknown attack {name!r}; choose from {','.join(ATTACKS)}")
     layout = eval_layout(model, x, channels_last)
     xs = x.contiguous(memory_format=torch.channels_last) if layout else x
-    fast = dict(autocast_dtype=dtype, fold_bn=fold_bn)
+    ours = torch.compile(model, dynamic=False) if compile else model  # shares model's parameters
+    fast = dict(autocast_dtype=dtype, fold_bn=fold_bn and not compile)
     results: dict = {}
     messages: list[str] = []
     with in_layout(model, layout):
-        clean_logits = logits_of(model, xs, batch_size, **fast)
+        clean_logits = logits_of(ours, xs, batch_size, **fast)
     clean_pred = clean_logits.argmax(1)
     for name in attacks:
         is_aa = name in ("aa", "aa-compact")
         plain = is_aa and dtype is None  # exact AutoAttack: the model as given
+        net, speed = (model, dict(autocast_dtype=dtype, fold_bn=fold_bn)) if is_aa else (ours, fast)
         with in_layout(model, layout and not plain):
             x_in = x if is_aa else xs  # AutoAttack views its tensors: NCHW in
             x_adv = adversarial(
-                model,
+                net,
                 name,
                 x_in,
                 y,
@@ -233,12 +238,12 @@ def evaluate(
                 batch_size=aa_batch_size if is_aa else batch_size,
                 messages=messages,
                 progress=progress,
-                **fast,
+                **speed,
             )
             adv_logits = (
                 clean_logits
                 if name == "clean"
-                else logits_of(model, x_adv, batch_size, autocast_dtype=dtype, fold_bn=fold_bn and not plain)
+                else logits_of(net, x_adv, batch_size, autocast_dtype=dtype, fold_bn=speed["fold_bn"] and not plain)
             )
             pred = adv_logits.argmax(1)
             results[name] = {

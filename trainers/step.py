@@ -87,18 +87,22 @@ def block_families(model) -> set[str]:
     return {BLOCK_FAMILIES[type(m).__name__] for m in model.modules() if type(m).__name__ in BLOCK_FAMILIES}
 
 
+def can_compile(device) -> bool:
+    """Whether torch.compile can build code here: Inductor's CPU code needs a C++ compiler."""
+    import shutil
+
+    return torch.device(device).type != "cpu" or bool(shutil.which("g++") or shutil.which("c++"))
+
+
 def resolve_compile(choice: bool | None, model, device, total_steps: int) -> bool:
     """Whether training uses torch.compile. None (auto) compiles where it measured faster
     (COMPILE_SPEEDUP > 1 for every block family of the model on this device type), the run is
     long enough to repay the compilation and a C++ compiler is there for Inductor's CPU code."""
     if choice is not None:
         return bool(choice)
-    import shutil
-
     families = block_families(model)
     wins = bool(families) and all(COMPILE_SPEEDUP.get((device.type, f), 0.0) > 1.0 for f in families)
-    compiler = device.type != "cpu" or shutil.which("g++") or shutil.which("c++")
-    return bool(wins and total_steps >= COMPILE_MIN_STEPS and compiler)
+    return bool(wins and total_steps >= COMPILE_MIN_STEPS and can_compile(device))
 
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
