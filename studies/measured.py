@@ -94,7 +94,7 @@ def surrogate_pick(bench, acc, target, cap, *, seed: int = 0, epochs: int = 300)
     held = rng.permutation(measured)
     n_test = max(2, len(held) // 5)
     test, train = held[:n_test], held[n_test:]
-    fit = surrogate.fit(surrogate.encode(coords[train], sizes), acc[train], epochs=epochs, seed=seed)
+    fit = surrogate.fit(surrogate.encode(coords[train], sizes), acc[train], epochs=epochs, seed=seed, threads=None)
     tau = kendall_tau(fit.predict(surrogate.encode(coords[test], sizes)).mean(0), acc[test])
     report = {
         "model": "ensemble of 5 MLPs (one-hot + ordinal encoding)",
@@ -119,7 +119,9 @@ def surrogate_pick(bench, acc, target, cap, *, seed: int = 0, epochs: int = 300)
     if not ok.any():
         report["note"] = "no unmeasured architecture fits the budget"
         return report
-    final = surrogate.fit(surrogate.encode(coords[measured], sizes), acc[measured], epochs=epochs, seed=seed + 1)
+    final = surrogate.fit(
+        surrogate.encode(coords[measured], sizes), acc[measured], epochs=epochs, seed=seed + 1, threads=None
+    )
     inside = candidates[ok]
     preds = final.predict(surrogate.encode(inside, sizes))
     mean, std = preds.mean(0), preds.std(0)

@@ -219,7 +219,8 @@ def bananas(oracle: Oracle, rng: np.random.Generator, s: Settings, info: dict) -
             seed=int(rng.integers(2**31)),
         )
         candidates = _candidates(oracle, rng, s, starts)
-        preds = model.predict(surrogate.encode(p.coords[candidates], p.sizes))
+        with surrogate.torch_threads(1):  # as the fit: the same ranking on any machine
+            preds = model.predict(surrogate.encode(p.coords[candidates], p.sizes))
         mu, sd = preds.mean(0), preds.std(0)
         its = rng.normal(mu, sd + 1e-9)  # independent Thompson sampling: one posterior draw each
         batch = [int(candidates[i]) for i in np.argsort(-its)[: s.bananas_batch]]

@@ -201,3 +201,26 @@ def test_a_study_directory_is_read_through_studies_results(monkeypatch, tmp_path
     bench = benchmark.load(tmp_path)
     assert seen == [tmp_path] and len(bench) == 3
     assert bench.objective({"D1": 7, "W1": 8}) == 37.0 and bench.query((5, 8)) is recs[1]
+
+
+def test_surrogate_fit_sets_its_threads_and_restores_them(monkeypatch):
+    """A fit runs on the threads it is given (1 for searches, torch's own for the measured rule)
+    and leaves the process's setting as it was (it used to pin the whole process to one thread)."""
+    import torch
+
+    from studies import surrogate
+
+    seen = []
+    real = surrogate._forward
+    monkeypatch.setattr(surrogate, "_forward", lambda w, h: seen.append(torch.get_num_threads()) or real(w, h))
+    x = surrogate.encode(np.array([[0, 1], [1, 0], [2, 2], [1, 1]]), (3, 3))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        surrogate.fit(x, np.arange(4.0), epochs=2)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        surrogate.fit(x, np.arange(4.0), epochs=2, threads=None)
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
