@@ -128,7 +128,7 @@ def evaluate_run(
     x, y = load_split(dataset, "test", data_dir)
     if n is not None:
         x, y = x[:n], y[:n]
-    info.update(dataset=dataset, n=len(y), eps=eps, precision=precision)
+    info.update(dataset=dataset, n=len(y), eps=eps, precision=precision, compile=bool(compile))
     if announce is not None:
         of = f" of {info['epochs']}" if info["epochs"] else ""
         why = " (no best.pt yet: the run has not validated)" if info["checkpoint"].endswith("last.pt") else ""
