@@ -255,13 +255,14 @@ def test_bench_eval_cli_json(capsys):
 
 def test_bench_eval_compiled(capsys, monkeypatch):
     """--compile times ours through torch.compile (here with a backend that records each graph it
-    is handed and runs it eagerly), with static shapes, BatchNorm left to the compiler, and every
-    graph compiled in the warm-up (a full and a shorter last batch): none while timing."""
+    is handed and runs it eagerly), with static shapes (evaluate(compile=True): BatchNorm left to
+    the compiler), and every graph compiled in the warm-up (a full and a shorter last batch): none
+    while timing."""
     import trainers.bench as tb
     import trainers.evaluation as ev
     from scaler_cli.app import main
 
-    compiles, folds, timers = [], [], []
+    compiles, compiled, timers = [], [], []
     real_compile, real_evaluate, real_timer = torch.compile, ev.evaluate, tb._timer
 
     def recording(gm, example_inputs):
@@ -277,14 +278,14 @@ def test_bench_eval_compiled(capsys, monkeypatch):
         return lambda: timers.append("begin") or begin(), finish
 
     monkeypatch.setattr(torch, "compile", compile_)
-    monkeypatch.setattr(ev, "evaluate", lambda *a, **kw: folds.append(kw["fold_bn"]) or real_evaluate(*a, **kw))
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **kw: compiled.append(kw["compile"]) or real_evaluate(*a, **kw))
     monkeypatch.setattr(tb, "_timer", timer)
     torch._dynamo.reset()
     args = [*BENCH[:-4], "--n", "12", "--batch-size", "8", "--no-reference"]
     torch.manual_seed(0)  # the command initialises its model from the global generator
     assert main([*args, "--attack", "fgsm", "--compile", "--rounds", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["compile"] is True and data["warmup_seconds"] > 0 and folds and not any(folds)
+    assert data["compile"] is True and data["warmup_seconds"] > 0 and compiled and all(compiled)
     assert timers == ["begin"] * 3  # the warm-up, then two timed rounds
     assert compiles and {begun for begun, _ in compiles} == {1}  # all inside the warm-up
     assert {8, 4} <= {size for _, sizes in compiles for size in sizes}  # both batch shapes
@@ -292,7 +293,7 @@ def test_bench_eval_compiled(capsys, monkeypatch):
     torch.manual_seed(0)
     assert main([*args, "--attack", "fgsm", "--json"]) == 0
     eager = json.loads(capsys.readouterr().out)
-    assert eager["compile"] is False and "warmup_seconds" not in eager and folds[-1] is True
+    assert eager["compile"] is False and "warmup_seconds" not in eager and compiled[-1] is False
     assert eager["accuracy"] == pytest.approx(data["accuracy"], abs=100 / 12)  # the same model; a point may flip
     assert main([*args, "--compile"]) == 0
     out = capsys.readouterr().out
@@ -404,3 +405,24 @@ def test_eval_cli_compile(tmp_path, capsys, monkeypatch):
     code = main(["eval", str(out), "--attacks", "clean", "--compile", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "C++ compiler" in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "bench-train", "bench-eval"])
+def test_explicit_compile_without_a_cxx_compiler_is_refused(tmp_path, capsys, monkeypatch, command):
+    """`--compile` where Inductor cannot build CPU code: one line, exit 2, and no run directory."""
+    import shutil
+
+    from scaler_cli.app import main
+    from tests_support import TINY_ARGS
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    out = tmp_path / "run"
+    args = {
+        "train": ["train", *TINY_ARGS, "--out", str(out), "--quiet"],
+        "bench-train": ["bench", "train", *TINY_ARGS[:6], "--steps", "1", "--batch-size", "4"],
+        "bench-eval": BENCH,
+    }[command]
+    code = main([*args, "--compile", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "C++ compiler" in err, err
+    assert not out.exists()

@@ -18,7 +18,14 @@ from scaler.errors import ScalerError
 from scaler.verify import use_plain_formulation
 from trainers.config import make_config
 from trainers.peak import efficiency
-from trainers.step import Stepper, make_optimizer, resolve_device, resolve_precision, training_layout
+from trainers.step import (
+    Stepper,
+    make_optimizer,
+    require_compiler,
+    resolve_device,
+    resolve_precision,
+    training_layout,
+)
 
 
 def _timer(device):
@@ -111,6 +118,8 @@ def bench_train(
     if warmup < 0:
         raise ScalerError("--warmup must be >= 0")
     dev = resolve_device(device)
+    if compile:
+        require_compiler(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(seed)
@@ -268,6 +277,8 @@ def bench_eval(
         raise ScalerError("--batch-size must be >= 1")
     if n < 1 or rounds < 1:
         raise ScalerError("--n and --rounds must be >= 1")
+    if compile:
+        require_compiler(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     gen = torch.Generator().manual_seed(seed)
@@ -287,19 +298,18 @@ def bench_eval(
         "device": str(dev),
     }
 
-    eval_model = torch.compile(ours_model, dynamic=False) if compile else ours_model  # a static graph per shape
     result["compile"] = compile
 
     def ours(xs, ys):
         return evaluate(
-            eval_model,
+            ours_model,
             xs,
             ys,
             (attack,),
             batch_size=batch_size,
             precision=precision,
             channels_last=layout,
-            fold_bn=not compile,
+            compile=compile,
         )
 
     ref_model = copy.deepcopy(model).to(dev) if reference else torch.nn.Module()

@@ -26,6 +26,7 @@ from trainers.step import (
     Ema,
     Stepper,
     make_optimizer,
+    require_compiler,
     resolve_compile,
     resolve_device,
     resolve_precision,
@@ -134,6 +135,8 @@ def _run(cfg, out: Path, *, resuming: bool, progress, stop_after, distributed, e
         device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if cfg.compile:  # asked for explicitly (None is auto): refused before the run directory exists
+        require_compiler(device)
     if cfg.batch_size % world:
         raise ScalerError(f"--batch-size {cfg.batch_size} must divide evenly across {world} processes")
     has_ckpt = resuming and (out / "last.pt").is_file()

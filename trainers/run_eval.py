@@ -12,7 +12,7 @@ from scaler.errors import ScalerError
 from trainers import checkpoint
 from trainers.data import NUM_CLASSES, load_split
 from trainers.evaluation import evaluate, precision_dtype
-from trainers.step import block_families, can_compile, resolve_device
+from trainers.step import block_families, require_compiler, resolve_device
 
 
 def find_checkpoint(target: str | Path) -> Path:
@@ -118,8 +118,8 @@ def evaluate_run(
     attacks (trainers.evaluation.evaluate)."""
     precision_dtype(precision)  # bad input fails before the model and data load
     dev = resolve_device(device)
-    if compile and not can_compile(dev):
-        raise ScalerError("--compile on a CPU needs a C++ compiler (g++ or c++ on PATH) for torch.compile's code")
+    if compile:
+        require_compiler(dev)
     model, config, info = load_trained(target, dev)
     model = model.to(memory_format=torch.contiguous_format)
     dataset = dataset or config.get("dataset", "cifar10")

@@ -94,11 +94,22 @@ def can_compile(device) -> bool:
     return torch.device(device).type != "cpu" or bool(shutil.which("g++") or shutil.which("c++"))
 
 
+def require_compiler(device) -> None:
+    """Refuse an explicit --compile where torch.compile cannot build (before anything is written)."""
+    from scaler.errors import ScalerError
+
+    if not can_compile(device):
+        raise ScalerError("--compile on a CPU needs a C++ compiler (g++ or c++ on PATH) for torch.compile's code")
+
+
 def resolve_compile(choice: bool | None, model, device, total_steps: int) -> bool:
     """Whether training uses torch.compile. None (auto) compiles where it measured faster
     (COMPILE_SPEEDUP > 1 for every block family of the model on this device type), the run is
-    long enough to repay the compilation and a C++ compiler is there for Inductor's CPU code."""
+    long enough to repay the compilation and a C++ compiler is there for Inductor's CPU code;
+    True without that compiler is refused."""
     if choice is not None:
+        if choice:
+            require_compiler(device)
         return bool(choice)
     families = block_families(model)
     wins = bool(families) and all(COMPILE_SPEEDUP.get((device.type, f), 0.0) > 1.0 for f in families)
