@@ -3,6 +3,7 @@ state dict: outputs, input and parameter gradients and BatchNorm statistics agre
 rounding in train and eval mode, for every knob the fused path covers (and the others fall back)."""
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -214,11 +215,8 @@ def test_bf16_channels_last_gradients_as_close_as_plain(train):
         return [((a - b).norm() / b.norm()).item() for a, b in zip(got, want)]
 
     truth = gradients(plain, False)
-    routes, restore = spy(fused, "dense_route")
-    try:
+    with spy(fused, "dense_route") as routes:
         fused_error = error(gradients(fused, True), truth)
-    finally:
-        restore()
     plain_error = error(gradients(plain, True), truth)
     assert any(routes), "no conv took the dense route"
     for f, p in zip(fused_error, plain_error):
@@ -238,12 +236,16 @@ def test_block_diagonal_weight_is_the_grouped_conv():
     torch.testing.assert_close(F.conv2d(x, dense, None, 2, 1), F.conv2d(x, w, None, 2, 1, 1, 4), rtol=1e-12, atol=1e-12)
 
 
+@contextmanager
 def spy(model, name):
-    """Record what the emitted module's function `name` returns while the test runs it."""
+    """The list of what the emitted module's function `name` returns, recorded inside."""
     namespace, calls = type(model).__init__.__globals__, []
     original = namespace[name]
     namespace[name] = lambda *args: calls.append(original(*args)) or calls[-1]
-    return calls, lambda: namespace.__setitem__(name, original)
+    try:
+        yield calls
+    finally:
+        namespace[name] = original
 
 
 def frozen_input_gradient(model, x, y, bf16=False):
@@ -267,13 +269,10 @@ def test_frozen_eval_residual_se_without_h_equals_plain():
     gen = torch.Generator().manual_seed(4)
     x = torch.rand(3, 3, 16, 16, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (3,), generator=gen)
-    calls, restore = spy(fused, "per_sample_route")
-    try:
+    with spy(fused, "per_sample_route") as calls:
         out_f, gx_f = frozen_input_gradient(fused, x, y)
         with torch.no_grad():
             clean = fused(x)
-    finally:
-        restore()
     out_p, gx_p = frozen_input_gradient(plain, x, y)
     assert True in calls and False in calls  # the 16x16 stage takes it, the 8x8 and 4x4 ones do not
     torch.testing.assert_close(out_f, out_p, rtol=1e-9, atol=1e-11)
@@ -318,11 +317,8 @@ def test_bf16_frozen_input_gradients_as_close_as_plain():
     x = torch.rand(8, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,), generator=gen)
     truth = frozen_input_gradient(copy.deepcopy(plain), x, y)
-    calls, restore = spy(fused, "per_sample_route")
-    try:
+    with spy(fused, "per_sample_route") as calls:
         got = frozen_input_gradient(fused, x, y, bf16=True)
-    finally:
-        restore()
     assert True in calls
     reference = frozen_input_gradient(plain, x, y, bf16=True)
     for g, r, t in zip(got, reference, truth):
@@ -381,13 +377,10 @@ def test_frozen_eval_shared_input_equals_plain(size):
     gen = torch.Generator().manual_seed(15)
     x = torch.rand(3, 3, *size, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (3,), generator=gen)
-    calls, restore = spy(fused, "shared_input_route")
-    try:
+    with spy(fused, "shared_input_route") as calls:
         out_f, gx_f = frozen_input_gradient(fused, x, y)
         with torch.no_grad():
             clean = fused(x)
-    finally:
-        restore()
     blocks = [m for m in fused.modules() if type(m).__name__ == "RobustResBlock"]
     assert calls == [True] * len(blocks) + [False] * len(blocks)  # no route without gradients
     assert {(b.shortcut is None, b.stride) for b in blocks} == {(True, 1), (False, 1), (False, 2)}
@@ -468,14 +461,10 @@ def test_double_backward_equals_plain(frozen, memory_format, train):
         (g,) = torch.autograd.grad(model(xr).square().sum(), xr, create_graph=True)
         return g.detach(), torch.autograd.grad(g.square().sum(), xr)[0]
 
-    calls = {name: spy(fused, name) for name in ("shared_input_route", "per_sample_route")}
-    try:
+    with spy(fused, "shared_input_route") as shared, spy(fused, "per_sample_route") as per_sample:
         got = hessian_vector(fused)
-    finally:
-        for _, restore in calls.values():
-            restore()
     expected = hessian_vector(plain)
-    assert (True in calls["shared_input_route"][0]) == (True in calls["per_sample_route"][0]) == (frozen and not train)
+    assert (True in shared) == (True in per_sample) == (frozen and not train)
     assert expected[1].abs().max() > 0
     torch.testing.assert_close(got[0], expected[0], rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-7, atol=1e-12)
@@ -510,13 +499,9 @@ def test_second_order_through_fused_functions_in_every_direction():
             (g,) = torch.autograd.grad(out, xr, fwad.make_dual(torch.ones_like(out), tangent))
             return fwad.unpack_dual(g).primal.clone(), fwad.unpack_dual(g).tangent.clone()
 
-    calls = {name: spy(fused, name) for name in ("shared_input_route", "per_sample_route")}
-    try:
+    with spy(fused, "shared_input_route") as shared, spy(fused, "per_sample_route") as per_sample:
         got = [weight_penalty(fused), forward_over_reverse(fused)]
-    finally:
-        for _, restore in calls.values():
-            restore()
-    assert True in calls["per_sample_route"][0] and True in calls["shared_input_route"][0]
+    assert True in per_sample and True in shared
     for g, e in zip(got, [weight_penalty(plain), forward_over_reverse(plain)]):
         assert e[1].abs().max() > 0
         torch.testing.assert_close(g[0], e[0], rtol=1e-8, atol=1e-12)
@@ -541,11 +526,8 @@ def test_batched_gradients_equal_plain(name):
         rows = torch.eye(out.shape[1], dtype=out.dtype)[:, None].expand(-1, *out.shape)
         return torch.autograd.grad(out, xr, rows, is_grads_batched=True)[0]
 
-    calls, restore = spy(fused, "shared_input_route")
-    try:
+    with spy(fused, "shared_input_route") as calls:
         got = jacobian(fused)
-    finally:
-        restore()
     assert True in calls
     torch.testing.assert_close(got, jacobian(plain), rtol=1e-8, atol=1e-12)
 
@@ -564,9 +546,7 @@ def test_constant_folds_built_once_for_frozen_steps(name):
     x = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 10, (2,), generator=gen)
     truth = frozen_input_gradient(plain, x, y)
-    builds, restore = spy(fused, "fold_into_conv")
-    affines, restore_affine = spy(fused, "bn_affine")
-    try:
+    with spy(fused, "fold_into_conv") as builds, spy(fused, "bn_affine") as affines:
         with constant_folds(fused):
             first = frozen_input_gradient(fused, x, y)
             built = (len(builds), len(affines))
@@ -574,9 +554,6 @@ def test_constant_folds_built_once_for_frozen_steps(name):
             assert (len(builds), len(affines)) == built  # nothing rebuilt
         assert not type(fused).__init__.__globals__["FOLD_CACHES"]  # nothing kept after the span
         outside = frozen_input_gradient(fused, x, y)
-    finally:
-        restore()
-        restore_affine()
     assert built[0] > 0 and len(builds) == 2 * built[0] and len(affines) == 2 * built[1]
     for got in (first, *again, outside):
         torch.testing.assert_close(got[0], truth[0], rtol=1e-9, atol=1e-11)
@@ -600,11 +577,8 @@ def test_constant_folds_follow_in_place_updates_and_gradients():
         got = frozen_input_gradient(fused, x, y)
         for p in (*fused.parameters(), *plain.parameters()):
             p.requires_grad_(True)
-        builds, restore = spy(fused, "fold_into_conv")
-        try:
+        with spy(fused, "fold_into_conv") as builds:
             fused_out = [run(fused, x, y, train=False) for _ in range(2)]
-        finally:
-            restore()
         assert len(builds) % 2 == 0 and builds and builds[0][0] is not builds[len(builds) // 2][0]  # built twice
         fused_grads = [None if p.grad is None else p.grad / 2 for p in fused.parameters()]  # two backwards
     truth = frozen_input_gradient(plain, x, y)
