@@ -247,6 +247,9 @@ def test_bench_eval_cli_json(capsys):
     assert data["images_per_s"] == pytest.approx(16 / data["seconds"])
     assert data["speedup"] == pytest.approx(data["images_per_s"] / data["reference_images_per_s"])
     assert 0 <= data["accuracy"] <= 100 and 0 <= data["reference_accuracy"] <= 100
+    assert data["page_faults_per_image"] >= 0 and data["reference_page_faults_per_image"] >= 0
+    assert main(BENCH) == 0
+    assert "page faults per image: ours " in capsys.readouterr().out
     assert main([*BENCH, "--attack", "fgsm", "--precision", "bf16", "--no-reference"]) == 0
     out = capsys.readouterr().out
     assert "fgsm evaluation of 16 images, batch 8, bf16, channels_last" in out and "GFLOP/s" in out
@@ -426,3 +429,36 @@ def test_explicit_compile_without_a_cxx_compiler_is_refused(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "C++ compiler" in err, err
     assert not out.exists()
+
+
+def test_minor_page_faults_count_the_pages_a_fresh_allocation_touches():
+    from trainers.bench import minor_page_faults
+
+    before = minor_page_faults()
+    torch.empty(16 << 20).fill_(1.0)  # 64 MiB: above glibc's largest mmap threshold, so fresh pages
+    assert minor_page_faults() - before >= 16  # 16384 4-KiB pages, or 32 huge pages
+
+
+@pytest.mark.parametrize("bench", ["eval", "train"])
+def test_bench_reports_page_faults_per_image_of_the_timed_work(monkeypatch, bench):
+    """Each timed section's faults (the counter read before and after it), summed over the rounds
+    and divided by the images timed; None where the OS does not count them."""
+    import itertools
+
+    import trainers.bench as tb
+
+    counter = itertools.count(0, 96)
+    monkeypatch.setattr(tb, "minor_page_faults", lambda: next(counter))
+    model = build_model(BASIC)
+    if bench == "eval":
+        result = tb.bench_eval(model, attack="fgsm", n=4, batch_size=2, rounds=3)
+        assert result["page_faults_per_image"] == result["reference_page_faults_per_image"] == 96 * 3 / (4 * 3)
+    else:
+        result = tb.bench_train(model, batch_size=4, steps=2, warmup=0, precision="fp32")
+        assert result["page_faults_per_image"] == result["reference_page_faults_per_image"] == 96 / 2 / 4
+    monkeypatch.setattr(tb, "minor_page_faults", lambda: None)
+    if bench == "eval":
+        result = tb.bench_eval(model, attack="clean", n=2, batch_size=2)
+    else:
+        result = tb.bench_train(model, batch_size=2, steps=1, warmup=0, precision="fp32")
+    assert result["page_faults_per_image"] is None and result["reference_page_faults_per_image"] is None

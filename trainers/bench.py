@@ -54,6 +54,22 @@ def _timer(device):
     return begin_cpu, finish_cpu
 
 
+def minor_page_faults() -> int | None:
+    """This process's minor page faults so far (None where the OS does not count them). A loop that
+    allocates fresh large tensors faults on each one (glibc hands freed large buffers back to the
+    OS, which zero-fills their pages again), and that is part of its time in a default process:
+    bench reports the counts beside the speeds so the share is visible."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _per(faults: int | None, count: int) -> float | None:
+    return None if faults is None else faults / count
+
+
 def training_step_flops(method: str, attack_steps: int, flops_per_image: int) -> int:
     """Multiply-adds of one training step per image, F being one forward: an attack step is a
     forward and an input-gradient backward (2F, no weight gradients), a trained forward 3F
@@ -157,8 +173,9 @@ def bench_train(
     result["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
     result["channels_last"] = channels_last
     result["compile"] = compile
-    seconds = _time(lambda: stepper.step(x, y), steps, warmup, dev)
+    seconds, faults = _time(lambda: stepper.step(x, y), steps, warmup, dev)
     result["seconds_per_step"] = seconds
+    result["page_faults_per_image"] = _per(faults, batch_size)
     result["images_per_s"] = batch_size / seconds
     if flops_per_image:
         step_flops = training_step_flops(method, cfg.attack_steps, flops_per_image) * batch_size
@@ -170,8 +187,9 @@ def bench_train(
         ref_opt = torch.optim.SGD(
             ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=False
         )
-        ref_seconds = _time(lambda: reference_step(ref_model, ref_opt, x, y, cfg), steps, warmup, dev)
+        ref_seconds, ref_faults = _time(lambda: reference_step(ref_model, ref_opt, x, y, cfg), steps, warmup, dev)
         result["reference_images_per_s"] = batch_size / ref_seconds
+        result["reference_page_faults_per_image"] = _per(ref_faults, batch_size)
         result["speedup"] = ref_seconds / seconds
         if flops_per_image:
             ref = efficiency(step_flops / ref_seconds, dev.type, "fp32")
@@ -180,14 +198,17 @@ def bench_train(
     return result
 
 
-def _time(fn, steps: int, warmup: int, dev) -> float:
+def _time(fn, steps: int, warmup: int, dev) -> tuple[float, float | None]:
+    """(seconds, minor page faults) per step of `steps` timed calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     begin, finish = _timer(dev)
+    faults = minor_page_faults()
     begin()
     for _ in range(steps):
         fn()
-    return finish() / steps
+    seconds = finish() / steps
+    return seconds, None if faults is None else (minor_page_faults() - faults) / steps
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -331,15 +352,19 @@ def bench_eval(
     if reference:
         ref(x[:batch_size], y[:batch_size])
     times: dict[str, list[float]] = {k: [] for k in timed}
+    faults: dict[str, int | None] = dict.fromkeys(timed, 0)
     outputs: dict = {}
     for _ in range(rounds):
         for name, fn in timed.items():
+            before = minor_page_faults()
             begin()
             outputs[name] = fn(x, y)
             times[name].append(finish())
+            faults[name] = None if before is None else faults[name] + minor_page_faults() - before
     seconds = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     result["seconds"] = seconds["ours"]
     result["images_per_s"] = n / seconds["ours"]
+    result["page_faults_per_image"] = _per(faults["ours"], n * rounds)
     result["accuracy"] = outputs["ours"][attack]["accuracy"]
     if flops_per_image:
         total = evaluation_flops(attack, flops_per_image) * n
@@ -348,6 +373,7 @@ def bench_eval(
     if reference:
         result["reference_seconds"] = seconds["reference"]
         result["reference_images_per_s"] = n / seconds["reference"]
+        result["reference_page_faults_per_image"] = _per(faults["reference"], n * rounds)
         result["reference_batch_size"] = reference_batch_size
         result["reference_accuracy"] = outputs["reference"]
         result["speedup"] = seconds["reference"] / seconds["ours"]
