@@ -90,13 +90,28 @@ def fit(
             w = (torch.randn(members, a, b, generator=gen) * (2.0 / a) ** 0.5).requires_grad_()
             bias = torch.zeros(members, 1, b, requires_grad=True)
             weights.append((w, bias))
-        opt = torch.optim.Adam([t for pair in weights for t in pair], lr=lr, weight_decay=weight_decay)
-        for _ in range(epochs):
-            opt.zero_grad()
+        params = [t for pair in weights for t in pair]
+        state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        for step in range(1, epochs + 1):
             loss = ((_forward(weights, xt) - yt) ** 2).mean()
-            loss.backward()
-            opt.step()
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                adam_step(params, grads, state, step, lr=lr, weight_decay=weight_decay)
     return Ensemble([(w.detach(), b.detach()) for w, b in weights], mean, scale)
+
+
+def adam_step(params, grads, state, step: int, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
+    """One in-place Adam update (L2 weight decay added to the gradient; `state` holds each
+    parameter's (first, second) moments), the update torch.optim.Adam makes. Written here because
+    constructing any torch.optim optimizer imports torch._dynamo, 2-4 s on a 2-core machine, which
+    is most of what `scaler solve --rule measured` would otherwise spend before its fit."""
+    b1, b2 = betas
+    for p, g, (m, v) in zip(params, grads, state):
+        g = g.add(p, alpha=weight_decay) if weight_decay else g
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - b1**step))
 
 
 def _forward(weights, h):
