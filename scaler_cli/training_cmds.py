@@ -187,12 +187,12 @@ def _print_speed(result: dict, reference: bool, counted: str) -> None:
         print(
             f"reference  {result['reference_images_per_s']:.1f} images/s (fp32 NCHW)   speedup {result['speedup']:.2f}x"
         )
-        ours_faults, ref_faults = result.get("page_faults_per_image"), result.get("reference_page_faults_per_image")
-        if ours_faults is not None and ref_faults is not None:
-            print(
-                f"page faults per image: ours {ours_faults:,.0f}, reference {ref_faults:,.0f} "
-                "(pages of fresh allocations the OS zero-fills, part of each one's time)"
-            )
+    faults = {"ours": result.get("page_faults_per_image"), "reference": result.get("reference_page_faults_per_image")}
+    counted_faults = ", ".join(f"{k} {v:,.1f}" for k, v in faults.items() if v is not None)
+    if counted_faults:
+        print(
+            f"page faults per image: {counted_faults} (pages of fresh allocations the OS zero-fills, part of the time)"
+        )
     if "gflops_per_s" not in result:
         return
     line = (

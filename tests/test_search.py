@@ -226,9 +226,11 @@ def test_surrogate_fit_sets_its_threads_and_restores_them(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_surrogate_adam_step_is_torch_adams_update():
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_surrogate_adam_step_is_torch_adams_update(weight_decay):
     """fit's own Adam (kept off torch.optim, whose import of torch._dynamo costs seconds) makes
-    torch.optim.Adam's updates, weight decay included, step after step."""
+    torch.optim.Adam's updates, its L2 weight decay included (0.1: far above the tolerance), step
+    after step; and fitting leaves torch._dynamo unimported."""
     import subprocess
     import sys
 
@@ -239,16 +241,18 @@ def test_surrogate_adam_step_is_torch_adams_update():
     gen = torch.Generator().manual_seed(0)
     ours = [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen)]
     theirs = [p.clone().requires_grad_() for p in ours]
-    opt = torch.optim.Adam(theirs, lr=0.01, weight_decay=1e-4)
+    opt = torch.optim.Adam(theirs, lr=0.01, weight_decay=weight_decay)
     state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in ours]
     for step in range(1, 6):
         grads = [torch.randn(p.shape, generator=gen) for p in ours]
         for p, g in zip(theirs, grads):
             p.grad = g.clone()
         opt.step()
-        adam_step(ours, grads, state, step, lr=0.01, weight_decay=1e-4)
+        adam_step(ours, grads, state, step, lr=0.01, weight_decay=weight_decay)
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+    if weight_decay:
+        return
     code = (
         "import sys, numpy as np; from studies import surrogate; "
         "surrogate.fit(np.eye(4, dtype=np.float32), np.arange(4.0), epochs=2); "

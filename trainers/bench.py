@@ -55,18 +55,18 @@ def _timer(device):
 
 
 def minor_page_faults() -> int | None:
-    """This process's minor page faults so far (None where the OS does not count them). A loop that
-    allocates fresh large tensors faults on each one (glibc hands freed large buffers back to the
-    OS, which zero-fills their pages again), and that is part of its time in a default process:
-    bench reports the counts beside the speeds so the share is visible."""
+    """This process's minor page faults so far, host side (None without the Unix-only `resource`
+    module). A loop that allocates fresh large tensors faults on each one (glibc hands freed large
+    buffers back to the OS, which zero-fills their pages again), and that is part of its time in a
+    default process: bench reports the counts beside the speeds so the share is visible."""
     try:
         import resource
-    except ImportError:  # not on Windows
+    except ImportError:  # resource is Unix-only
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _per(faults: int | None, count: int) -> float | None:
+def _per(faults: float | None, count: int) -> float | None:
     return None if faults is None else faults / count
 
 
@@ -126,7 +126,9 @@ def bench_train(
     seed=0,
     resolution=32,
 ) -> dict:
-    """Time `steps` training steps of ours (and of the reference loop) on synthetic data."""
+    """Time `steps` training steps of ours (and of the reference loop) on synthetic data; beside
+    images/s, each one's minor page faults per image over its timed steps (`page_faults_per_image`,
+    `reference_page_faults_per_image`; None where not counted)."""
     if method not in ("pgd-at", "trades", "mart"):
         raise ScalerError(f"unknown method {method!r}; bench takes pgd-at, trades or mart")
     if batch_size < 1 or steps < 1:
@@ -203,12 +205,12 @@ def _time(fn, steps: int, warmup: int, dev) -> tuple[float, float | None]:
     for _ in range(warmup):
         fn()
     begin, finish = _timer(dev)
-    faults = minor_page_faults()
+    start_faults = minor_page_faults()
     begin()
     for _ in range(steps):
         fn()
     seconds = finish() / steps
-    return seconds, None if faults is None else (minor_page_faults() - faults) / steps
+    return seconds, None if start_faults is None else (minor_page_faults() - start_faults) / steps
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -285,7 +287,9 @@ def bench_eval(
     and keeps the medians. Ours runs an emitted model's fused formulation, the reference its plain
     one (`fused = False`: the blocks as the papers write them), as in `bench train`. `compile`
     times ours torch.compile'd (BatchNorm left to the compiler, as in compiled training); its
-    warm-up, which compiles each batch shape, is reported as `warmup_seconds` and not timed."""
+    warm-up, which compiles each batch shape, is reported as `warmup_seconds` and not timed.
+    Minor page faults per image are the mean over the timed rounds (`page_faults_per_image`,
+    `reference_page_faults_per_image`; None where not counted)."""
     from trainers.evaluation import default_batch_size, eval_layout, evaluate, precision_dtype
 
     if attack not in EVAL_ATTACKS:
