@@ -72,8 +72,8 @@ def constant_folds(model: nn.Module):
 
 
 def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...], build, *args):
-    """build(*args), a fold of `tensors` for an op on x; inside `constant_folds` the one built before
-    for x's device and compute dtype while none of them wants a gradient (forward-mode ones too) or
+    """build(*args), a fold of `tensors` for an op on x; inside `constant_folds` the one `build` made
+    before for x's device and compute dtype while none of them wants a gradient (forward-mode ones too) or
     has been replaced or changed since. The entry keeps their storage alive, so that no other
     tensor can take its address while the entry is compared against it."""
     cache = FOLD_CACHES.get(id(owner)) if FOLD_CACHES else None
@@ -85,7 +85,7 @@ def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...],
         stamp = tuple((t.data_ptr(), t._version) for t in tensors)
     except RuntimeError:  # no storage or no version counter (functorch wrappers, inference tensors)
         return build(*args)
-    key = (x.device, compute_dtype(x))
+    key = (x.device, compute_dtype(x), build)  # one owner can have folds of several kinds
     hit = cache.get(key)
     if hit is None or hit[0] != stamp:
         hit = cache[key] = (stamp, [t.detach() for t in tensors], build(*args))  # their storage, even if replaced
@@ -194,9 +194,6 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch >= 2.3
-
-
 def dense_cat(*tensors: torch.Tensor) -> torch.Tensor:
     """`DenseCat` in eager mode; torch.cat under torch.compile, which picks its own layouts (and whose
     tracing of a variadic autograd.Function under no_grad returned only its last input, torch 2.13)."""
@@ -252,23 +249,6 @@ def shared_input_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return x.dtype == compute_dtype(x) == weight.dtype and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def has_storage(*tensors: torch.Tensor) -> bool:
-    """Whether the tensors are plain ones: functorch's batched and wrapper tensors have no storage."""
-    try:
-        for t in tensors:
-            t.data_ptr()
-    except RuntimeError:
-        return False
-    return True
-
-
-def backward_differentiated() -> bool:
-    """Whether a Function's backward is itself being differentiated: under create_graph (double
-    backward) or with forward-mode tangents (forward-over-reverse). Then the fused Functions run
-    written-out formulas; their own read intermediates saved without history, and write with out=."""
-    return torch.is_grad_enabled() or forward_mode_active()
-
-
 class SharedInputConv(torch.autograd.Function):
     """(conv1x1(x), x's pixels the skip branch reads: all at stride 1, else every stride-th) with one
     backward: x's gradient is conv1's input gradient, one matmul over pixels ([pixels, out] times
@@ -302,6 +282,26 @@ class SharedInputConv(torch.autograd.Function):
             torch.mm(pixels(grad_h).reshape(-1, w.shape[0]), w, out=flat)
             grad_x[:, :, :: ctx.stride, :: ctx.stride].add_(grad_skip)
         return grad_x, None, None, None
+
+
+is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch >= 2.3
+
+
+def has_storage(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors are plain ones: functorch's batched and wrapper tensors have no storage."""
+    try:
+        for t in tensors:
+            t.data_ptr()
+    except RuntimeError:
+        return False
+    return True
+
+
+def backward_differentiated() -> bool:
+    """Whether a Function's backward is itself being differentiated: under create_graph (double
+    backward) or with forward-mode tangents (forward-over-reverse). Then the fused Functions run
+    written-out formulas; their own read intermediates saved without history, and write with out=."""
+    return torch.is_grad_enabled() or forward_mode_active()
 
 
 def pixels(t: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ SPECS = {
     "basic": ArchSpec("basic", (2, 1, 1), (16, 32, 64)),
     "basic-same-pad": ArchSpec("basic", (1, 1, 1), (16, 32, 64), padding="same"),
     "basic-post": ArchSpec("basic-post", (1, 1, 1), (16, 32, 64)),
+    "basic-proj": ArchSpec("basic", (2, 1, 1), (32, 32, 64)),  # identity, stride-1 and strided projections
     "mixed": ArchSpec(("basic", "basic", "robust"), (1, 1, 1), (16, 32, 64)),
 }
 FALLBACK = {
@@ -434,6 +435,167 @@ def test_shared_input_only_for_frozen_channels_last_cpu_gradients():
 
     with fwad.dual_level():
         assert not route(x, weight, bias)
+
+
+def preact_blocks(model):
+    return [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+
+
+@pytest.mark.parametrize("size", [(16, 16), (9, 7)], ids=["even", "odd"])
+def test_frozen_eval_preact_block_equals_plain(size):
+    """With parameters frozen (attacks) and channels_last inputs, every pre-activation block runs as
+    `PreactBlock` (identity, stride-1 and strided projections, odd maps): the plain formulation's
+    logits and input gradients in float64, clean logits too; no route without gradients. Inside
+    `constant_folds` each block's operands are built once for all steps."""
+    fused, plain = pair(SPECS["basic-proj"])
+    fused, plain = (m.to(memory_format=torch.channels_last) for m in (fused, plain))
+    gen = torch.Generator().manual_seed(21)
+    x = torch.rand(3, 3, *size, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (3,), generator=gen)
+    blocks = preact_blocks(fused)
+    assert {(b.shortcut is None, b.conv1.stride[0]) for b in blocks} == {(True, 1), (False, 1), (False, 2)}
+    with spy(fused, "preact_route") as calls, spy(fused, "fold_preact") as builds, constant_folds(fused):
+        out_f, gx_f = frozen_input_gradient(fused, x, y)
+        again = frozen_input_gradient(fused, x, y)
+        with torch.no_grad():
+            clean = fused(x)
+    assert calls == [True] * 2 * len(blocks) + [False] * len(blocks)
+    assert len(builds) == len(blocks)  # the second attack step reused them
+    out_p, gx_p = frozen_input_gradient(plain, x, y)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(clean, out_f, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(gx_f, gx_p, rtol=1e-8, atol=1e-12)
+    assert torch.equal(again[0], out_f) and torch.equal(again[1], gx_f)
+
+
+@pytest.mark.parametrize("stride, project", [(1, False), (1, True), (2, True)], ids=["identity", "project", "stride2"])
+def test_preact_block_gradients_by_gradcheck(stride, project):
+    """`PreactBlock` against the block written out (bn1 as its affine map, bn2 folded into conv1) by
+    finite differences in float64 on an odd map; x's gradient through both branches, masked by
+    both ReLUs, with bn1's scale moved into the backward weights."""
+    fused, _ = pair(SPECS["basic-proj"])
+    cls = type(fused).__init__.__globals__["PreactBlock"]
+    gen = torch.Generator().manual_seed(22)
+    c_in, c_out = (4, 6) if project else (5, 5)
+    scale, shift = (
+        torch.rand(c_in, generator=gen, dtype=torch.float64) + 0.5,
+        torch.randn(c_in, generator=gen, dtype=torch.float64),
+    )
+    w1 = torch.randn(c_out, c_in, 3, 3, generator=gen, dtype=torch.float64)
+    b1 = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    w2 = torch.randn(c_out, c_out, 3, 3, generator=gen, dtype=torch.float64)
+    projection = torch.randn(c_out, c_in, generator=gen, dtype=torch.float64) if project else None
+    w1_in = w1 * scale[:, None, None]
+    projection_in = projection * scale if project else None
+    x = torch.randn(2, c_in, 7, 5, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+
+    def written_out(a):
+        pre = torch.relu(a * scale[:, None, None] + shift[:, None, None])
+        h = torch.relu(F.conv2d(pre, w1, b1, stride, 1))
+        skip = a if projection is None else F.conv2d(pre, projection[:, :, None, None], None, stride)
+        return F.conv2d(h, w2, None, 1, 1) + skip
+
+    def f(a):
+        a = a.contiguous(memory_format=torch.channels_last)
+        return cls.apply(a, scale, shift, w1, b1, w1_in, w2, projection, projection_in, stride, 1, 1)
+
+    torch.testing.assert_close(f(x), written_out(x), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(f, [x.clone().requires_grad_()])
+    assert torch.autograd.gradgradcheck(f, [x.clone().requires_grad_()])  # the differentiable fallback
+
+
+def test_preact_route_only_for_frozen_relu_channels_last_cpu_gradients():
+    """Parameters that want gradients, train mode, NCHW or fp32 inputs under bf16 autocast, no input
+    gradient, another activation and forward-mode derivatives keep the block as autograd runs it."""
+    fused, _ = pair(SPECS["basic-proj"])
+    fused = fused.float().to(memory_format=torch.channels_last).eval()
+    route = type(fused).__init__.__globals__["preact_route"]
+    block = preact_blocks(fused)[0]
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(2, block.conv1.in_channels, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert route(x, block)
+    assert not route(x.detach(), block)
+    with torch.no_grad():
+        assert not route(x, block)
+    assert not route(x.detach().contiguous().requires_grad_(), block)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not route(x, block)
+        assert route(x.detach().bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_(), block)
+    block.bn2.train()
+    assert not route(x, block)
+    block.bn2.eval()
+    block.conv2.weight.requires_grad_(True)
+    assert not route(x, block)
+    block.conv2.weight.requires_grad_(False)
+    act = block.act2
+    block.act2 = torch.nn.SiLU()
+    assert not route(x, block)
+    block.act2 = act
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        assert not route(x, block)
+    assert route(x, block)
+
+
+def test_preact_block_second_order_and_batched_gradients_equal_plain():
+    """Through `PreactBlock`'s backward: input Hessian-vector products (create_graph),
+    forward-over-reverse (tangents on the cotangent) and per-class gradients in one call
+    (`is_grads_batched`, a backward under vmap) equal the plain formulation's in float64."""
+    import torch.autograd.forward_ad as fwad
+
+    fused, plain = pair(SPECS["basic-proj"])
+    fused, plain = (m.to(memory_format=torch.channels_last).eval() for m in (fused, plain))
+    for p in (*fused.parameters(), *plain.parameters()):
+        p.requires_grad_(False)
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def hessian_vector(model):
+        xr = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(xr).sin().sum(), xr, create_graph=True)
+        return g.detach(), torch.autograd.grad(g.square().sum(), xr)[0]
+
+    def forward_over_reverse(model):
+        xr = x.clone().requires_grad_()
+        out = model(xr)
+        tangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(24), dtype=out.dtype)
+        with fwad.dual_level():
+            (g,) = torch.autograd.grad(out, xr, fwad.make_dual(torch.ones_like(out), tangent))
+            return fwad.unpack_dual(g).primal.clone(), fwad.unpack_dual(g).tangent.clone()
+
+    def jacobian(model):
+        xr = x.clone().requires_grad_()
+        out = model(xr)
+        rows = torch.eye(out.shape[1], dtype=out.dtype)[:, None].expand(-1, *out.shape)
+        return (torch.autograd.grad(out, xr, rows, is_grads_batched=True)[0],)
+
+    checks = (hessian_vector, forward_over_reverse, jacobian)
+    with spy(fused, "preact_route") as calls:
+        got = [check(fused) for check in checks]
+    assert calls and all(calls)
+    for g, e in zip(got, [check(plain) for check in checks]):
+        assert e[-1].abs().max() > 0
+        for a, b in zip(g, e):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+def test_bf16_frozen_preact_input_gradients_as_close_as_plain():
+    """The attacks' bf16 path through `PreactBlock`: logits and input gradients no further from the
+    float32 ones than the plain formulation's under the same autocast."""
+    fused, plain = pair(SPECS["basic-proj"])
+    fused, plain = (m.float().to(memory_format=torch.channels_last) for m in (fused, plain))
+    gen = torch.Generator().manual_seed(25)
+    x = torch.rand(8, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    truth = frozen_input_gradient(copy.deepcopy(plain), x, y)
+    with spy(fused, "preact_route") as calls:
+        got = frozen_input_gradient(fused, x, y, bf16=True)
+    assert calls and all(calls)
+    reference = frozen_input_gradient(plain, x, y, bf16=True)
+    for g, r, t in zip(got, reference, truth):
+        assert (g - t).norm() <= 1.5 * (r - t).norm() + 1e-3 * t.norm()
 
 
 @pytest.mark.parametrize(
