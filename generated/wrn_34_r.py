@@ -167,7 +167,9 @@ def preact_route(x: torch.Tensor, block: nn.Module) -> bool:
     """Whether an eval-mode pre-activation block runs as `PreactBlock`: on a CPU, ReLU activations,
     a channels_last x that wants a gradient in the dtype the convs compute in, no parameter that
     wants one (attacks), eager mode without forward-mode derivatives or functorch wrappers.
-    Measured (batch 32, PGD-20, fp32, widths 64-256) it made an evaluation 4-11% faster."""
+    Measured in one process against autograd's graph of the same blocks (widths 64-256): PGD-20
+    evaluation (batch 32) 5-10% faster in fp32 and 0-10% in bf16, a bf16 PGD-AT step 20% (part of it
+    fewer fresh allocations, so fewer page faults)."""
     if x.device.type != "cpu" or block.bn1.training or block.bn2.training:
         return False
     if not (torch.is_grad_enabled() and x.requires_grad) or is_compiling() or forward_mode_active():
