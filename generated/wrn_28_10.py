@@ -181,22 +181,21 @@ def preact_route(x: torch.Tensor, block: nn.Module) -> bool:
     return x.dtype == compute_dtype(x) and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def fold_preact(x: torch.Tensor, block: nn.Module):
+def fold_preact(x: torch.Tensor, block: nn.Module) -> tuple:
     """`PreactBlock`'s operands for a block, in the dtype the convs compute in (bn1's map too: an
     addcmul of bfloat16 x with float32 operands into bfloat16 runs through a float32 copy, measured
-    2-3x slower): bn1's affine map, conv1 with bn2 folded, conv2, the projection (a matrix
-    [out, in]; None for an identity skip), and conv1's and the projection's weights times bn1's
-    scale per input channel (the backward's)."""
+    2-3x slower): bn1's affine map; conv1's weight and bias with bn2 folded, and that weight times
+    bn1's scale per input channel (the backward's); conv2's weight; the projection as a matrix
+    [out, in] and it times bn1's scale (None, None for an identity skip)."""
     scale, shift = bn_affine(block.bn1)
+    scale2, shift2 = bn_affine(block.bn2)
     dtype = compute_dtype(x)
-    w1, b1, _ = fold_conv_bn(x, block.conv1, block.bn2)
-    w1_in = (block.conv1.weight * bn_affine(block.bn2)[0][:, None, None, None] * scale[:, None, None]).to(dtype)
-    w2 = block.conv2.weight.to(dtype)
-    affine = scale.to(dtype), shift.to(dtype)
+    w1 = block.conv1.weight * scale2[:, None, None, None]
+    convs = w1.to(dtype), shift2.to(dtype), (w1 * scale[:, None, None]).to(dtype), block.conv2.weight.to(dtype)
     if block.shortcut is None:
-        return *affine, w1, b1, w1_in, w2, None, None
+        return scale.to(dtype), shift.to(dtype), *convs, None, None
     projection = block.shortcut.weight.flatten(1)
-    return *affine, w1, b1, w1_in, w2, projection.to(dtype), (projection * scale).to(dtype)
+    return scale.to(dtype), shift.to(dtype), *convs, projection.to(dtype), (projection * scale).to(dtype)
 
 
 def preact_tensors(block: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -220,7 +219,10 @@ class PreactBlock(torch.autograd.Function):
     and sum, mask and scale them in passes of their own over the block's largest tensors."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift, w1, b1, w1_in, w2, projection, projection_in, stride, pad1, pad2):
+    def forward(ctx, x, operands: tuple, geometry: tuple):
+        """operands: `fold_preact`'s; geometry: conv1's stride and padding, conv2's padding."""
+        scale, shift, w1, b1, w1_in, w2, projection, projection_in = operands
+        stride, pad1, pad2 = geometry
         with torch.autocast(x.device.type, enabled=False):
             pre = torch.addcmul(shift[:, None, None], x, scale[:, None, None]).relu_()
             h = F.conv2d(pre, w1, b1, stride, pad1).relu_()
@@ -244,20 +246,20 @@ class PreactBlock(torch.autograd.Function):
             grad_h = torch.nn.grad.conv2d_input(h.shape, w2, grad, 1, pad2) * (h > 0)
             grad_pre = torch.nn.grad.conv2d_input(pre.shape, w1_in, grad_h, stride, pad1)
             if projection_in is None:
-                return grad_pre * (pre > 0) + grad, *[None] * 11
+                return grad_pre * (pre > 0) + grad, None, None
             grad_pre = grad_pre + torch.nn.grad.conv2d_input(pre.shape, projection_in[..., None, None], grad, stride)
-            return grad_pre * (pre > 0), *[None] * 11
+            return grad_pre * (pre > 0), None, None
         grad = grad.to(h.dtype).contiguous(memory_format=torch.channels_last)
         grad_h = relu_backward_(input_gradient(grad, h, w2, 1, pad2), h)
         grad_pre = input_gradient(grad_h, pre, w1_in, stride, pad1)
         if projection_in is None:
-            return relu_backward_(grad_pre, pre).add_(grad), *[None] * 11
+            return relu_backward_(grad_pre, pre).add_(grad), None, None
         if stride == 1:
             matrix(grad_pre).addmm_(matrix(grad), projection_in)
         else:
             skip = (matrix(grad) @ projection_in).view(grad.shape[0], *grad.shape[2:], -1).permute(0, 3, 1, 2)
             grad_pre[:, :, ::stride, ::stride] += skip
-        return relu_backward_(grad_pre, pre), *[None] * 11
+        return relu_backward_(grad_pre, pre), None, None
 
 
 def input_gradient(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int) -> torch.Tensor:
@@ -279,6 +281,9 @@ class BasicBlock(nn.Module):
     a conv-norm skip, and the activation after the sum.
     With BatchNorm, `forward` folds each norm that follows a conv into that conv in eval mode
     (`fused`; see above); `forward_plain` is the reference.
+    In attacks (`preact_route`) a pre-activation block runs as one Function, `PreactBlock`. Like
+    the folds, it reads its submodules' tensors rather than calling them, so hooks on bn1, act1,
+    conv1, bn2, act2, conv2 or the shortcut do not fire there (`fused = False` runs `forward_plain`).
     """
 
     def __init__(
@@ -328,7 +333,7 @@ class BasicBlock(nn.Module):
             return self.act2(conv_bn(y, self.conv2, self.bn2) + skip)
         if preact_route(x, self):
             operands = folded(x, self.conv1, preact_tensors(self), fold_preact, x, self)
-            return PreactBlock.apply(x, *operands, self.conv1.stride[0], self.conv1.padding[0], self.conv2.padding[0])
+            return PreactBlock.apply(x, operands, (self.conv1.stride[0], self.conv1.padding[0], self.conv2.padding[0]))
         pre = self.act1(self.bn1(x))
         skip = x if self.shortcut is None else self.shortcut(pre)
         return self.conv2(self.act2(conv_bn(pre, self.conv1, self.bn2))) + skip

@@ -497,7 +497,7 @@ def test_preact_block_gradients_by_gradcheck(stride, project):
 
     def f(a):
         a = a.contiguous(memory_format=torch.channels_last)
-        return cls.apply(a, scale, shift, w1, b1, w1_in, w2, projection, projection_in, stride, 1, 1)
+        return cls.apply(a, (scale, shift, w1, b1, w1_in, w2, projection, projection_in), (stride, 1, 1))
 
     torch.testing.assert_close(f(x), written_out(x), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(f, [x.clone().requires_grad_()])
@@ -522,16 +522,23 @@ def test_preact_route_only_for_frozen_relu_channels_last_cpu_gradients():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not route(x, block)
         assert route(x.detach().bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_(), block)
-    block.bn2.train()
+    fused.train()  # frozen parameters in train mode: BatchNorm uses batch statistics
     assert not route(x, block)
-    block.bn2.eval()
-    block.conv2.weight.requires_grad_(True)
-    assert not route(x, block)
-    block.conv2.weight.requires_grad_(False)
-    act = block.act2
-    block.act2 = torch.nn.SiLU()
-    assert not route(x, block)
-    block.act2 = act
+    for bn in (block.bn1, block.bn2):  # either in train mode
+        fused.eval()
+        bn.train()
+        assert not route(x, block)
+    fused.eval()
+    assert route(x, block)
+    for p in (block.conv1.weight, block.bn1.weight, block.shortcut.weight):
+        p.requires_grad_(True)
+        assert not route(x, block)
+        p.requires_grad_(False)
+    for name in ("act1", "act2"):
+        act = getattr(block, name)
+        setattr(block, name, torch.nn.SiLU())
+        assert not route(x, block)
+        setattr(block, name, act)
     import torch.autograd.forward_ad as fwad
 
     with fwad.dual_level():
@@ -579,6 +586,60 @@ def test_preact_block_second_order_and_batched_gradients_equal_plain():
         assert e[-1].abs().max() > 0
         for a, b in zip(g, e):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+def test_functorch_gradients_through_preact_blocks_equal_plain():
+    """Under torch.func.grad the input is a functorch wrapper without storage: the blocks keep
+    autograd's path (no `PreactBlock`) and give the plain formulation's input gradient."""
+    fused, plain = pair(SPECS["basic-proj"])
+    fused, plain = (m.to(memory_format=torch.channels_last).eval() for m in (fused, plain))
+    for p in (*fused.parameters(), *plain.parameters()):
+        p.requires_grad_(False)
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(26), dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with spy(fused, "preact_route") as calls:
+        got = torch.func.grad(lambda a: fused(a).sin().sum())(x)
+    assert calls and not any(calls)
+    expected = torch.func.grad(lambda a: plain(a).sin().sum())(x)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+PREACT_TENSORS = ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "conv1.weight")
+PREACT_TENSORS += ("bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var", "conv2.weight", "shortcut.weight")
+
+
+@pytest.mark.parametrize("change", [*PREACT_TENSORS, "re-estimated", "replaced"])
+def test_preact_folds_see_changes_inside_the_span(change):
+    """`PreactBlock`'s operands are rebuilt when any tensor they come from changes inside the span:
+    each in place, BatchNorm statistics re-estimated by training forwards (which bump no version),
+    the projection replaced through `.data` (twice, so an address may come back): exactly what the
+    model gives outside a span, and not what it gave before the change."""
+    fused, _ = pair(SPECS["basic-proj"])
+    fused = fused.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(27)
+    x = torch.rand(2, 3, 12, 12, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (2,), generator=gen)
+    block = fused.stage1[0]  # the stride-1 projection
+    with spy(fused, "preact_route") as calls, constant_folds(fused):
+        before = frozen_input_gradient(fused, x, y)
+        if change in PREACT_TENSORS:
+            with torch.no_grad():
+                block.get_parameter(change).mul_(1.5) if "running" not in change else block.get_buffer(change).mul_(1.5)
+        elif change == "re-estimated":
+            fused.train()
+            with torch.no_grad():
+                fused(torch.rand(8, 3, 12, 12, dtype=torch.float64).contiguous(memory_format=torch.channels_last) * 3)
+        else:
+            for i in range(3):
+                block.shortcut.weight.data = torch.randn_like(block.shortcut.weight)
+                if i == 0:
+                    frozen_input_gradient(fused, x, y)
+        got = frozen_input_gradient(fused, x, y)
+    n = len(preact_blocks(fused))
+    assert calls[:n] == calls[-n:] == [True] * n  # the attack steps before and after the change
+    expected = frozen_input_gradient(fused, x, y)
+    assert not torch.equal(got[1], before[1])  # it did change
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def test_bf16_frozen_preact_input_gradients_as_close_as_plain():
