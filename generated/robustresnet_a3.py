@@ -275,11 +275,11 @@ class SharedInputConv(torch.autograd.Function):
         grad_h = grad_h.to(w.dtype).contiguous(memory_format=cl)
         grad_skip = grad_skip.to(w.dtype).contiguous(memory_format=cl)
         grad_x = torch.empty(ctx.shape, dtype=w.dtype, device=w.device, memory_format=cl)
-        flat = pixels(grad_x).view(-1, w.shape[1])
+        flat = matrix(grad_x)
         if ctx.stride == 1:
-            torch.addmm(pixels(grad_skip).reshape(-1, w.shape[1]), pixels(grad_h).reshape(-1, w.shape[0]), w, out=flat)
+            torch.addmm(matrix(grad_skip), matrix(grad_h), w, out=flat)
         else:
-            torch.mm(pixels(grad_h).reshape(-1, w.shape[0]), w, out=flat)
+            torch.mm(matrix(grad_h), w, out=flat)
             grad_x[:, :, :: ctx.stride, :: ctx.stride].add_(grad_skip)
         return grad_x, None, None, None
 
@@ -308,6 +308,12 @@ def pixels(t: torch.Tensor) -> torch.Tensor:
     """A channels_last [n, c, h, w] tensor as the [n, h * w, c] matrix view of its memory (a view,
     never a copy: `out=` writes through it)."""
     return t.permute(0, 2, 3, 1).view(t.shape[0], t.shape[2] * t.shape[3], t.shape[1])
+
+
+def matrix(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last [n, c, h, w] tensor as the [n * h * w, c] matrix view of its memory (a view:
+    `out=` and in-place matmuls write through it)."""
+    return pixels(t).view(-1, t.shape[1])
 
 
 def residual_se(

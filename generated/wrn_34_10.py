@@ -163,6 +163,12 @@ def pixels(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).view(t.shape[0], t.shape[2] * t.shape[3], t.shape[1])
 
 
+def matrix(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last [n, c, h, w] tensor as the [n * h * w, c] matrix view of its memory (a view:
+    `out=` and in-place matmuls write through it)."""
+    return pixels(t).view(-1, t.shape[1])
+
+
 def preact_route(x: torch.Tensor, block: nn.Module) -> bool:
     """Whether an eval-mode pre-activation block runs as `PreactBlock`: on a CPU, ReLU activations,
     a channels_last x that wants a gradient in the dtype the convs compute in, no parameter that
@@ -192,21 +198,17 @@ def fold_preact(x: torch.Tensor, block: nn.Module) -> tuple:
     dtype = compute_dtype(x)
     w1 = block.conv1.weight * scale2[:, None, None, None]
     convs = w1.to(dtype), shift2.to(dtype), (w1 * scale[:, None, None]).to(dtype), block.conv2.weight.to(dtype)
-    if block.shortcut is None:
-        return scale.to(dtype), shift.to(dtype), *convs, None, None
-    projection = block.shortcut.weight.flatten(1)
-    return scale.to(dtype), shift.to(dtype), *convs, projection.to(dtype), (projection * scale).to(dtype)
+    skip = (None, None)
+    if block.shortcut is not None:
+        projection = block.shortcut.weight.flatten(1)
+        skip = projection.to(dtype), (projection * scale).to(dtype)
+    return scale.to(dtype), shift.to(dtype), *convs, *skip
 
 
 def preact_tensors(block: nn.Module) -> tuple[torch.Tensor, ...]:
     """What `fold_preact` depends on."""
     skip = () if block.shortcut is None else (block.shortcut.weight,)
     return (*bn_tensors(block.bn1), block.conv1.weight, *bn_tensors(block.bn2), block.conv2.weight, *skip)
-
-
-def matrix(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last [n, c, h, w] tensor as the [n * h * w, c] matrix view of its memory."""
-    return pixels(t).view(-1, t.shape[1])
 
 
 class PreactBlock(torch.autograd.Function):
@@ -264,7 +266,8 @@ class PreactBlock(torch.autograd.Function):
 
 def input_gradient(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int) -> torch.Tensor:
     """The gradient at x of F.conv2d(x, weight, None, stride, pad) given grad at its output, as a
-    channels_last tensor of its own."""
+    channels_last tensor of its own (torch.nn.grad.conv2d_input passes oneDNN an expanded
+    placeholder for x, whose layout is not channels_last)."""
     args = (weight, None, (stride, stride), (pad, pad), (1, 1), False, (0, 0), 1, (True, False, False))
     return torch.ops.aten.convolution_backward(grad, x, *args)[0].contiguous(memory_format=torch.channels_last)
 
