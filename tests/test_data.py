@@ -152,6 +152,7 @@ def test_tiny_imagenet_refuses_other_sizes(tmp_path):
         load_split("tinyimagenet", "train", tmp_path)
 
 
+@pytest.mark.slow
 def test_train_on_tiny_imagenet_end_to_end(tmp_path, capsys):
     """64x64 inputs, 200 classes: the model is built for the data and its FLOPs counted at 64."""
     from scaler.cost import count

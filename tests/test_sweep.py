@@ -90,6 +90,7 @@ def test_sweep_four_architectures_then_a_rerun_trains_nothing(ray_local, tmp_pat
     assert "batch_size: 256 then, 128 now" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_trial_is_retried_and_resumes_from_its_last_pt(ray_local, tmp_path, capsys):
     space = space_file(tmp_path, "[1, 1, 1]")
     study = tmp_path / "study"
@@ -125,6 +126,7 @@ def test_a_worker_killed_mid_trial_is_retried_and_resumes_from_its_last_pt(ray_l
     assert [r["epoch"] for r in row.history] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_as_failed_while_the_others_finish(ray_local, tmp_path):
     space = space_file(tmp_path, "[1, 1, [1, 2]]")
     study = tmp_path / "study"
