@@ -221,6 +221,73 @@ def test_autoattack_runs_inside_the_emitted_constant_folds(monkeypatch):
     assert entered == [model]
 
 
+@pytest.mark.parametrize("version", ["compact", "standard"])
+def test_autoattack_calls_per_batch_are_what_the_progress_bar_expects(version, monkeypatch):
+    """The bar's share of a batch is counted model calls over `attack_calls`: equal when no point
+    is fooled (eps tiny), so a batch's bar ends where its work does (fewer steps and queries than
+    AutoAttack's, to stay fast; the formula takes them as parameters)."""
+    from pyautoattack import AutoAttack
+
+    from trainers import attacks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(6, 3, 8, 8)
+    y = model(x).argmax(1)
+    names = ["apgd-ce", "apgd-t"] + (["fab-t", "square"] if version == "standard" else [])
+    aa = AutoAttack(model, eps=1e-6, norm="Linf", seed=0, version="custom", attacks=names, device=x.device)
+    aa.verbose = False
+    aa.apgd.n_iter, aa.apgd.n_restarts, aa.apgd.eot_iter = 7, 2, 2
+    aa.apgd_targeted.n_iter, aa.apgd_targeted.n_target_classes = 5, 3
+    aa.fab.n_iter, aa.fab.n_target_classes, aa.square.n_queries, aa.square.n_restarts = 4, 2, 30, 2
+    seen, wrap = [], attacks._AutoAttackProgress._wrap
+
+    def counting(self, perturb, label, name, attack):
+        inner = wrap(self, perturb, label, name, attack)
+
+        def run(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            seen.append((label, self.calls, attacks.attack_calls(name, attack)))
+            return out
+
+        return run
+
+    monkeypatch.setattr(attacks._AutoAttackProgress, "_wrap", counting)
+    bars = attacks._AutoAttackProgress(aa, model, x, y, 6)
+    aa.run_standard_evaluation(x, y, batch_size=6)
+    bars.remove()
+    labels = ["APGD-CE", "APGD-T"] + (["FAB-T", "Square"] if version == "standard" else [])
+    assert [label for label, _, _ in seen] == labels
+    assert all(calls == expected > 10 for _, calls, expected in seen), seen
+
+
+def test_autoattack_progress_moves_within_a_single_batch(monkeypatch):
+    from pyautoattack import AutoAttack
+
+    from trainers import attacks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(8, 3, 8, 8)
+    y = model(x).argmax(1)
+    aa = AutoAttack(model, eps=1e-6, norm="Linf", seed=0, version="custom", attacks=["apgd-ce"], device=x.device)
+    aa.verbose, aa.apgd.n_iter, aa.apgd.n_restarts = False, 60, 1
+    positions, tick = [], attacks._AutoAttackProgress._tick
+
+    def record(self, module, args):
+        tick(self, module, args)
+        if self.batch is not None:
+            positions.append(self.bar.n)
+
+    monkeypatch.setattr(attacks._AutoAttackProgress, "_tick", record)
+    bars = attacks._AutoAttackProgress(aa, model, x, y, 250)
+    aa.run_standard_evaluation(x, y, batch_size=250)
+    assert bars.bar.n == 8  # the whole batch once it returns
+    bars.remove()
+    assert positions == sorted(positions) and 3 < positions[len(positions) // 2] < 5 and max(positions) <= 0.99 * 8
+    assert len(set(positions)) == len(positions) == 62  # it moves with every call, not once per batch
+
+
 def test_autoattack_progress_shows_a_bar_per_attack_and_changes_nothing(capsys):
     from trainers.attacks import autoattack
 

@@ -243,14 +243,17 @@ def autoattack(
         finally:
             logger.removeHandler(handler)
             if bars is not None:
-                bars.close()
+                bars.remove()
     return x_adv.detach(), handler.messages
 
 
 class _AutoAttackProgress:
     """A progress bar per AutoAttack attack, with its ETA, on stderr. Each attack runs only on the
     points still robust, so its bar's total is that count, known when the attack starts: clean-correct
-    points minus those the earlier attacks fooled. Wraps the attacks' `perturb`; results are unchanged."""
+    points minus those the earlier attacks fooled. Within a batch the bar moves with the model's calls,
+    as a share of the calls the attack makes on a batch nobody fools early (`attack_calls`), so a
+    single batch (at most `batch_size` points) shows an ETA too. Wraps the attacks' `perturb` and
+    counts calls with a forward pre-hook; results are unchanged."""
 
     ATTACKS = {"apgd": "APGD-CE", "apgd_targeted": "APGD-T", "fab": "FAB-T", "square": "Square"}
 
@@ -259,24 +262,42 @@ class _AutoAttackProgress:
             preds = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
         self.robust = int((preds == y).sum())
         self.model, self.bar, self.current = model, None, None
+        self.batch: tuple[float, int, int] | None = None  # (bar position at its start, points, calls expected)
+        self.calls = 0
         for attr, label in self.ATTACKS.items():
             attack = getattr(aa, attr, None)
             if attack is not None:
-                attack.perturb = self._wrap(attack.perturb, label)
+                attack.perturb = self._wrap(attack.perturb, label, attr, attack)
+        self.hook = model.register_forward_pre_hook(self._tick)
 
-    def _wrap(self, perturb, label: str):
+    def _wrap(self, perturb, label: str, name: str, attack):
         def run(x, y, *args, **kwargs):
             if self.current != label:
                 self._open(label)
-            adv = perturb(x, y, *args, **kwargs)
+            # AutoAttack sets an attack's settings (FAB's `targeted`) only when it starts that attack
+            self.batch, self.calls = (self.bar.n, len(y), attack_calls(name, attack)), 0
+            try:
+                adv = perturb(x, y, *args, **kwargs)
+            finally:
+                start = self.batch[0]
+                self.batch = None
             with torch.no_grad():
                 fooled = int((self.model(adv).argmax(1) != y).sum())
             self.robust -= fooled
-            self.bar.update(len(y))
+            self.bar.update(start + len(y) - self.bar.n)
             self.bar.set_postfix(robust=self.robust)
             return adv
 
         return run
+
+    def _tick(self, module, args) -> None:
+        if self.batch is None:
+            return
+        start, points, expected = self.batch
+        self.calls += 1
+        position = start + points * min(self.calls / expected, 0.99)  # the rest when the batch returns
+        if position > self.bar.n:
+            self.bar.update(position - self.bar.n)
 
     def _open(self, label: str) -> None:
         import sys
@@ -285,9 +306,36 @@ class _AutoAttackProgress:
 
         self.close()
         self.current = label
-        self.bar = tqdm(total=self.robust, desc=f"AutoAttack {label}", unit="pt", leave=False, file=sys.stderr)
+        self.bar = tqdm(
+            total=self.robust,
+            desc=f"AutoAttack {label}",
+            unit="pt",
+            leave=False,
+            file=sys.stderr,
+            smoothing=0,  # the rate since the start: an attack's calls vary in cost, so recent rates jump
+            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+        )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def remove(self) -> None:
+        self.close()
+        self.hook.remove()
+
+
+def attack_calls(name: str, attack) -> int:
+    """The model calls pyautoattack's attack `name` makes on one batch that none of its restarts or
+    target classes fools early (fewer when they do): each perturb one prediction first; per run APGD
+    a gradient at its start and one per iteration, each `eot_iter` times (APGD-T one prediction more,
+    for its target); FAB a gradient and a prediction per iteration plus three; Square one query per
+    iteration plus two."""
+    if name == "square":
+        return 1 + attack.n_restarts * (attack.n_queries + 2)
+    targeted = name == "apgd_targeted" or (name == "fab" and attack.targeted)
+    runs = attack.n_restarts * (attack.n_target_classes if targeted else 1)
+    if name == "fab":
+        return 1 + runs * (2 * attack.n_iter + 3)
+    return 1 + runs * ((1 + attack.n_iter) * attack.eot_iter + targeted)
