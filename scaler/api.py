@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from scaler.errors import ScalerError
-from scaler.spec import ArchSpec
+from scaler.spec import BOTTLENECK_KNOBS, ArchSpec, refuse_bottleneck_knobs
 
 ModelRef = "str | ArchSpec | dict"
 
@@ -34,7 +34,9 @@ def get_spec(model: str | ArchSpec | dict, **changes) -> ArchSpec:
     else:
         raise ScalerError(f"a model is a preset name, an ArchSpec or a spec dict, not {type(model).__name__}")
     changes = {k: v for k, v in changes.items() if v is not None}
-    return replace(spec, **changes) if changes else spec
+    spec = replace(spec, **changes) if changes else spec
+    refuse_bottleneck_knobs(spec, [k for k in BOTTLENECK_KNOBS if k in changes])  # given, if at their defaults
+    return spec
 
 
 def count(model: str | ArchSpec | dict):

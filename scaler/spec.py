@@ -148,6 +148,14 @@ def check_norm(norm: str, channels: int, where: str) -> None:
         )
 
 
+def refuse_bottleneck_knobs(spec: ArchSpec, names: list[str]) -> None:
+    """One line for bottleneck knobs given to a spec without a bottleneck stage (they would change nothing)."""
+    if names and not any(k.bottleneck for k in spec.knobs):
+        flags = ", ".join(f"--{a.replace('_', '-')}" for a in names)
+        verb = "applies" if len(names) == 1 else "apply"
+        raise ScalerError(f"{flags} {verb} to the bottleneck blocks (robust, robust-post); no stage has one")
+
+
 def check_stages(knobs: tuple[StageKnobs, ...], stem: int, planes: tuple[int, ...]) -> None:
     """Refuse residual stages their knobs cannot build: planes under `min_planes`, an SE with no
     hidden unit, a GroupNorm that does not divide its channels. Cached per stage: the solver calls
@@ -356,11 +364,7 @@ class ArchSpec:
                 if attr == "kernel_size" and v not in KERNEL_SIZES:
                     raise ScalerError(f"--kernel-size must be one of {', '.join(map(str, KERNEL_SIZES))}, got {v}")
         knobs = self.knobs
-        if not any(k.bottleneck for k in knobs):
-            changed = [a for a in BOTTLENECK_KNOBS if getattr(self, a) != _DEFAULTS[a]]
-            if changed:
-                flags = ", ".join(f"--{a.replace('_', '-')}" for a in changed)
-                raise ScalerError(f"{flags} apply to the bottleneck blocks (robust, robust-post); no stage has one")
+        refuse_bottleneck_knobs(self, [a for a in BOTTLENECK_KNOBS if getattr(self, a) != _DEFAULTS[a]])
         if self.family == "resnet":
             check_stages(knobs, self.stem, self.planes)
 

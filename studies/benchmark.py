@@ -113,7 +113,17 @@ class Benchmark:
     # ------------------------------------------------------------------ lookups
     def row(self, arch: Mapping | tuple | list) -> int:
         """Row of an architecture given as {'D1': 4, ...} or as a tuple in `keys` order."""
-        key = tuple(float(arch[k]) for k in self.keys) if isinstance(arch, Mapping) else tuple(map(float, arch))
+        if isinstance(arch, Mapping):
+            missing, unknown = [k for k in self.keys if k not in arch], [k for k in arch if k not in self.keys]
+            if missing or unknown:
+                wrong = f"lacks {', '.join(missing)}" if missing else f"has no {', '.join(unknown)} here"
+                shown = ",".join(f"{k}={v}" for k, v in arch.items())
+                raise ScalerError(f"architecture {shown} {wrong}: give {', '.join(self.keys)} (in {self.source})")
+            key = tuple(float(arch[k]) for k in self.keys)
+        else:
+            key = tuple(map(float, arch))
+            if len(key) != len(self.keys):
+                raise ScalerError(f"architecture {key} has {len(key)} values; {self.source} has {', '.join(self.keys)}")
         if key not in self._index:
             shown = ", ".join(f"{k}={_num(v)}" for k, v in zip(self.keys, key))
             raise ScalerError(f"architecture {shown} is not in {self.source}")

@@ -56,6 +56,11 @@ def _scores(archs: np.ndarray, params: np.ndarray, rng: np.random.Generator) -> 
     return 33.0 + capacity + shape + rng.normal(0, 0.25, len(archs))
 
 
+def accuracy(values: np.ndarray) -> np.ndarray:
+    """Invented accuracies kept to percentages."""
+    return np.clip(values, 0.0, 100.0)
+
+
 def _curves(peak: np.ndarray, epochs: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """(n, epochs) histories with a step schedule at 75% and 90% and robust overfitting after it."""
     n = len(peak)
@@ -67,8 +72,9 @@ def _curves(peak: np.ndarray, epochs: int, rng: np.random.Generator) -> dict[str
     shape = (0.86 * warm + 0.14 * np.minimum(phase, 1.0))[None, :]  # 1.0 right after the first decay
     drift = rng.uniform(1.5, 3.5, (n, 1)) * overfit[None, :]
     cw = peak[:, None] * shape - drift - 1.2 + rng.normal(0, 0.25, (n, epochs))
-    pgd = cw + 1.2 + rng.normal(0, 0.15, (n, epochs))
-    clean = 2.0 * peak[:, None] * shape - 0.5 * drift + rng.normal(0, 0.3, (n, epochs))
+    pgd = accuracy(cw + 1.2 + rng.normal(0, 0.15, (n, epochs)))
+    clean = accuracy(2.0 * peak[:, None] * shape - 0.5 * drift + rng.normal(0, 0.3, (n, epochs)))
+    cw = accuracy(cw)  # the first epochs start near 0, where the noise alone would go below
     train_acc = np.clip(clean + 10 + 25 * overfit[None, :] * rng.uniform(0.6, 1.0, (n, 1)), 0, 100)
     train_loss = 2.3 * (1 - train_acc / 100) + 0.05
     return {
@@ -77,11 +83,11 @@ def _curves(peak: np.ndarray, epochs: int, rng: np.random.Generator) -> dict[str
         "val_loss": 1.8 - clean / 100 + 0.2 * overfit[None, :],
         "val_acc": clean,
         "pgd": pgd,
-        "pgd_stable": pgd - 2.0,
+        "pgd_stable": accuracy(pgd - 2.0),
         "pgd_lip": 2.0 + 0.02 * (100 - pgd),
         "pgd_loss": 2.5 - pgd / 50,
         "cw": cw,
-        "cw_stable": cw - 2.0,
+        "cw_stable": accuracy(cw - 2.0),
         "cw_lip": 2.1 + 0.02 * (100 - cw),
         "cw_loss": 2.6 - cw / 50,
     }

@@ -84,6 +84,7 @@ def test_zoo_lists_everything_and_explains_wrn_28_10(capsys):
         (["count", "--block", "basic", "--depths", "1,1,1", "--widths", "1,1,1", "--kernel-size", "4"], "1, 3, 5, 7"),
         (["count", "--block", "basic,robust", "--depths", "1,1,1", "--widths", "1,1,1"], "1 or 3 values"),
         (["count", "--block", "basic", "--depths", "1,1,1", "--widths", "1,1,1", "--se", "none"], "bottleneck"),
+        (["count", "--block", "basic", "--depths", "1,1,1", "--widths", "1,1,1", "--se", "residual"], "--se applies"),
         (["count", "--block", "robust", "--depths", "1,1,1", "--widths", "1,1,1", "--se", "x"], "unknown se"),
         (["count", "--block", "vgg", "--depths", "1,1,2,2,2", "--widths", "1,1,1"], "--channels"),
         (["count", "--block", "basic", "--depths", "1,1,1", "--widths", "1,1,1", "--norm", "a,b,c,d,e,f"], "one per"),

@@ -71,6 +71,8 @@ def test_lipschitz_from_an_eval_json(tmp_path):
         (["plot", "pareto", "x.jsonl", "-o", "a.jpg"], "must end in .png, .svg or .pdf"),
         (["plot", "pareto", "missing.jsonl", "-o", "a.png"], "not found"),
         (["plot", "curves", "B", "-o", "a.png", "--arch", "D1:4"], "write it as D1=4"),
+        (["plot", "curves", "B", "-o", "a.png", "--arch", "D1=4"], "lacks W1, D2, W2, D3, W3: give D1, W1"),
+        (["plot", "curves", "B", "-o", "a.png", "--arch", "D1=4,W1=8,D2=4,W2=8,D3=4,W3=8,X=2"], "has no X here"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, bench_file, args, message):
@@ -106,3 +108,15 @@ def test_curves_and_lipschitz_of_a_trained_digits_run(tmp_path):
         out = tmp_path / f"{kind}.png"
         assert main(["plot", kind, str(run), "-o", str(out), "--n", "32"]) == 0
         _valid(out, "png")
+
+
+def test_synthetic_accuracies_stay_percentages():
+    """Its histories start near 0 at epoch 0, where noise alone went below it (curves drew val_acc < 0)."""
+    records = generate(seed=0, epochs=100, limit=300)
+    train = [r["train"][0] for r in records]
+    for key in ("val_acc", "train_acc", "pgd", "pgd_stable", "cw", "cw_stable"):
+        values = [v for t in train for v in t[key]]
+        assert 0 <= min(values) and max(values) <= 100, key
+    assert min(t["val_acc"][0] for t in train) < 5  # the start near chance that made it go below 0
+    tests = [v for r in records for k, v in r["test_best"][0].items() if k.endswith(("_acc", "_stable"))]
+    assert 0 <= min(tests) and max(tests) <= 100

@@ -110,7 +110,7 @@ def test_old_spec_json_without_knobs_loads_as_the_published_model():
         ({"block": "robust", "se_reduction": 128}, "no hidden unit"),
         ({"block": "robust", "se": "identity", "se_reduction": 32}, "identity SE"),
         ({"block": "robust", "base_width": 5}, "planes >= 32"),
-        ({"block": "basic", "scales": 4}, "apply to the bottleneck blocks"),
+        ({"block": "basic", "scales": 4}, "--scales applies to the bottleneck blocks"),
         ({"kernel_size": 4}, "one of 1, 3, 5, 7"),
         ({"norm": "weight"}, "unknown norm"),
         ({"se": "squeeze"}, "unknown se"),
@@ -126,3 +126,15 @@ def test_knob_validation_messages(kwargs, message):
     base = {"block": "basic", "depths": (1, 1, 1), "planes": (16, 32, 64)}
     with pytest.raises(ScalerError, match=message):
         ArchSpec(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("knobs", [{"se": "residual"}, {"scales": 8, "se_reduction": 64}])
+def test_bottleneck_knobs_given_at_their_defaults_to_a_basic_spec_are_refused(knobs):
+    """A spec cannot tell a default from a value given; get_spec (the API and the CLI) can."""
+    import scaler
+
+    base = {"block": "basic", "depths": [1, 1, 1], "planes": [16, 32, 64]}
+    with pytest.raises(ScalerError, match="to the bottleneck blocks"):
+        scaler.get_spec(base, **knobs)
+    robust = scaler.get_spec({**base, "block": ["basic", "robust", "basic"]}, **knobs)
+    assert robust.se == "residual" and robust.scales == 8
