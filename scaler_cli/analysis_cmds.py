@@ -285,6 +285,12 @@ def _print_analysis(r: dict, top: int) -> None:
                     ]
                 )
         print(table(["budget", "rule", "arch (~: nearest measured)", m, "gap", "rank"], rows, right={3, 4, 5}))
+    if r["budgets_unfit"]:
+        budgets = ", ".join(_fmt(b) for b in r["budgets_unfit"])
+        print(
+            f"\nno rule check at {budgets} FLOPs: no architecture with {m} fits "
+            f"(the cheapest measured has {_fmt(r['cheapest_flops'])})"
+        )
 
 
 def _arch_list(texts: list[str] | None):

@@ -202,6 +202,8 @@ def analyze(bench, metric: str | None = None, budgets=None, fraction: float = 0.
         },
         "r_d": rd_profile(rd, acc),
         "rules": rule_check(bench, acc, budgets),
+        "budgets_unfit": [b for b in budgets_for(bench, budgets) if not ((flops <= b) & np.isfinite(acc)).any()],
+        "cheapest_flops": float(np.nanmin(np.where(np.isfinite(acc), flops, np.nan))),
     }
 
 

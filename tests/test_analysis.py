@@ -105,8 +105,15 @@ def test_cli_analyze_prints_every_table_and_json(capsys, tmp_path):
         "Rule check",
     ):
         assert heading in out
+    assert "no rule check" not in out
+    assert main(["analyze", str(path), "--budgets", "1K,5G"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "5.000G  best measured" in out and "no rule check at 1.000K FLOPs: no architecture with test_aa_acc fits" in out
+    )
     assert main(["analyze", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
+    assert data["budgets_unfit"] == [] and data["cheapest_flops"] == min(r["MACs"] for r in _wrn_space(lambda d, w: 0))
     assert data["metric"] == "test_aa_acc" and data["kendall"]["total_width"] < 0
     assert main(["analyze", str(path), "--metric", "test_fgsm_acc"]) == 2
     assert "has no test_fgsm_acc values" in capsys.readouterr().err
