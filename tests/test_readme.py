@@ -120,3 +120,13 @@ def test_training_readme_commands_run_with_small_settings(tmp_path):
         commands.append(command)
     run_all(commands, work, env={**os.environ, "HOME": str(home)})
     assert (work / "runs" / "a1" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_the_python_api_example_runs_as_written(tmp_path):
+    """The README's first python block (its API tour), as written, in an empty directory."""
+    api = readme_blocks("python")[0]
+    assert "trainers.train(" in api
+    done = subprocess.run([sys.executable, "-c", api], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "wrn_34_10.py").is_file() and (tmp_path / "runs" / "api" / "last.pt").is_file()
