@@ -202,15 +202,20 @@ def arch_text(arch: Mapping) -> str:
     return " ".join(f"{k}={v}" for k, v in arch.items())
 
 
+NOT_OBJECTIVES = ("macs", "params", "best_epoch", "training_time")  # costs and bookkeeping, not accuracies
+
+
 def objective_metric(metric: str) -> str:
     """`metric` if a search may optimise it; test metrics are refused with one line."""
-    _check_metric(metric)
+    objectives = [m for m in METRICS if not m.startswith("test_") and m not in NOT_OBJECTIVES]
+    if metric not in METRICS:
+        raise ScalerError(f"unknown metric {metric!r}; a search optimises one of {', '.join(objectives)}")
     if metric.startswith("test_"):
         raise ScalerError(
             f"{metric} is a test metric; a search may only see validation and training metrics "
             "(e.g. val_pgd_acc, val_cw_acc, val_clean_acc)"
         )
-    if metric in ("macs", "params", "best_epoch", "training_time"):
+    if metric in NOT_OBJECTIVES:
         raise ScalerError(f"{metric} is not an objective; optimise a validation metric such as val_pgd_acc")
     return metric
 

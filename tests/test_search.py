@@ -66,6 +66,12 @@ def test_objective_refuses_test_metrics(bench, metric):
     assert "\n" not in str(exc.value)
 
 
+def test_an_unknown_objective_lists_only_what_a_search_may_optimise():
+    with pytest.raises(ScalerError, match="a search optimises one of train_acc") as exc:
+        benchmark.objective_metric("val_pgd")
+    assert "val_cw_acc" in str(exc.value) and "test_" not in str(exc.value) and "macs" not in str(exc.value)
+
+
 def test_reader_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(record({"D1": 4}, 1.0)) + "\n{oops\n")
