@@ -48,9 +48,10 @@ def zoo(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")
         print(json.dumps([_preset_payload(p.spec, p) for p in PRESETS.values()], indent=2))
         return
     rows, notes = [], []
+    pad = "  " if any(p.note for p in PRESETS.values()) else ""  # keeps the column's digits aligned
     for p in PRESETS.values():
         c = scaler.count(p.spec)
-        mark = " *" if p.note else ""
+        mark = " *" if p.note else pad
         rows.append(
             [
                 p.name,
