@@ -407,7 +407,10 @@ def test_import_eval_finetune_export_through_the_cli(capsys, tmp_path, tiny_wrn)
     tuned = torch.load(ft / "last.pt", weights_only=True)["model"]
     assert torch.allclose(tuned["stem.weight"], state["conv1.weight"], atol=1e-9)  # started from the import
     assert json.loads((ft / "config.json").read_text())["init_from"] == str(run_dir.resolve())
-    _one_line(*run(capsys, "train", "--init-from", run_dir, "wrn-a1", "--out", tmp_path / "x"), "does not fit")
+    _one_line(
+        *run(capsys, "train", "--init-from", run_dir, "wrn-a1", "--dataset", "digits", "--out", tmp_path / "x"),
+        "does not fit",
+    )
     _one_line(*run(capsys, "train", "--init-from", tmp_path / "nope", "--out", tmp_path / "x"), "no such run directory")
 
     exported = tmp_path / "rb.pt"

@@ -49,6 +49,23 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path
     assert (out / "last.pt").is_file() and not (out / checkpoint.LOCK_NAME).exists()
 
 
+def test_a_second_run_into_a_live_run_not_yet_checkpointed_is_told_it_is_in_use(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(epochs=1), out, progress=False, stop_after=0)  # as a run before its first checkpoint
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / checkpoint.LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename}))
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(ScalerError, match=f"in use by process {holder.pid}"):
+            train(tiny_config(epochs=1), out, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ScalerError, match="pass --resume to start it again"):  # a stale lock: as before
+        train(tiny_config(epochs=1), out, progress=False)
+
+
 def test_resume_is_refused_while_the_run_is_owned(tmp_path):
     out = tmp_path / "run"
     train(tiny_config(epochs=1), out, progress=False)
@@ -114,7 +131,50 @@ def test_broken_model_files_are_one_line(tmp_path, capsys, name):
     code, _, err = run(capsys, "train", path, "--dataset", "synthetic", "--out", tmp_path / "r")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert message.format(path=path) in err
-    assert not (tmp_path / "r").exists() or list((tmp_path / "r").iterdir()) == []
+    assert not (tmp_path / "r").exists()
+
+
+MODEL_FILE = "import torch\ndef build_model(num_classes=10):\n    return torch.nn.Linear(3, num_classes)\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "foo"], "unknown dataset 'foo'"),
+        (["--dataset", "cifar10"], "cifar10 needs --data-dir"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "data directory /nonexistent does not exist"),
+        (["--dataset", "cifar10", "--data-dir", "{tmp}"], "cifar10 not found"),
+        (["--dataset", "cifar10.1", "--data-dir", "{tmp}"], "only a test split"),
+        (["--dataset", "digits", "--val", "cifar10.1"], "CIFAR-10.1 validation applies to --dataset cifar10"),
+        (["--dataset", "digits", "--val", "nope"], "unknown validation set"),
+        (["{model}", "--dataset", "tinyimagenet", "--data-dir", "{tmp}"], "tinyimagenet"),
+    ],
+)
+def test_refused_dataset_settings_create_no_run_directory(tmp_path, capsys, args, message):
+    (tmp_path / "model.py").write_text(MODEL_FILE)
+    arch = [] if "{model}" in args else ["--block", "basic", "--depths", "1,1,1", "--widths", "2,2,2"]
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(tmp_path / "model.py")) for a in args]
+    out = tmp_path / "runs" / "e3"
+    code, _, err = run(capsys, "train", *arch, "--epochs", "1", *args, "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_data_refused_once_opened_removes_only_the_directories_this_run_created(tmp_path, capsys):
+    from tests_support import write_cifar10
+
+    write_cifar10(tmp_path / "data", corrupt="data_batch_3")
+    args = ["train", *TINY_ARGS, "--dataset", "cifar10", "--data-dir", tmp_path / "data"]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "other").write_text("keep me")
+    code, _, err = run(capsys, *args, "--out", tmp_path / "runs" / "new" / "e3")
+    assert code == 2 and "corrupt CIFAR file" in err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["other"]  # runs/new and runs/new/e3 gone
+    (tmp_path / "runs" / "empty").mkdir()
+    code, _, err = run(capsys, *args, "--out", tmp_path / "runs" / "empty")
+    assert code == 2 and "corrupt CIFAR file" in err
+    assert (tmp_path / "runs" / "empty").is_dir()  # it was there before: kept
+    assert (tmp_path / "runs" / "other").read_text() == "keep me"
 
 
 def test_a_model_file_without_num_classes_is_called_without_it(tmp_path):

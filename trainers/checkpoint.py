@@ -107,12 +107,9 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
-                if owner is not None and self._alive(owner):
-                    raise ScalerError(
-                        f"{self.path.parent} is in use by process {owner.get('pid')} on {owner.get('host')}; "
-                        f"wait for it to finish (or remove {self.path} if that process is gone)"
-                    ) from None
+                fd = None
+            if fd is None:
+                self.check()
                 self.path.unlink(missing_ok=True)  # stale: its owner died
                 continue
             with os.fdopen(fd, "w") as fh:
@@ -120,6 +117,16 @@ class RunLock:
             self.held = True
             return
         raise ScalerError(f"cannot lock {self.path.parent}: another process keeps taking it")
+
+    def check(self) -> None:
+        """Refuse (without taking the lock) a directory a live process owns; a missing, unreadable
+        or stale lock passes."""
+        owner = self._owner()
+        if owner is not None and self._alive(owner):
+            raise ScalerError(
+                f"{self.path.parent} is in use by process {owner.get('pid')} on {owner.get('host')}; "
+                f"wait for it to finish (or remove {self.path} if that process is gone)"
+            )
 
     def release(self) -> None:
         if self.held:

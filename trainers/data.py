@@ -8,6 +8,7 @@ layout (decoded with Pillow), digits from scikit-learn's bundled copy, and `synt
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import tarfile
 from pathlib import Path
@@ -38,8 +39,7 @@ CIFAR101_FILES = ("cifar10.1_v6_data.npy", "cifar10.1_v6_labels.npy")
 
 def load_split(name: str, split: str, data_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One split of a dataset as (float32 N x 3 x 32 x 32 in [0, 1], int64 labels), on the CPU."""
-    if split not in ("train", "test"):
-        raise ScalerError(f"unknown split {split!r}; use train or test")
+    check_split(name, split, data_dir)
     if name in CIFAR_LAYOUT:
         return _load_cifar(name, split, data_dir)
     if name == "tinyimagenet":
@@ -48,11 +48,30 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None) -> tup
         return _load_digits(split)
     if name == "synthetic":
         return _synthetic(split)
-    if name == "cifar10.1":
+    return load_cifar101(data_dir)
+
+
+def check_split(name: str, split: str, data_dir: str | Path | None = None) -> None:
+    """Refuse what `load_split` would refuse before reading a file: an unknown dataset or split, a
+    missing --data-dir, or a data directory without the dataset's files (cheap: nothing is decoded,
+    so a training run checks this before it creates its run directory)."""
+    if split not in ("train", "test"):
+        raise ScalerError(f"unknown split {split!r}; use train or test")
+    if name in CIFAR_LAYOUT:
+        _cifar_sources(name, data_dir)
+    elif name == "tinyimagenet":
+        if importlib.util.find_spec("PIL") is None:
+            raise ScalerError("tinyimagenet needs Pillow to decode its JPEGs (pip install pillow)")
+        _tiny_root(data_dir)
+    elif name == "digits":
+        if importlib.util.find_spec("sklearn") is None:
+            raise ScalerError("the digits dataset needs scikit-learn (pip install scikit-learn)")
+    elif name == "cifar10.1":
         if split != "test":
             raise ScalerError("cifar10.1 has only a test split (use it for validation)")
-        return load_cifar101(data_dir)
-    raise ScalerError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (or cifar10.1)")
+        _cifar101_paths(data_dir)
+    elif name != "synthetic":
+        raise ScalerError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (or cifar10.1)")
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -127,13 +146,8 @@ def _load_cifar(name: str, split: str, data_dir) -> tuple[torch.Tensor, torch.Te
 
 def load_cifar101(data_dir) -> tuple[torch.Tensor, torch.Tensor]:
     """CIFAR-10.1 v6 (2,000 test images, HWC uint8) as a validation set."""
-    if data_dir is None:
-        raise ScalerError(f"cifar10.1 needs --data-dir holding {CIFAR101_FILES[0]} and {CIFAR101_FILES[1]}")
-    root = Path(data_dir).expanduser()
-    paths = [root / f for f in CIFAR101_FILES]
-    for p in paths:
-        if not p.is_file():
-            raise ScalerError(f"cifar10.1: expected file {p} is missing")
+    paths = _cifar101_paths(data_dir)
+    root = paths[0].parent
     try:
         data, labels = (np.load(p, allow_pickle=False) for p in paths)
     except Exception as exc:
@@ -142,6 +156,17 @@ def load_cifar101(data_dir) -> tuple[torch.Tensor, torch.Tensor]:
         raise ScalerError(f"corrupt CIFAR-10.1 data: {data.shape} {data.dtype}, {len(labels)} labels")
     images = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).float().div_(255).contiguous()
     return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def _cifar101_paths(data_dir) -> list[Path]:
+    if data_dir is None:
+        raise ScalerError(f"cifar10.1 needs --data-dir holding {CIFAR101_FILES[0]} and {CIFAR101_FILES[1]}")
+    root = Path(data_dir).expanduser()
+    paths = [root / f for f in CIFAR101_FILES]
+    for p in paths:
+        if not p.is_file():
+            raise ScalerError(f"cifar10.1: expected file {p} is missing")
+    return paths
 
 
 # --------------------------------------------------------------------------- Tiny-ImageNet

@@ -16,7 +16,7 @@ from scaler.builder import build_from_source
 from scaler.errors import Interrupted, ScalerError
 from trainers import checkpoint
 from trainers.config import TrainConfig
-from trainers.data import NUM_CLASSES, holdout, load_cifar101, load_split
+from trainers.data import NUM_CLASSES, check_split, holdout, load_cifar101, load_split
 from trainers.distributed import barrier, dist_info, init_distributed
 from trainers.loop import RunState, run_epochs
 from trainers.losses import WarLambda
@@ -94,19 +94,28 @@ def model_source(cfg: TrainConfig) -> str:
     return path.read_text()
 
 
-def load_data(cfg: TrainConfig, device):
-    """((x_train, y_train), (x_val, y_val)) on `device`."""
-    x, y = load_split(cfg.dataset, "train", cfg.data_dir)
+def check_data(cfg: TrainConfig) -> None:
+    """Refuse dataset settings `load_data` would refuse for want of the data (unknown dataset or
+    validation set, missing --data-dir or dataset files) without reading it."""
+    if cfg.val not in ("holdout", "cifar10.1"):
+        raise ScalerError(f"unknown validation set {cfg.val!r}; use holdout or cifar10.1")
+    check_split(cfg.dataset, "train", cfg.data_dir)
     if cfg.val == "cifar10.1":
         if cfg.dataset != "cifar10":
             raise ScalerError("CIFAR-10.1 validation applies to --dataset cifar10")
+        check_split("cifar10.1", "test", cfg.data_dir)
+
+
+def load_data(cfg: TrainConfig, device):
+    """((x_train, y_train), (x_val, y_val)) on `device`."""
+    check_data(cfg)
+    x, y = load_split(cfg.dataset, "train", cfg.data_dir)
+    if cfg.val == "cifar10.1":
         xv, yv = load_cifar101(cfg.data_dir)
         train_xy = (x, y)
-    elif cfg.val == "holdout":
+    else:
         n_val = cfg.val_size or (1000 if len(y) > 20000 else max(1, len(y) // 10))
         train_xy, (xv, yv) = holdout(x, y, n_val, seed=cfg.seed)
-    else:
-        raise ScalerError(f"unknown validation set {cfg.val!r}; use holdout or cifar10.1")
     xv, yv = xv[: cfg.val_n], yv[: cfg.val_n]
     return (train_xy[0].to(device), train_xy[1].to(device)), (xv.to(device), yv.to(device))
 
@@ -140,27 +149,59 @@ def _run(cfg, out: Path, *, resuming: bool, progress, stop_after, distributed, e
     if cfg.batch_size % world:
         raise ScalerError(f"--batch-size {cfg.batch_size} must divide evenly across {world} processes")
     has_ckpt = resuming and (out / "last.pt").is_file()
+    lock = checkpoint.RunLock(out)
     if not resuming:
+        lock.check()  # a directory a live run owns is named as such, whatever it holds
         _check_new_dir(out)
+    # Refuse bad input before the run directory exists: a refused run creates nothing.
+    check_data(cfg)
+    source = None if resuming else model_source(cfg)
+    if not resuming:
         barrier(world)  # every rank checks before rank 0 writes anything
 
-    lock = checkpoint.RunLock(out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+    created = _missing_dirs(out) if rank == 0 else []
     try:
-        if not resuming:
-            _check_new_dir(out)  # again, now that we own it: a concurrent run may have filled it
-            if cfg.war_calibrate and cfg.war_zeta is None:
-                from trainers.war_calibration import calibrate_war
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        try:
+            if not resuming:
+                _check_new_dir(out)  # again, now that we own it: a concurrent run may have filled it
+                if cfg.war_calibrate and cfg.war_zeta is None:
+                    from trainers.war_calibration import calibrate_war
 
-                lock.release()  # the calibration run locks its own sub-directory
-                cfg.war_zeta = calibrate_war(cfg, out, progress=progress)
-                lock.acquire()
-        source = (out / "model.py").read_text() if resuming else model_source(cfg)
-        return _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, device, progress, stop_after)
-    finally:
-        lock.release()
+                    lock.release()  # the calibration run locks its own sub-directory
+                    cfg.war_zeta = calibrate_war(cfg, out, progress=progress)
+                    lock.acquire()
+            if resuming:
+                source = (out / "model.py").read_text()
+            return _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, device, progress, stop_after)
+        finally:
+            lock.release()
+    except BaseException:
+        # Refused once the data or model could only be opened (a corrupt file, a model file that
+        # fails to build): remove the directories this call created, if nothing was written there.
+        _remove_empty(created)
+        raise
+
+
+def _missing_dirs(out: Path) -> list[Path]:
+    """`out` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (out, *out.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """rmdir (never anything else) the directories in `created`, deepest first, while they are empty."""
+    for path in created:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (the run wrote something), or gone: keep the rest
+            return
 
 
 def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, device, progress, stop_after) -> dict:
