@@ -97,14 +97,13 @@ def _tabular(benchmark, algo, queries, runs, seed, metric, workers) -> dict:
 
 
 def _live(space_ref, out, algo, queries, runs, seed, metric, recipe, train_opts, o) -> dict:
-    import signal
     import sys
 
     from studies.benchmark import load
     from studies.live import live_search, remap
     from studies.search import summarize
     from studies.spaces import load_space
-    from studies.sweep import SweepOptions
+    from studies.sweep import SweepOptions, stop_on_sigterm
     from trainers.evaluation import parse_attacks
 
     if not out:
@@ -124,18 +123,18 @@ def _live(space_ref, out, algo, queries, runs, seed, metric, recipe, train_opts,
         progress=not o["quiet"],
     )
     announce = None if o["quiet"] else (lambda line: print(line, file=sys.stderr))
-    signal.signal(signal.SIGTERM, _interrupt)
-    results, study, archs = live_search(
-        space, out, cfg, options, algo=algo, queries=queries, runs=runs, seed=seed, metric=metric, announce=announce
-    )
+    how = dict(algo=algo, queries=queries, runs=runs, seed=seed, metric=metric, announce=announce)
+    try:
+        with stop_on_sigterm():  # as `scaler sweep`: SIGTERM stops like Ctrl-C
+            results, study, archs = live_search(space, out, cfg, options, **how)
+    except KeyboardInterrupt as exc:
+        if str(exc):  # the sweep's "stopped: ..." line
+            print(str(exc), file=sys.stderr)
+        raise
     bench = load(out)
     report = summarize(bench, metric, algo, remap(results, archs, bench), queries=queries, seed=seed)
     report.update(live=space.name, space_size=len(space), trained=study.trained, failed=study.failed)
     return report
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _print_search(r: dict) -> None:

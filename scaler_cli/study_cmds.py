@@ -96,9 +96,7 @@ def sweep(
     train_opts: dict = None,
 ) -> None:
     """Train and test every architecture of a space on Ray; results go to STUDY/results.sqlite."""
-    import signal
-
-    from studies.sweep import SweepOptions
+    from studies.sweep import SweepOptions, stop_on_sigterm
     from studies.sweep import sweep as run_sweep
     from trainers.evaluation import parse_attacks
 
@@ -119,9 +117,9 @@ def sweep(
         progress=not quiet,
     )
     announce = None if quiet else (lambda line: print(line, file=sys.stderr))
-    signal.signal(signal.SIGTERM, _interrupt)  # SLURM and schedulers stop jobs with SIGTERM
     try:
-        summary = run_sweep(full, out, cfg, options, arch_ids=[a.arch_id for a in chosen.archs], announce=announce)
+        with stop_on_sigterm():  # SLURM and schedulers stop jobs with SIGTERM: stop as on Ctrl-C
+            summary = run_sweep(full, out, cfg, options, arch_ids=[a.arch_id for a in chosen.archs], announce=announce)
     except KeyboardInterrupt as exc:
         if str(exc):
             print(str(exc), file=sys.stderr)
@@ -137,10 +135,6 @@ def sweep(
             print(f"failed: arch {arch_id}: {line}")
     if summary.failed:
         raise typer.Exit(1)  # scripts notice; the other trials' results are stored
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 @app.command()

@@ -139,9 +139,10 @@ def live_search(
     """Run `runs` searches in turn on one study (later runs reuse what earlier ones measured).
     Returns the runs' results (rows of the space), the study, and the space's archs by row."""
     from studies.benchmark import objective_metric
-    from studies.sweep import _ray_session
+    from studies.sweep import _ray_session, preflight
 
     metric = objective_metric(metric)
+    preflight(config, options)  # bad settings (the dataset's too) before Ray starts
     problem, archs = problem_of_space(space)
     study = Study(space, str(study_dir), config, options, metric, announce)
     study.refresh()

@@ -11,15 +11,21 @@ Guarantees: the driver is the only writer of the store and holds STUDY_DIR/.lock
 directory's own lock is stale whenever the driver submits it, and is cleared); complete trials are
 skipped; a failing attempt (exception, NaN, dead worker or node) is retried up to `retries` times,
 resuming from the trial's last.pt, then recorded as failed with its one-line error while the sweep
-goes on; Ctrl-C cancels the running trials (their last.pt stays) and the next run picks up there.
+goes on; Ctrl-C cancels the running trials (their last.pt stays) and the next run picks up there,
+and so does SIGTERM inside `stop_on_sigterm()` (Ray's own SIGTERM handler does not replace it).
+Bad settings, the dataset's included (`trainers.run.check_data`, as `scaler train` checks them),
+are refused before the study directory is written or Ray started.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,10 +119,7 @@ def sweep(
     from trainers.data import NUM_CLASSES
 
     options = options or SweepOptions()
-    options.validate()
-    config.validate()
-    if options.address:
-        check_reachable(options.address)  # before anything is written
+    preflight(config, options)
     t0 = time.time()
     study = Path(study_dir).resolve()
     archs = list(space.archs) if arch_ids is None else [space.by_id(i) for i in arch_ids]
@@ -160,6 +163,33 @@ def sweep(
         store.close()
 
 
+def preflight(config, options: SweepOptions) -> None:
+    """Refuse bad settings before anything is written or Ray started: the options, the training
+    config and its data (what `scaler train` checks: dataset, --data-dir, --val), the cluster address."""
+    from trainers.run import check_data
+
+    options.validate()
+    config.validate()
+    check_data(config)  # else every trial would fail on it, `retries` times each
+    if options.address:
+        check_reachable(options.address)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (SLURM's and other schedulers' stop) raises KeyboardInterrupt, as Ctrl-C does, while
+    the block runs; the previous handler comes back after it. `_ray_session` keeps it across ray.init."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def json_config(config) -> dict:
     import json
 
@@ -189,6 +219,7 @@ class _ray_session:
             return ray
         env = {"env_vars": {"PYTHONPATH": _worker_pythonpath()}}
         kwargs = dict(runtime_env=env, log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+        caller = _callers_sigterm_handler()
         try:
             if self.address:
                 ray.init(address=self.address, **kwargs)
@@ -197,6 +228,9 @@ class _ray_session:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
             raise ScalerError(f"cannot start {where}: {' '.join(str(exc).split())[:300]}") from None
+        finally:
+            if caller is not None:  # ray.init installs its own SIGTERM handlers (Python's and C++'s): undo
+                signal.signal(signal.SIGTERM, caller)
         self.started = True
         if self.announce:
             res = ray.cluster_resources()
@@ -211,6 +245,14 @@ class _ray_session:
             import ray
 
             ray.shutdown()
+
+
+def _callers_sigterm_handler():
+    """The SIGTERM handler the caller set (e.g. `stop_on_sigterm`), or None where it left the default."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal.signal works on the main thread only
+    handler = signal.getsignal(signal.SIGTERM)
+    return None if handler in (None, signal.SIG_DFL) else handler
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

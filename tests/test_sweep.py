@@ -182,3 +182,37 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_picks_up_where_it_stopped(ray_loc
     assert rc == 0 and summary["complete"] == 1
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3] and lines[0] + "\n" == first.splitlines(True)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["sweep"], ["search", "--live"]], ids=["sweep", "search-live"])
+def test_sigterm_stops_cleanly_like_ctrl_c_and_the_next_run_picks_up_where_it_stopped(
+    ray_local, tmp_path, capsys, command
+):
+    # SLURM and other schedulers stop a job with SIGTERM; Ray's own handler must not take it over.
+    space = space_file(tmp_path, "[1, 1, 1]")
+    study = tmp_path / "study"
+    run = study / "trials" / "1"
+    live = ["--algo", "random", "--queries", "1", "--runs", "1"] if command[0] == "search" else []
+    args = [*command, str(space), "--out", str(study), *live, "--epochs", "3", *FAST, "--quiet"]
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "scaler_cli", *args, "--address", address]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    first = (run / "metrics.jsonl").read_text()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped: 0 trials completed, 1 left" in err and "Traceback" not in err and "SIGTERM" not in err
+    with Store.open(study) as store:
+        assert store.get(1).status == "pending" and store.get(1).attempts == 0
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{\n") :])
+    assert summary["trained" if live else "complete"] == 1
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3] and lines[0] + "\n" == first.splitlines(True)[0]
