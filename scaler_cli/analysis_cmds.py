@@ -51,7 +51,7 @@ def search(
     cpus_per_trial: float = typer.Option(1.0, help="--live: CPUs per trial."),
     max_concurrent: Optional[int] = typer.Option(None, help="--live: most trials at once."),
     retries: int = typer.Option(2, help="--live: retries of a failing trial."),
-    quiet: bool = typer.Option(False, "--quiet", help="--live: no progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     train_opts: dict = None,
 ) -> None:
@@ -78,21 +78,21 @@ def search(
         given = [k for k, v in train_opts.items() if v is not None]
         if out or recipe or given:
             raise ScalerError("--out, --recipe and training options go with --live SPACE")
-        report = _tabular(benchmark, algo, queries, runs, seed, metric, workers)
+        report = _tabular(benchmark, algo, queries, runs, seed, metric, workers, progress=not quiet)
     if as_json:
         print(json.dumps(report, indent=2))
         return
     _print_search(report)
 
 
-def _tabular(benchmark, algo, queries, runs, seed, metric, workers) -> dict:
+def _tabular(benchmark, algo, queries, runs, seed, metric, workers, progress: bool) -> dict:
     from studies.benchmark import load
     from studies.search import Problem, summarize
     from studies.search import search as run_search
 
     bench = load(benchmark)
     problem = Problem.from_benchmark(bench, metric)
-    results = run_search(problem, algo, queries=queries, runs=runs, seed=seed, workers=workers)
+    results = run_search(problem, algo, queries=queries, runs=runs, seed=seed, workers=workers, progress=progress)
     return summarize(bench, metric, algo, results, queries=queries, seed=seed)
 
 

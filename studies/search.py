@@ -291,8 +291,16 @@ def run_one_with(oracle: Oracle, algo: str, seed_seq, settings: Settings = Setti
     }
 
 
+_PROBLEM: Problem | None = None  # a worker process's copy, sent once by `_share`
+
+
+def _share(problem: Problem) -> None:
+    global _PROBLEM
+    _PROBLEM = problem
+
+
 def _job(args) -> dict:
-    return run_one(*args)
+    return run_one(_PROBLEM, *args)
 
 
 def search(
@@ -304,27 +312,47 @@ def search(
     seed: int,
     workers: int | None = None,
     settings: Settings = Settings(),
+    progress: bool = False,
 ) -> list[dict]:
-    """`runs` independent runs of `algo`, spread over `workers` processes (default: CPU count)."""
+    """`runs` independent runs of `algo`, spread over `workers` processes (default: CPU count);
+    `progress` shows a bar over the runs on stderr. Each worker gets the problem once."""
     if algo not in ALGORITHMS:
         raise ScalerError(f"unknown search algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
     if queries < 1 or runs < 1:
         raise ScalerError("--queries and --runs must be >= 1")
     if seed < 0:
         raise ScalerError("--seed must be >= 0")
-    seqs = np.random.SeedSequence(seed).spawn(runs)
-    jobs = [(problem, algo, queries, sq, settings) for sq in seqs]
+    jobs = [(algo, queries, sq, settings) for sq in np.random.SeedSequence(seed).spawn(runs)]
     workers = min(runs, workers or os.cpu_count() or 1)
-    if workers <= 1:
-        return [_job(j) for j in jobs]
-    import multiprocessing as mp
-    import sys
-    from concurrent.futures import ProcessPoolExecutor
+    bar = _bar(runs, algo) if progress else None
+    try:
+        if workers <= 1:
+            return [_done(run_one(problem, *j), bar) for j in jobs]
+        import multiprocessing as mp
+        import sys
+        from concurrent.futures import ProcessPoolExecutor
 
-    # fork is cheap, but a parent whose torch thread pools already run must not be forked.
-    context = mp.get_context("spawn" if "torch" in sys.modules else "fork")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(_job, jobs, chunksize=math.ceil(runs / workers)))
+        # fork is cheap, but a parent whose torch thread pools already run must not be forked.
+        context = mp.get_context("spawn" if "torch" in sys.modules else "fork")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_share, initargs=(problem,)) as pool:
+            return [_done(r, bar) for r in pool.map(_job, jobs)]
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _bar(runs: int, algo: str):
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=runs, desc=f"search {algo}", unit="run", leave=False, file=sys.stderr)
+
+
+def _done(result: dict, bar) -> dict:
+    if bar is not None:
+        bar.update(1)
+    return result
 
 
 def summarize(bench, metric: str, algo: str, results: list[dict], *, queries: int, seed: int) -> dict:

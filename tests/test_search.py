@@ -107,6 +107,28 @@ def test_same_seed_same_result_whatever_the_workers(problem):
     assert [r["order"] for r in a] != [r["order"] for r in c]
 
 
+def test_progress_shows_a_bar_over_the_runs_and_changes_nothing(problem, capsys, monkeypatch):
+    quiet = search.search(problem, "evolution", queries=60, runs=3, seed=3, workers=2)
+    capsys.readouterr()
+    shown = search.search(problem, "evolution", queries=60, runs=3, seed=3, workers=2, progress=True)
+    assert [r["order"] for r in quiet] == [r["order"] for r in shown]
+    assert "search evolution:" in capsys.readouterr().err
+
+    class Bar:
+        n, closed = 0, False
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    bar = Bar()
+    monkeypatch.setattr(search, "_bar", lambda runs, algo: bar)
+    search.search(problem, "random", queries=20, runs=3, seed=0, workers=1, progress=True)
+    assert bar.n == 3 and bar.closed
+
+
 def test_random_search_samples_without_replacement(problem):
     (r,) = search.search(problem, "random", queries=100, runs=1, seed=0)
     assert len(r["order"]) == len(set(r["order"])) == 100
