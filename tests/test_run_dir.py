@@ -108,6 +108,24 @@ def test_interrupt_says_what_was_saved_and_how_to_continue(tmp_path, capsys, mon
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
 
 
+def test_an_interrupt_mid_epoch_clears_the_progress_bar_first(tmp_path, capsys, monkeypatch):
+    """The message stands on its own line (it was printed onto the epoch's bar)."""
+    from trainers.step import Stepper
+
+    real, calls = Stepper.step, []
+
+    def interrupt_at_step_3(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Stepper, "step", interrupt_at_step_3)
+    code, _, err = run(capsys, "train", *TINY_ARGS, "--epochs", "2", "--out", tmp_path / "r")
+    assert code == 130 and "epoch 1/2" in err
+    assert err.split("\r")[-1].startswith("interrupted: stopped during epoch 1; no epoch finished yet.")
+
+
 BROKEN_FILES = {
     "syntax.py": ("def build_model(:\n", "syntax.py, line 1: syntax error"),
     "raises.py": (

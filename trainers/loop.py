@@ -94,22 +94,25 @@ def run_epochs(
         t0 = time.perf_counter()
         stepper.reset_stats()
         bar = _progress(progress and rank == 0, epoch, cfg.epochs, steps)
-        for i, idx in enumerate(batches(len(y_train), cfg.batch_size, state.data_gen, x_train.device, cfg.drop_last)):
-            xb, yb = x_train[idx], y_train[idx]
-            if crop or flip:
-                xb = augment(xb, state.data_gen, crop=crop, flip=flip)
-            part = slice(rank * local_batch, (rank + 1) * local_batch)
-            stepper.step(xb[part], yb[part], lr=lr_at(cfg, state.iteration, steps))
-            state.iteration += 1
-            if bar is not None and (i % 10 == 9 or i == steps - 1):  # the only host syncs: every 10 steps
-                bar.update(i + 1 - bar.n)
-                bar.set_postfix(
-                    loss=f"{(stepper.loss_sum / stepper.seen).item():.3f}",
-                    acc=f"{100 * (stepper.correct / stepper.seen).item():.1f}",
-                    img_s=f"{stepper.seen / (time.perf_counter() - t0):.0f}",
-                )
-        if bar is not None:
-            bar.close()
+        order = batches(len(y_train), cfg.batch_size, state.data_gen, x_train.device, cfg.drop_last)
+        try:  # a stop (Ctrl-C, an error) clears the bar, so the message after it stands on its own line
+            for i, idx in enumerate(order):
+                xb, yb = x_train[idx], y_train[idx]
+                if crop or flip:
+                    xb = augment(xb, state.data_gen, crop=crop, flip=flip)
+                part = slice(rank * local_batch, (rank + 1) * local_batch)
+                stepper.step(xb[part], yb[part], lr=lr_at(cfg, state.iteration, steps))
+                state.iteration += 1
+                if bar is not None and (i % 10 == 9 or i == steps - 1):  # the only host syncs: every 10 steps
+                    bar.update(i + 1 - bar.n)
+                    bar.set_postfix(
+                        loss=f"{(stepper.loss_sum / stepper.seen).item():.3f}",
+                        acc=f"{100 * (stepper.correct / stepper.seen).item():.1f}",
+                        img_s=f"{stepper.seen / (time.perf_counter() - t0):.0f}",
+                    )
+        finally:
+            if bar is not None:
+                bar.close()
         train_loss, train_acc = reduce_stats(stepper, world)
         if not math.isfinite(train_loss):
             raise ScalerError(
