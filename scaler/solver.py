@@ -25,7 +25,7 @@ from scaler.errors import ScalerError
 from scaler.parsing import format_count
 from scaler.presets import PRESETS
 from scaler.rules import GAMMA_ARCHS, RULES, GammaRule, Point, Rule
-from scaler.spec import FAMILY_BLOCKS, ArchSpec, check_stages
+from scaler.spec import BOTTLENECK_KNOBS, FAMILY_BLOCKS, ArchSpec, check_stages, refuse_bottleneck_knobs
 
 TOLERANCE = 0.025
 METRICS = ("flops", "params")
@@ -193,6 +193,7 @@ def base_spec(
                 f"these knobs build no {rule.name} network even at planes {PLACEHOLDER_PLANES}: {exc}"
             ) from None
         raise
+    refuse_bottleneck_knobs(spec, [k for k in BOTTLENECK_KNOBS if k in knobs])  # given, if at their defaults
     return rule.check(spec)
 
 

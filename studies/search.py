@@ -324,34 +324,31 @@ def search(
         raise ScalerError("--seed must be >= 0")
     jobs = [(algo, queries, sq, settings) for sq in np.random.SeedSequence(seed).spawn(runs)]
     workers = min(runs, workers or os.cpu_count() or 1)
-    bar = _bar(runs, algo) if progress else None
-    try:
-        if workers <= 1:
+    if workers <= 1:
+        with _bar(runs, algo, progress) as bar:
             return [_done(run_one(problem, *j), bar) for j in jobs]
-        import multiprocessing as mp
-        import sys
-        from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
 
-        # fork is cheap, but a parent whose torch thread pools already run must not be forked.
-        context = mp.get_context("spawn" if "torch" in sys.modules else "fork")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_share, initargs=(problem,)) as pool:
-            return [_done(r, bar) for r in pool.map(_job, jobs)]
-    finally:
-        if bar is not None:
-            bar.close()
+    # fork is cheap, but a parent whose torch thread pools already run must not be forked.
+    context = mp.get_context("spawn" if "torch" in sys.modules else "fork")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_share, initargs=(problem,)) as pool:
+        results = pool.map(_job, jobs)  # submits them all, so the workers fork before the bar's thread starts
+        with _bar(runs, algo, progress) as bar:
+            return [_done(r, bar) for r in results]
 
 
-def _bar(runs: int, algo: str):
+def _bar(runs: int, algo: str, progress: bool):
     import sys
 
     from tqdm import tqdm
 
-    return tqdm(total=runs, desc=f"search {algo}", unit="run", leave=False, file=sys.stderr)
+    return tqdm(total=runs, desc=f"search {algo}", unit="run", leave=False, file=sys.stderr, disable=not progress)
 
 
 def _done(result: dict, bar) -> dict:
-    if bar is not None:
-        bar.update(1)
+    bar.update(1)
     return result
 
 

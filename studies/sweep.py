@@ -170,7 +170,8 @@ def preflight(config, options: SweepOptions) -> None:
 
     options.validate()
     config.validate()
-    check_data(config)  # else every trial would fail on it, `retries` times each
+    check_data(config, local=not options.address)  # else every trial would fail on it, `retries` times each
+    # (on a cluster the trials read --data-dir on their nodes: only what holds everywhere is checked here)
     if options.address:
         check_reachable(options.address)
 
@@ -179,6 +180,9 @@ def preflight(config, options: SweepOptions) -> None:
 def stop_on_sigterm():
     """SIGTERM (SLURM's and other schedulers' stop) raises KeyboardInterrupt, as Ctrl-C does, while
     the block runs; the previous handler comes back after it. `_ray_session` keeps it across ray.init."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield

@@ -207,6 +207,8 @@ def test_folded_attacks_take_torchscript_models():
     assert torch.equal(a, b)  # TorchScript BatchNorms are not patched either
     x_adv, _ = autoattack(model, x, y, eps=0.1, version="compact", seed=0)
     assert x_adv.shape == x.shape
+    shown, _ = autoattack(model, x, y, eps=0.1, version="compact", seed=0, progress=True)  # no hooks: per batch
+    assert torch.equal(shown, x_adv)
 
 
 def test_autoattack_runs_inside_the_emitted_constant_folds(monkeypatch):

@@ -91,6 +91,7 @@ def test_zoo_lists_everything_and_explains_wrn_28_10(capsys):
         (["count", "--block", "basic", "--depths", "1,1,1", "--widths", "1,1,1", "--scales", "x"], "whole numbers"),
         (["emit", "robustresnet-a1", "--se-reduction", "1000", "-o", "x.py"], "no hidden unit"),
         (["solve", "--flops", "5G", "--se-reduction", "100000"], "no hidden unit"),
+        (["solve", "--flops", "1G", "--block", "basic", "--se", "residual"], "--se applies to the bottleneck"),
         (["solve", "--flops", "5G", "--arch", "vgg11"], "robustwrn rule"),
         (["solve", "--params", "4M", "--rule", "robustwrn", "--arch", "vgg12"], "unknown --arch"),
         (["solve", "--params", "4M", "--rule", "robustwrn", "--arch", "vgg11", "--block", "robust"], "vgg block"),

@@ -120,13 +120,17 @@ def test_progress_shows_a_bar_over_the_runs_and_changes_nothing(problem, capsys,
         def update(self, k):
             self.n += k
 
-        def close(self):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
             self.closed = True
 
-    bar = Bar()
-    monkeypatch.setattr(search, "_bar", lambda runs, algo: bar)
-    search.search(problem, "random", queries=20, runs=3, seed=0, workers=1, progress=True)
-    assert bar.n == 3 and bar.closed
+    for workers in (1, 2):
+        bar = Bar()
+        monkeypatch.setattr(search, "_bar", lambda runs, algo, progress, bar=bar: bar)
+        search.search(problem, "random", queries=20, runs=3, seed=0, workers=workers, progress=True)
+        assert bar.n == 3 and bar.closed
 
 
 def test_random_search_samples_without_replacement(problem):

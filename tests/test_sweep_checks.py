@@ -55,3 +55,19 @@ def test_a_refused_rerun_leaves_an_existing_study_as_it_was(no_ray, tmp_path, ca
     assert main(["sweep", str(space), "--out", str(study), "--dataset", "cifar10", *QUICK]) == 2
     assert "needs --data-dir" in capsys.readouterr().err
     assert [p.name for p in study.iterdir()] == ["note"]
+
+
+def test_on_a_cluster_only_what_holds_on_every_node_is_checked(tmp_path, monkeypatch):
+    """The trials read --data-dir on their nodes: a path missing here is not refused with --address."""
+    from studies.sweep import SweepOptions, preflight
+    from trainers.config import make_config
+
+    monkeypatch.setattr(studies.sweep, "check_reachable", lambda address: None)
+    cluster = SweepOptions(address="head:6379")
+    here = make_config("bat", {"model": "bench", "dataset": "cifar10", "data_dir": str(tmp_path / "on-the-nodes")})
+    preflight(here, cluster)
+    with pytest.raises(studies.sweep.ScalerError, match="does not exist"):
+        preflight(here, SweepOptions())
+    for settings, message in (({"data_dir": None}, "needs --data-dir"), ({"dataset": "imagenet"}, "unknown dataset")):
+        with pytest.raises(studies.sweep.ScalerError, match=message):
+            preflight(make_config("bat", {"model": "bench", "dataset": "cifar10", **settings}), cluster)

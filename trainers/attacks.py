@@ -262,20 +262,27 @@ class _AutoAttackProgress:
             preds = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
         self.robust = int((preds == y).sum())
         self.model, self.bar, self.current = model, None, None
-        self.batch: tuple[float, int, int] | None = None  # (bar position at its start, points, calls expected)
+        self.batch: tuple[float, int, int | None] | None = None  # (bar position at its start, points, calls expected)
         self.calls = 0
         for attr, label in self.ATTACKS.items():
             attack = getattr(aa, attr, None)
             if attack is not None:
                 attack.perturb = self._wrap(attack.perturb, label, attr, attack)
-        self.hook = model.register_forward_pre_hook(self._tick)
+        try:
+            self.hook = model.register_forward_pre_hook(self._tick)
+        except RuntimeError:  # TorchScript modules take no hooks: the bars move once per batch
+            self.hook = None
 
     def _wrap(self, perturb, label: str, name: str, attack):
         def run(x, y, *args, **kwargs):
             if self.current != label:
                 self._open(label)
             # AutoAttack sets an attack's settings (FAB's `targeted`) only when it starts that attack
-            self.batch, self.calls = (self.bar.n, len(y), attack_calls(name, attack)), 0
+            try:
+                expected = attack_calls(name, attack)
+            except (AttributeError, TypeError):  # another pyautoattack's settings: once per batch
+                expected = None
+            self.batch, self.calls = (self.bar.n, len(y), expected), 0
             try:
                 adv = perturb(x, y, *args, **kwargs)
             finally:
@@ -294,6 +301,8 @@ class _AutoAttackProgress:
         if self.batch is None:
             return
         start, points, expected = self.batch
+        if expected is None:
+            return
         self.calls += 1
         position = start + points * min(self.calls / expected, 0.99)  # the rest when the batch returns
         if position > self.bar.n:
@@ -323,7 +332,8 @@ class _AutoAttackProgress:
 
     def remove(self) -> None:
         self.close()
-        self.hook.remove()
+        if self.hook is not None:
+            self.hook.remove()
 
 
 def attack_calls(name: str, attack) -> int:

@@ -51,12 +51,21 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None) -> tup
     return load_cifar101(data_dir)
 
 
-def check_split(name: str, split: str, data_dir: str | Path | None = None) -> None:
+def check_split(name: str, split: str, data_dir: str | Path | None = None, *, local: bool = True) -> None:
     """Refuse what `load_split` would refuse before reading a file: an unknown dataset or split, a
     missing --data-dir, or a data directory without the dataset's files (cheap: nothing is decoded,
-    so a training run checks this before it creates its run directory)."""
+    so a training run checks this before it creates its run directory). `local=False` checks only
+    what does not depend on this machine (a cluster's workers read their own --data-dir)."""
     if split not in ("train", "test"):
         raise ScalerError(f"unknown split {split!r}; use train or test")
+    if name not in (*DATASETS, "cifar10.1"):
+        raise ScalerError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (or cifar10.1)")
+    if name == "cifar10.1" and split != "test":
+        raise ScalerError("cifar10.1 has only a test split (use it for validation)")
+    if not local:
+        if data_dir is None and name not in ("digits", "synthetic"):
+            raise ScalerError(f"{name} needs --data-dir (a directory the cluster's nodes read)")
+        return
     if name in CIFAR_LAYOUT:
         _cifar_sources(name, data_dir)
     elif name == "tinyimagenet":
@@ -67,11 +76,7 @@ def check_split(name: str, split: str, data_dir: str | Path | None = None) -> No
         if importlib.util.find_spec("sklearn") is None:
             raise ScalerError("the digits dataset needs scikit-learn (pip install scikit-learn)")
     elif name == "cifar10.1":
-        if split != "test":
-            raise ScalerError("cifar10.1 has only a test split (use it for validation)")
         _cifar101_paths(data_dir)
-    elif name != "synthetic":
-        raise ScalerError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (or cifar10.1)")
 
 
 # --------------------------------------------------------------------------- CIFAR

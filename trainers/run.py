@@ -94,16 +94,17 @@ def model_source(cfg: TrainConfig) -> str:
     return path.read_text()
 
 
-def check_data(cfg: TrainConfig) -> None:
+def check_data(cfg: TrainConfig, *, local: bool = True) -> None:
     """Refuse dataset settings `load_data` would refuse for want of the data (unknown dataset or
-    validation set, missing --data-dir or dataset files) without reading it."""
+    validation set, missing --data-dir or dataset files) without reading it; `local=False` leaves
+    out what only another machine's files could settle (`check_split`)."""
     if cfg.val not in ("holdout", "cifar10.1"):
         raise ScalerError(f"unknown validation set {cfg.val!r}; use holdout or cifar10.1")
-    check_split(cfg.dataset, "train", cfg.data_dir)
+    check_split(cfg.dataset, "train", cfg.data_dir, local=local)
     if cfg.val == "cifar10.1":
         if cfg.dataset != "cifar10":
             raise ScalerError("CIFAR-10.1 validation applies to --dataset cifar10")
-        check_split("cifar10.1", "test", cfg.data_dir)
+        check_split("cifar10.1", "test", cfg.data_dir, local=local)
 
 
 def load_data(cfg: TrainConfig, device):
