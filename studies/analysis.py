@@ -202,7 +202,7 @@ def analyze(bench, metric: str | None = None, budgets=None, fraction: float = 0.
         },
         "r_d": rd_profile(rd, acc),
         "rules": rule_check(bench, acc, budgets),
-        "budgets_unfit": [b for b in budgets_for(bench, budgets) if not ((flops <= b) & np.isfinite(acc)).any()],
+        "budgets_unfit": unfit_budgets(bench, acc, budgets),
         "cheapest_flops": float(np.nanmin(np.where(np.isfinite(acc), flops, np.nan))),
     }
 
@@ -217,18 +217,35 @@ def budgets_for(bench, budgets=None) -> list[float]:
     return [b for b in DEFAULT_BUDGETS if lo <= b <= hi * 1.1]
 
 
+def measured_within(bench, acc: np.ndarray, budget: float) -> np.ndarray:
+    """Rows with a measured `acc` whose FLOPs fit `budget`."""
+    return np.flatnonzero((bench.metric("macs") <= budget) & np.isfinite(acc))
+
+
+def rule_checkable(bench) -> bool:
+    """The rules build 3-stage networks: a space of other shapes gets no rule check."""
+    return bench.depths.shape[1] == 3 and bench.widths.shape[1] == 3
+
+
+def unfit_budgets(bench, acc: np.ndarray, budgets=None) -> list[float]:
+    """The budgets `rule_check` leaves out because nothing measured fits them."""
+    if not rule_checkable(bench):
+        return []
+    return [b for b in budgets_for(bench, budgets) if not len(measured_within(bench, acc, b))]
+
+
 def rule_check(bench, acc: np.ndarray, budgets=None) -> list[dict]:
     """Per FLOPs budget: the best measured architecture within it, and each rule's solution with
-    its measured accuracy when the space holds it, else its nearest measured neighbour's."""
+    its measured accuracy when the space holds it, else its nearest measured neighbour's
+    (`unfit_budgets` names the budgets nothing fits)."""
     import scaler
 
-    flops = bench.metric("macs")
-    depths, widths = bench.depths, bench.widths
-    if depths.shape[1] != 3 or widths.shape[1] != 3:
+    if not rule_checkable(bench):
         return []
+    depths, widths = bench.depths, bench.widths
     out = []
     for budget in budgets_for(bench, budgets):
-        within = np.flatnonzero((flops <= budget) & np.isfinite(acc))
+        within = measured_within(bench, acc, budget)
         if not len(within):
             continue
         best = int(within[np.argmax(acc[within])])

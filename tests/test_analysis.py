@@ -91,6 +91,16 @@ def test_analyze_on_a_space_where_depth_alone_matters():
             assert rule["measured"]["flops"] <= check["budget"] and rule["gap"] >= 0
 
 
+def test_budgets_nothing_fits_are_named_only_where_the_rules_apply():
+    three = benchmark.from_records(_wrn_space(lambda d, w: 40 + sum(d)))
+    acc = three.metric("test_pgd_acc")
+    assert analysis.unfit_budgets(three, acc, [1e3, 5e9]) == [1e3]
+    assert [c["budget"] for c in analysis.rule_check(three, acc, [1e3, 5e9])] == [5e9]
+    two = benchmark.from_records([record({"D1": d, "W1": 8, "D2": d, "W2": 8}, 30.0 + d, macs=d * 1e9) for d in (4, 5)])
+    assert analysis.rule_check(two, two.metric("test_pgd_acc"), [1e3]) == []
+    assert analysis.unfit_budgets(two, two.metric("test_pgd_acc"), [1e3]) == []  # no rule check, not an unfit one
+
+
 def test_cli_analyze_prints_every_table_and_json(capsys, tmp_path):
     path = tmp_path / "b.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in _wrn_space(lambda d, w: 40 + sum(d) - 0.1 * sum(w))))
