@@ -298,11 +298,9 @@ class _AutoAttackProgress:
         return run
 
     def _tick(self, module, args) -> None:
-        if self.batch is None:
+        if self.batch is None or self.batch[2] is None:  # outside an attack, or calls not known
             return
         start, points, expected = self.batch
-        if expected is None:
-            return
         self.calls += 1
         position = start + points * min(self.calls / expected, 0.99)  # the rest when the batch returns
         if position > self.bar.n:

@@ -107,9 +107,7 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                fd = None
-            if fd is None:
-                self.check()
+                self.check()  # a live owner: refused
                 self.path.unlink(missing_ok=True)  # stale: its owner died
                 continue
             with os.fdopen(fd, "w") as fh:
@@ -126,7 +124,7 @@ class RunLock:
             raise ScalerError(
                 f"{self.path.parent} is in use by process {owner.get('pid')} on {owner.get('host')}; "
                 f"wait for it to finish (or remove {self.path} if that process is gone)"
-            )
+            ) from None  # one line even when raised while handling the lock file's FileExistsError
 
     def release(self) -> None:
         if self.held:

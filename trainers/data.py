@@ -34,6 +34,8 @@ CIFAR_LAYOUT = {
     ),
     "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", ["train"], ["test"], b"fine_labels"),
 }
+NEEDS_PILLOW = "tinyimagenet needs Pillow to decode its JPEGs (pip install pillow)"
+NEEDS_SKLEARN = "the digits dataset needs scikit-learn (pip install scikit-learn)"
 CIFAR101_FILES = ("cifar10.1_v6_data.npy", "cifar10.1_v6_labels.npy")
 
 
@@ -48,7 +50,9 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None) -> tup
         return _load_digits(split)
     if name == "synthetic":
         return _synthetic(split)
-    return load_cifar101(data_dir)
+    if name == "cifar10.1":
+        return load_cifar101(data_dir)
+    raise AssertionError(f"check_split passed dataset {name!r} that load_split cannot read")
 
 
 def check_split(name: str, split: str, data_dir: str | Path | None = None, *, local: bool = True) -> None:
@@ -70,11 +74,11 @@ def check_split(name: str, split: str, data_dir: str | Path | None = None, *, lo
         _cifar_sources(name, data_dir)
     elif name == "tinyimagenet":
         if importlib.util.find_spec("PIL") is None:
-            raise ScalerError("tinyimagenet needs Pillow to decode its JPEGs (pip install pillow)")
+            raise ScalerError(NEEDS_PILLOW)
         _tiny_root(data_dir)
     elif name == "digits":
         if importlib.util.find_spec("sklearn") is None:
-            raise ScalerError("the digits dataset needs scikit-learn (pip install scikit-learn)")
+            raise ScalerError(NEEDS_SKLEARN)
     elif name == "cifar10.1":
         _cifar101_paths(data_dir)
 
@@ -195,7 +199,7 @@ def load_tiny_imagenet(split: str, data_dir) -> tuple[torch.Tensor, torch.Tensor
     try:
         from PIL import Image
     except ImportError:
-        raise ScalerError("tinyimagenet needs Pillow to decode its JPEGs (pip install pillow)") from None
+        raise ScalerError(NEEDS_PILLOW) from None
     root = _tiny_root(data_dir)
     wnids = sorted({w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()})
     if not wnids:
@@ -243,7 +247,7 @@ def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ScalerError("the digits dataset needs scikit-learn (pip install scikit-learn)") from None
+        raise ScalerError(NEEDS_SKLEARN) from None
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
     images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False).clamp_(0, 1)
