@@ -11,7 +11,6 @@ spec: {"activation": "relu", "block": "robust", "depths": [17, 17, 8], "mean": n
 """
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -32,473 +31,6 @@ def make_norm(name: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {name!r}")
 
 
-# Fused formulations. Every block computes one function two ways from one state dict: its
-# `forward_plain` (the reference, written as the papers describe the block; FLOPs are counted
-# on it) and, while `fused` is True (the default), a faster `forward` that equals it to float
-# rounding. BatchNorm is a per-channel map, so it folds into the conv before it in eval mode and
-# several BatchNorms over consecutive channel blocks are one call; a global average pool is
-# taken as a sum (the gradient of a mean is materialised channels-first, which is slow to mix
-# with channels_last tensors).
-
-
-def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as its per-channel affine map: bn(x) = x * scale + shift."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
-FOLD_CACHES: dict[int, dict] = {}  # id(module) -> its folds, for the modules of live `constant_folds` spans
-
-
-@contextmanager
-def constant_folds(model: nn.Module):
-    """Within it, each eval-mode fold of the model (a conv's weight and bias with its BatchNorm in
-    the dtype the conv computes in, a BatchNorm's affine map) is built once and reused while its
-    tensors want no gradient and stay the same tensors at the same version: the steps of an attack,
-    whose parameters are frozen, stop rebuilding them (measured on a CPU: 7-11% of a PGD-20
-    evaluation of small models, little at 19M parameters and batch 32). In-place updates, replaced
-    parameters and BatchNorm statistics re-estimated inside rebuild a fold; writes through `.data`
-    are not seen (they bypass version counters). Nothing is kept on the modules or after exit."""
-    owners = []
-    try:
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and id(m) not in FOLD_CACHES:  # nested: the outer's
-                FOLD_CACHES[id(m)] = {}
-                owners.append(m)
-        yield model
-    finally:
-        for m in owners:
-            FOLD_CACHES.pop(id(m), None)
-
-
-def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...], build, *args):
-    """build(*args), a fold of `tensors` for an op on x; inside `constant_folds` the one `build` made
-    before for x's device and compute dtype while none of them wants a gradient (forward-mode ones too) or
-    has been replaced or changed since. The entry keeps their storage alive, so that no other
-    tensor can take its address while the entry is compared against it."""
-    cache = FOLD_CACHES.get(id(owner)) if FOLD_CACHES else None
-    if cache is None or torch.is_inference_mode_enabled() or any(t.requires_grad for t in tensors):
-        return build(*args)
-    if forward_mode_active():  # dual tensors may carry tangents
-        return build(*args)
-    try:
-        stamp = tuple((t.data_ptr(), t._version) for t in tensors)
-    except RuntimeError:  # no storage or no version counter (functorch wrappers, inference tensors)
-        return build(*args)
-    key = (x.device, compute_dtype(x), build)  # one owner can have folds of several kinds
-    hit = cache.get(key)
-    if hit is None or hit[0] != stamp:
-        hit = cache[key] = (stamp, [t.detach() for t in tensors], build(*args))  # their storage, even if replaced
-    return hit[2]
-
-
-def forward_mode_active() -> bool:
-    """Whether a forward-mode AD level is open (`torch.autograd.forward_ad.dual_level`)."""
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-
-
-def bn_tensors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
-    """What an eval-mode BatchNorm's fold depends on; its batch count changes with every training
-    forward, whose running statistics updates do not bump their versions."""
-    return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a conv of x computes in: autocast's (on x's device) where it is on and casts x (float32)."""
-    if x.dtype != torch.float32:
-        return x.dtype
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        enabled, dtype = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
-    elif x.device.type == "cuda":
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    else:
-        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-    return dtype if enabled else x.dtype
-
-
-def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """bn(conv(x)); in eval mode one conv whose weight and bias carry the BatchNorm."""
-    if bn.training:
-        dense = dense_route(x, conv.weight, conv.groups)
-        return bn(conv2d(x, conv.weight, conv.bias, conv, conv.groups) if dense else conv(x))
-    weight, bias, groups = folded(x, conv, (conv.weight, *bn_tensors(bn)), fold_conv_bn, x, conv, bn)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
-
-
-def fold_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    return fold_into_conv(x, conv.weight, *bn_affine(bn), conv.groups)
-
-
-def fold_into_conv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, groups: int):
-    """(weight, bias, groups) of the conv of x equal to conv(x) * scale + shift (an eval-mode BatchNorm
-    after a conv of this weight), in the dtype the conv computes in (autocast would cast them on
-    every call), dense where `dense_route` says."""
-    weight = weight * scale[:, None, None, None]
-    if dense_route(x, weight, groups):
-        weight, groups = block_diagonal(weight, groups), 1
-    dtype = compute_dtype(x)
-    return weight.to(dtype), shift.to(dtype), groups
-
-
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, conv: nn.Conv2d, groups: int) -> torch.Tensor:
-    """F.conv2d with conv's stride, padding and dilation; as a dense conv where `dense_route` says."""
-    if dense_route(x, weight, groups):
-        weight, groups = block_diagonal(weight, groups), 1
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
-
-
-def dense_route(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
-    """Whether a grouped conv runs as a dense conv with a block-diagonal weight: in bfloat16 on a
-    CPU, with up to 64 input channels and 8 per group. oneDNN's grouped bf16 kernels are slow
-    there; measured (batch 64, forward + input gradient) the dense conv ran 1.3-5x faster despite
-    its groups-times more multiply-adds. The function is the same; the sums run in another order."""
-    if groups == 1 or x.device.type != "cpu" or weight.shape[1] * groups > 64 or weight.shape[1] > 8:
-        return False
-    return compute_dtype(x) == torch.bfloat16
-
-
-def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A grouped conv's weight [out, in / groups, k, k] as the dense one [out, in, k, k] of the same
-    conv: each output channel's kernel in its group's input channels, zeros elsewhere."""
-    out_channels, per_group = weight.shape[:2]
-    mask = torch.eye(groups, dtype=weight.dtype, device=weight.device).repeat_interleave(out_channels // groups, 0)
-    return (mask[:, :, None, None, None] * weight[:, None]).reshape(out_channels, groups * per_group, *weight.shape[2:])
-
-
-def conv_bn_many(x: torch.Tensor, convs: nn.ModuleList, bns: nn.ModuleList) -> torch.Tensor:
-    """cat([bn_i(conv_i(x_i))]) for x split into consecutive channel blocks x_i, one per conv (all
-    of one shape), as one grouped conv and one BatchNorm call."""
-    conv = convs[0]
-    if bns[0].training:
-        weight = torch.cat([c.weight for c in convs])
-        return batch_norm_many(conv2d(x, weight, None, conv, conv.groups * len(convs)), bns)
-    tensors = tuple(t for c, bn in zip(convs, bns) for t in (c.weight, *bn_tensors(bn)))
-    weight, bias, groups = folded(x, conv, tensors, fold_many, x, convs, bns)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
-
-
-def fold_many(x: torch.Tensor, convs: nn.ModuleList, bns: nn.ModuleList):
-    """`fold_conv_bn` for `conv_bn_many`: the convs' weights stacked, their BatchNorms' maps as one."""
-    scale, shift = (torch.cat(t) for t in zip(*(bn_affine(bn) for bn in bns)))
-    return fold_into_conv(x, torch.cat([c.weight for c in convs]), scale, shift, convs[0].groups * len(convs))
-
-
-def dense(t: torch.Tensor) -> torch.Tensor:
-    """A channel slice of a channels_last tensor as a tensor of its own. Elementwise ops on such a
-    slice step through a few channels per pixel (4-16 in the cascade) and run several times slower
-    than a copy followed by the op on dense operands."""
-    if t.dim() != 4 or t.stride(1) != 1 or not has_storage(t):  # functorch's batched tensors have no layout
-        return t
-    if not t.is_contiguous(memory_format=torch.channels_last):
-        return t.contiguous(memory_format=torch.channels_last)
-    return t
-
-
-def dense_cat(*tensors: torch.Tensor) -> torch.Tensor:
-    """`DenseCat` in eager mode; torch.cat under torch.compile, which picks its own layouts (and whose
-    tracing of a variadic autograd.Function under no_grad returned only its last input, torch 2.13)."""
-    if is_compiling():
-        return torch.cat(tensors, dim=1)
-    return DenseCat.apply(*tensors)
-
-
-class DenseCat(torch.autograd.Function):
-    """torch.cat along channels whose gradients come back dense (`dense`): the cascade adds them to
-    other gradients and feeds them to activation backwards."""
-
-    @staticmethod
-    def forward(ctx, *tensors):
-        ctx.sizes = [t.shape[1] for t in tensors]
-        return torch.cat(tensors, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return tuple(dense(g) for g in grad.split(ctx.sizes, dim=1))
-
-
-def batch_norm_many(x: torch.Tensor, bns: nn.ModuleList) -> torch.Tensor:
-    """Training-mode cat([bn_i(x_i)]) for consecutive channel blocks x_i of x, in one call; each
-    BatchNorm's running statistics and batch count are updated as its own forward would."""
-    first = bns[0]
-    for bn in bns:
-        bn.num_batches_tracked.add_(1)
-    momentum = first.momentum if first.momentum is not None else 1.0 / float(first.num_batches_tracked)
-    mean = torch.cat([bn.running_mean for bn in bns])
-    var = torch.cat([bn.running_var for bn in bns])
-    weight = torch.cat([bn.weight for bn in bns])
-    bias = torch.cat([bn.bias for bn in bns])
-    out = F.batch_norm(x, mean, var, weight, bias, True, momentum, first.eps)
-    with torch.no_grad():
-        for bn, m, v in zip(bns, mean.split(first.num_features), var.split(first.num_features)):
-            bn.running_mean.copy_(m)
-            bn.running_var.copy_(v)
-    return out
-
-
-def shared_input_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether an eval-mode bottleneck's conv1 and its skip branch read x through `SharedInputConv`:
-    on a CPU, a channels_last x that wants a gradient in the dtype the conv computes in, a folded
-    conv1 that wants none (attacks), eager mode without forward-mode derivatives. Measured (batch
-    32, PGD-20, bf16 and fp32) it made a RobustResNet evaluation 3-5% faster."""
-    if x.device.type != "cpu" or not (torch.is_grad_enabled() and x.requires_grad) or weight.requires_grad:
-        return False
-    if bias.requires_grad or is_compiling() or forward_mode_active():
-        return False
-    if not has_storage(x):  # functorch wrappers: this Function has no functorch rules
-        return False
-    return x.dtype == compute_dtype(x) == weight.dtype and x.is_contiguous(memory_format=torch.channels_last)
-
-
-class SharedInputConv(torch.autograd.Function):
-    """(conv1x1(x), x's pixels the skip branch reads: all at stride 1, else every stride-th) with one
-    backward: x's gradient is conv1's input gradient, one matmul over pixels ([pixels, out] times
-    [out, in]), with the skip's added by that matmul at stride 1 and into the sampled pixels
-    otherwise. Autograd would write conv1's gradient and then add the other in another pass over
-    x's size (the block input: the largest tensors of a stage)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride):
-        ctx.save_for_backward(weight)
-        ctx.stride, ctx.shape = stride, x.shape
-        return F.conv2d(x, weight, bias), x[:, :, ::stride, ::stride]  # a view, as without this Function
-
-    @staticmethod
-    def backward(ctx, grad_h, grad_skip):
-        (weight,) = ctx.saved_tensors
-        if backward_differentiated() or not has_storage(grad_h, grad_skip):  # the same map, differentiable
-            grad_x = F.conv2d(grad_h, weight.transpose(0, 1))
-            if ctx.stride == 1:
-                return grad_x + grad_skip, None, None, None
-            grad_x[:, :, :: ctx.stride, :: ctx.stride] += grad_skip
-            return grad_x, None, None, None
-        cl, w = torch.channels_last, weight.flatten(1)  # [out, in]
-        grad_h = grad_h.to(w.dtype).contiguous(memory_format=cl)
-        grad_skip = grad_skip.to(w.dtype).contiguous(memory_format=cl)
-        grad_x = torch.empty(ctx.shape, dtype=w.dtype, device=w.device, memory_format=cl)
-        flat = matrix(grad_x)
-        if ctx.stride == 1:
-            torch.addmm(matrix(grad_skip), matrix(grad_h), w, out=flat)
-        else:
-            torch.mm(matrix(grad_h), w, out=flat)
-            grad_x[:, :, :: ctx.stride, :: ctx.stride].add_(grad_skip)
-        return grad_x, None, None, None
-
-
-is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch >= 2.3
-
-
-def has_storage(*tensors: torch.Tensor) -> bool:
-    """Whether the tensors are plain ones: functorch's batched and wrapper tensors have no storage."""
-    try:
-        for t in tensors:
-            t.data_ptr()
-    except RuntimeError:
-        return False
-    return True
-
-
-def backward_differentiated() -> bool:
-    """Whether a Function's backward is itself being differentiated: under create_graph (double
-    backward) or with forward-mode tangents (forward-over-reverse). Then the fused Functions run
-    written-out formulas; their own read intermediates saved without history, and write with out=."""
-    return torch.is_grad_enabled() or forward_mode_active()
-
-
-def pixels(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last [n, c, h, w] tensor as the [n, h * w, c] matrix view of its memory (a view,
-    never a copy: `out=` writes through it)."""
-    return t.permute(0, 2, 3, 1).view(t.shape[0], t.shape[2] * t.shape[3], t.shape[1])
-
-
-def matrix(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last [n, c, h, w] tensor as the [n * h * w, c] matrix view of its memory (a view:
-    `out=` and in-place matmuls write through it)."""
-    return pixels(t).view(-1, t.shape[1])
-
-
-def residual_se(
-    u: torch.Tensor, skip: torch.Tensor, conv3: nn.Conv2d, bn: nn.BatchNorm2d, fc1: nn.Linear, fc2: nn.Linear
-):
-    """h + skip + SE(bn(h)) for h = conv3(u), with SE(z) = z * sigmoid(fc2(relu(fc1(GAP(z))))). In
-    eval mode bn(h) = h * scale + shift, so GAP(bn(h)) = GAP(h) * scale + shift and the sum is
-    h * (1 + scale * s) + shift * s + skip: two passes over h instead of five; where
-    `per_sample_route` allows, h is never materialised (`ConvResidualSE`)."""
-    if not bn.training and per_sample_route(u, skip, conv3, bn, fc1, fc2):
-        scale, shift = folded(u, bn, bn_tensors(bn), bn_affine, bn)
-        return ConvResidualSE.apply(u, skip, conv3.weight, scale, shift, fc1.weight, fc2.weight)
-    h = conv3(u)
-    area = h.shape[2] * h.shape[3]
-    if bn.training:
-        z = bn(h)
-        s = torch.sigmoid(fc2(torch.relu(fc1(z.sum((2, 3)) / area))))
-        return ScaleAdd.apply(z, s, h + skip)
-    scale, shift = folded(h, bn, bn_tensors(bn), bn_affine, bn)
-    return EvalResidualSE.apply(h, skip, scale, shift, fc1.weight, fc2.weight)
-
-
-def per_sample_route(u: torch.Tensor, skip: torch.Tensor, conv3: nn.Conv2d, *frozen: nn.Module) -> bool:
-    """Whether eval-mode `residual_se` runs as `ConvResidualSE`: on a CPU, channels_last operands of
-    one dtype that the convs compute in, no parameter that wants a gradient (attacks), and a
-    feature map of at least 4 pixels per input channel, so that the per-sample weights it builds
-    (batch x out x in) stay a quarter of the block output or less. Measured (batch 32, bf16,
-    forward + input gradients) at 32x32 it ran 1.6-2.4x faster than conv3 + `EvalResidualSE`, at
-    16x16 about the same, and at 8x8 with 128 or more input channels 1.6-6.6x slower."""
-    channels_last = torch.channels_last
-    if u.device.type != "cpu" or u.shape[2] * u.shape[3] < 4 * u.shape[1]:
-        return False
-    if u.dtype != skip.dtype or compute_dtype(u) != u.dtype:
-        return False
-    if not (u.is_contiguous(memory_format=channels_last) and skip.is_contiguous(memory_format=channels_last)):
-        return False
-    return not any(p.requires_grad for m in (conv3, *frozen) for p in m.parameters())
-
-
-class ScaleAdd(torch.autograd.Function):
-    """h * gain + skip, gain per sample and channel (training-mode `residual_se`): autograd's own
-    addcmul backward makes a pass over h more than the gradients need."""
-
-    @staticmethod
-    def forward(ctx, h, gain, skip):
-        ctx.save_for_backward(h, gain)
-        return torch.addcmul(skip, h, gain[:, :, None, None])
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, gain = ctx.saved_tensors
-        grad_gain = (grad * h).sum((2, 3)) if ctx.needs_input_grad[1] else None
-        return grad * gain[:, :, None, None], grad_gain, grad
-
-
-class EvalResidualSE(torch.autograd.Function):
-    """Eval-mode `residual_se` as one Function: h * (1 + scale * s) + shift * s + skip with
-    s = sigmoid(W2 relu(W1 p)), p = GAP(h) * scale + shift (`se_mlp`, in float32 under autocast). Its
-    backward makes three passes over the block-sized tensors (grad * h, grad, and h's gradient with
-    the pooled sum's folded in, one addcmul) where autograd's graph makes six."""
-
-    @staticmethod
-    def forward(ctx, h, skip, scale, shift, w1, w2):
-        with torch.autocast(h.device.type, enabled=False):
-            pooled = h.sum((2, 3)).to(scale.dtype) / (h.shape[2] * h.shape[3])
-            p, r, s = se_mlp(pooled, scale, shift, w1, w2)
-        ctx.save_for_backward(h, pooled, p, r, s, scale, shift, w1, w2)
-        out = torch.addcmul(skip, h, (1 + scale * s).to(h.dtype)[:, :, None, None])
-        return out.add_((shift * s).to(h.dtype)[:, :, None, None])
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, pooled, p, r, s, scale, shift, w1, w2 = ctx.saved_tensors
-        need_h, need_skip, need_scale, need_shift, need_w1, need_w2 = ctx.needs_input_grad
-        if backward_differentiated():  # p, r and s were saved without history
-            needs = (need_h, need_scale, need_shift, need_w1, need_w2)
-            grads = graph_gradients(eval_residual_se_gain, (h, scale, shift, w1, w2), needs, grad)
-            return grads[0], grad if need_skip else None, *grads[1:]
-        grad_gain = (grad * h).sum((2, 3)).to(s.dtype)  # per sample and channel
-        grad_offset = grad.sum((2, 3)).to(s.dtype)
-        grad_v, grad_u, grad_p = se_mlp_backward(grad_gain, grad_offset, r, s, scale, shift, w1, w2)
-        grad_h = grad_scale = grad_shift = grad_w1 = grad_w2 = None
-        if need_h:
-            grad_pooled = (grad_p * scale / (h.shape[2] * h.shape[3])).to(h.dtype)
-            gain = (1 + scale * s).to(h.dtype)
-            grad_h = torch.addcmul(grad_pooled[:, :, None, None].expand_as(h), grad, gain[:, :, None, None])
-        if need_scale:
-            grad_scale = (grad_gain * s + grad_p * pooled).sum(0)
-        if need_shift:
-            grad_shift = (grad_offset * s + grad_p).sum(0)
-        if need_w1:
-            grad_w1 = (grad_u.t() @ p).to(w1.dtype)
-        if need_w2:
-            grad_w2 = (grad_v.t() @ r).to(w2.dtype)
-        return grad_h, grad if need_skip else None, grad_scale, grad_shift, grad_w1, grad_w2
-
-
-def eval_residual_se_gain(
-    h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
-):
-    """h * (1 + scale * s) + shift * s, the eval-mode residual SE less its skip, in differentiable ops
-    (the Functions' backwards under create_graph)."""
-    with torch.autocast(h.device.type, enabled=False):
-        s = se_mlp(h.sum((2, 3)).to(scale.dtype) / (h.shape[2] * h.shape[3]), scale, shift, w1, w2)[2]
-        return h * (1 + scale * s).to(h.dtype)[:, :, None, None] + (shift * s).to(h.dtype)[:, :, None, None]
-
-
-def graph_gradients(formula, inputs: tuple, needs: tuple, grad: torch.Tensor) -> list:
-    """The gradients of formula(*inputs) (given grad at its output) with respect to the inputs `needs`
-    marks, by autograd with a graph: a Function's backward under create_graph (double backward),
-    where its own formulas would read intermediates saved without history."""
-    wanted = [t for t, need in zip(inputs, needs) if need]
-    if not wanted:
-        return [None] * len(inputs)
-    with torch.enable_grad():
-        found = iter(torch.autograd.grad(formula(*inputs), wanted, grad, create_graph=True, allow_unused=True))
-    return [next(found) if need else None for need in needs]
-
-
-def se_mlp(pooled: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):
-    """The eval-mode residual SE's gate from GAP(h): p = GAP(bn(h)), r = relu(W1 p), s = sigmoid(W2 r),
-    in the BatchNorm's dtype (float32 under autocast)."""
-    p = pooled * scale + shift
-    r = torch.relu(p @ w1.to(p.dtype).t())
-    return p, r, torch.sigmoid(r @ w2.to(p.dtype).t())
-
-
-def se_mlp_backward(grad_gain, grad_offset, r, s, scale, shift, w1, w2):
-    """Gradients through `se_mlp` given those of the per-sample gain 1 + scale * s and offset
-    shift * s: at W2's output (v), at r's input (u) and at p."""
-    grad_v = (grad_gain * scale + grad_offset * shift) * s * (1 - s)  # through the sigmoid
-    grad_u = (grad_v @ w2.to(s.dtype)) * (r > 0)
-    return grad_v, grad_u, grad_u @ w1.to(s.dtype)
-
-
-class ConvResidualSE(torch.autograd.Function):
-    """Eval-mode `residual_se` of h = conv3(u) without h, for frozen parameters: the SE reads
-    GAP(h) = W3 GAP(u), and h * gain + skip is one batched matmul of u with per-sample weights
-    W3 * gain (sample n's pixels [HW, in] times [in, out], added to skip's), the offset a second
-    pass. Its backward takes grad * h summed over pixels as the W3-weighted sum of the matmul
-    grad^T u, and u's gradient as one batched matmul, so no h is written, read or differentiated;
-    the price is that extra matmul, one more conv3's worth of multiply-adds: at 32x32 it costs far
-    less than the passes over memory it replaces, at 16x16 about as much (`per_sample_route`)."""
-
-    @staticmethod
-    def forward(ctx, u, skip, w3, scale, shift, w1, w2):
-        n, _, height, breadth = u.shape
-        area, f = height * breadth, scale.dtype
-        with torch.autocast(u.device.type, enabled=False):
-            w = w3.flatten(1).to(f)  # [out, in]
-            pooled = (u.sum((2, 3)).to(f) / area) @ w.t()  # GAP(conv3(u))
-            r, s = se_mlp(pooled, scale, shift, w1, w2)[1:]
-            per_sample = (w[None] * (1 + scale * s)[:, :, None]).to(u.dtype)  # [n, out, in]
-            shape, cl = (n, w.shape[0], height, breadth), torch.channels_last
-            out = torch.empty(shape, dtype=u.dtype, device=u.device, memory_format=cl)
-            torch.baddbmm(pixels(skip), pixels(u), per_sample.transpose(1, 2), out=pixels(out))
-            out.add_((shift * s).to(u.dtype)[:, :, None, None])
-        ctx.save_for_backward(u, w, per_sample, r, s, scale, shift, w1, w2)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        u, w, per_sample, r, s, scale, shift, w1, w2 = ctx.saved_tensors
-        if backward_differentiated() or not has_storage(grad):  # conv3 and the SE written out
-            weight = w.to(u.dtype)[:, :, None, None]
-            need_u, need_skip = ctx.needs_input_grad[:2]
-
-            def formula(u):
-                return eval_residual_se_gain(F.conv2d(u, weight), scale, shift, w1, w2)
-
-            grad_u = graph_gradients(formula, (u,), (need_u,), grad)[0]
-            return grad_u, grad if need_skip else None, None, None, None, None, None
-        area, f = u.shape[2] * u.shape[3], s.dtype
-        with torch.autocast(u.device.type, enabled=False):
-            grad = grad.to(u.dtype).contiguous(memory_format=torch.channels_last)
-            g = pixels(grad)
-            grad_gain = (torch.bmm(pixels(u).transpose(1, 2), g).to(f) * w.t()).sum(1)  # sum over pixels of grad * h
-            grad_offset = g.sum(1).to(f)
-            grad_p = se_mlp_backward(grad_gain, grad_offset, r, s, scale, shift, w1, w2)[2]
-            grad_pooled = ((grad_p * scale) @ w / area).to(u.dtype)  # d loss / d GAP(u), per pixel
-            grad_u = torch.empty_like(u, memory_format=torch.channels_last)
-            torch.baddbmm(grad_pooled[:, None, :], g, per_sample, out=pixels(grad_u))
-        return grad_u, grad, None, None, None, None, None
-
-
 class RobustResBlock(nn.Module):
     """Bottleneck family of RobustResNet (Huang et al., CVPR 2023); its defaults are the
     RobustResBlock: pre-activation bottleneck, hierarchical (S 8) aggregated (G 4) k x k convs
@@ -511,13 +43,11 @@ class RobustResBlock(nn.Module):
     SE placements: "standard" gates the block output, "residual" adds SE(norm(h)) as a third
     summand, "conv3x3" gates the k x k convs' output, "identity" gates the skip branch's input.
     `preact=False` is the post-activation variant: a norm after conv3, a conv-norm shortcut and the
-    activation after the sum.
-
-    With BatchNorm, pre-activation and SE "residual" or "none", `forward` is the fused formulation
-    (`fused`; see above): BN folded into the convs in eval mode, the S - 1 independent convs of a
-    strided block as one grouped conv, and the residual SE in two passes. Other variants, or
-    `fused = False`, run `forward_plain`.
+    activation after the sum. Submodules a variant does not have are None (bn1 exists in every
+    pre-activation block, as upstream, but identity blocks leave it unused).
     """
+
+    scaler_block = ("robust", 1)  # kind and version: trainers.fused recognises it
 
     def __init__(
         self,
@@ -540,8 +70,7 @@ class RobustResBlock(nn.Module):
         out_channels = planes * 4
         n_convs = scales - 1 if scales > 1 else 1
         self.width, self.stride, self.scales, self.se, self.preact = width, stride, scales, se, preact
-        if preact:
-            self.bn1 = make_norm(norm, in_channels)
+        self.bn1 = make_norm(norm, in_channels) if preact else None
         self.conv1 = nn.Conv2d(in_channels, mid, 1, 1, 0, bias=False)
         self.bn2 = make_norm(norm, mid)
         self.convs = nn.ModuleList(
@@ -549,12 +78,11 @@ class RobustResBlock(nn.Module):
             for _ in range(n_convs)
         )
         self.bns = nn.ModuleList(make_norm(norm, width) for _ in range(n_convs))
-        self.pool = nn.AvgPool2d(3, stride, 1) if stride > 1 else nn.Identity()
+        self.pool = (nn.AvgPool2d(3, stride, 1) if stride > 1 else nn.Identity()) if scales > 1 else None
         self.conv3 = nn.Conv2d(mid, out_channels, 1, 1, 0, bias=False)
-        if not preact:
-            self.bn3 = make_norm(norm, out_channels)
-        if se == "residual":
-            self.se_bn = make_norm(norm, out_channels)
+        self.bn3 = make_norm(norm, out_channels) if not preact else None
+        self.se_bn = make_norm(norm, out_channels) if se == "residual" else None
+        self.se_fc1 = self.se_fc2 = None
         if se != "none":
             se_channels = {"conv3x3": mid, "identity": in_channels}.get(se, out_channels)
             self.se_fc1 = nn.Linear(se_channels, se_channels // se_reduction, bias=False)
@@ -565,15 +93,18 @@ class RobustResBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, 0, bias=False)
             if not preact:
                 self.shortcut = nn.Sequential(self.shortcut, make_norm(norm, out_channels))
-        self.fused = norm == "batch" and preact and se in ("residual", "none")
 
     def gate(self, z: torch.Tensor) -> torch.Tensor:
-        """Squeeze-and-excitation: z * sigmoid(FC(ReLU(FC(GAP(z)))))."""
+        """Squeeze-and-excitation: z * sigmoid(FC(ReLU(FC(GAP(z))))); z itself in a block without SE."""
+        if self.se_fc1 is None or self.se_fc2 is None:
+            return z
         s = self.se_fc2(torch.relu(self.se_fc1(F.adaptive_avg_pool2d(z, 1).flatten(1))))
         return z * torch.sigmoid(s)[:, :, None, None]
 
     def split_convs(self, h: torch.Tensor) -> torch.Tensor:
-        if self.scales == 1:
+        """The hierarchical k x k convs: split i (after the first) adds split i - 1's output first,
+        except in strided blocks; the last split passes through. S = 1: one conv on all of h."""
+        if self.pool is None:  # S = 1
             return self.act(self.bns[0](self.convs[0](h)))
         chunks = torch.split(h, self.width, dim=1)
         outs = []
@@ -586,64 +117,18 @@ class RobustResBlock(nn.Module):
         return torch.cat(outs, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
-            return self.forward_plain(x)
-        h, skip = self.fused_conv1_and_skip(x)
-        u = self.fused_split_convs(self.act(h))
-        if self.se == "residual":
-            return residual_se(u, skip, self.conv3, self.se_bn, self.se_fc1, self.se_fc2)
-        return self.conv3(u) + skip
-
-    def fused_conv1_and_skip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bn2(conv1(x)), the skip branch: x or shortcut(act(bn1(x)))). In eval mode bn1 and act are
-        per pixel, so a strided 1x1 shortcut reads the same values when they run on the pixels it
-        samples only: 1 / stride^2 of them. With conv1 folded and frozen (attacks) both read x
-        through `SharedInputConv`, whose backward adds their gradients in conv1's matmul."""
-        sample = self.shortcut is not None and self.stride > 1 and not self.bn1.training
-        step = self.stride if sample else 1
-        if self.bn2.training:
-            h = conv_bn(x, self.conv1, self.bn2)
-        else:
-            tensors = (self.conv1.weight, *bn_tensors(self.bn2))
-            weight, bias, _ = folded(x, self.conv1, tensors, fold_conv_bn, x, self.conv1, self.bn2)
-            if shared_input_route(x, weight, bias):
-                (h, x), step = SharedInputConv.apply(x, weight, bias, step), 1
-            else:
-                h = F.conv2d(x, weight, bias)
-        if step > 1:
-            x = x[:, :, ::step, ::step]
-        if self.shortcut is None:
-            return h, x
-        pre = self.act(self.bn1(x))
-        return h, F.conv2d(pre, self.shortcut.weight, self.shortcut.bias) if sample else self.shortcut(pre)
-
-    def fused_split_convs(self, h: torch.Tensor) -> torch.Tensor:
-        """`split_convs` with every conv-BN pair fused; a strided block's convs run as one."""
-        if self.scales == 1:
-            return self.act(conv_bn(h, self.convs[0], self.bns[0]))
-        if self.stride > 1:  # no cascade: the S - 1 convs are independent
-            head, last = torch.split(h, [h.shape[1] - self.width, self.width], dim=1)
-            return dense_cat(self.act(conv_bn_many(head, self.convs, self.bns)), self.pool(last))
-        chunks = torch.split(h, self.width, dim=1)
-        outs = [self.act(conv_bn(chunks[0], self.convs[0], self.bns[0]))]
-        for chunk, conv, bn in zip(chunks[1:], self.convs[1:], self.bns[1:]):
-            outs.append(self.act(conv_bn(dense(chunk) + outs[-1], conv, bn)))
-        outs.append(chunks[-1])
-        return dense_cat(*outs)
-
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.gate(x) if self.se == "identity" else x
         if self.shortcut is not None:
-            skip = self.shortcut(self.act(self.bn1(skip)) if self.preact else skip)
+            skip = self.shortcut(self.act(self.bn1(skip)) if self.bn1 is not None else skip)
         h = self.split_convs(self.act(self.bn2(self.conv1(x))))
         if self.se == "conv3x3":
             h = self.gate(h)
         h = self.conv3(h)
-        if not self.preact:
+        if self.bn3 is not None:
             h = self.bn3(h)
         if self.se == "standard":
             out = skip + self.gate(h)
-        elif self.se == "residual":
+        elif self.se_bn is not None:  # "residual"
             out = h + skip + self.gate(self.se_bn(h))
         else:
             out = h + skip
@@ -652,6 +137,8 @@ class RobustResBlock(nn.Module):
 
 class RobustResNet(nn.Module):
     """RobustResNet: depths 17-17-8, planes 112-288-256, stem 16."""
+
+    scaler_network = ("resnet", 1)  # kind and version: trainers.fused recognises it
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -707,15 +194,12 @@ class RobustResNet(nn.Module):
         self.bn = make_norm("batch", 1024)
         self.act = make_act("relu")
         self.fc = nn.Linear(1024, num_classes)
-        self.fused = True  # the head's global average pool as a sum (its gradient keeps channels_last)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.stage3(self.stage2(self.stage1(x)))
         x = self.act(self.bn(x))
-        if self.fused:
-            return self.fc(x.sum((2, 3)) / (x.shape[2] * x.shape[3]))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 

@@ -11,7 +11,6 @@ spec: {"activation": "relu", "block": "basic", "depths": [5, 5, 5], "mean": null
 """
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -32,262 +31,14 @@ def make_norm(name: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {name!r}")
 
 
-# Fused formulations. Every block computes one function two ways from one state dict: its
-# `forward_plain` (the reference, written as the papers describe the block; FLOPs are counted
-# on it) and, while `fused` is True (the default), a faster `forward` that equals it to float
-# rounding. BatchNorm is a per-channel map, so it folds into the conv before it in eval mode and
-# several BatchNorms over consecutive channel blocks are one call; a global average pool is
-# taken as a sum (the gradient of a mean is materialised channels-first, which is slow to mix
-# with channels_last tensors).
-
-
-def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as its per-channel affine map: bn(x) = x * scale + shift."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
-FOLD_CACHES: dict[int, dict] = {}  # id(module) -> its folds, for the modules of live `constant_folds` spans
-
-
-@contextmanager
-def constant_folds(model: nn.Module):
-    """Within it, each eval-mode fold of the model (a conv's weight and bias with its BatchNorm in
-    the dtype the conv computes in, a BatchNorm's affine map) is built once and reused while its
-    tensors want no gradient and stay the same tensors at the same version: the steps of an attack,
-    whose parameters are frozen, stop rebuilding them (measured on a CPU: 7-11% of a PGD-20
-    evaluation of small models, little at 19M parameters and batch 32). In-place updates, replaced
-    parameters and BatchNorm statistics re-estimated inside rebuild a fold; writes through `.data`
-    are not seen (they bypass version counters). Nothing is kept on the modules or after exit."""
-    owners = []
-    try:
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and id(m) not in FOLD_CACHES:  # nested: the outer's
-                FOLD_CACHES[id(m)] = {}
-                owners.append(m)
-        yield model
-    finally:
-        for m in owners:
-            FOLD_CACHES.pop(id(m), None)
-
-
-def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...], build, *args):
-    """build(*args), a fold of `tensors` for an op on x; inside `constant_folds` the one `build` made
-    before for x's device and compute dtype while none of them wants a gradient (forward-mode ones too) or
-    has been replaced or changed since. The entry keeps their storage alive, so that no other
-    tensor can take its address while the entry is compared against it."""
-    cache = FOLD_CACHES.get(id(owner)) if FOLD_CACHES else None
-    if cache is None or torch.is_inference_mode_enabled() or any(t.requires_grad for t in tensors):
-        return build(*args)
-    if forward_mode_active():  # dual tensors may carry tangents
-        return build(*args)
-    try:
-        stamp = tuple((t.data_ptr(), t._version) for t in tensors)
-    except RuntimeError:  # no storage or no version counter (functorch wrappers, inference tensors)
-        return build(*args)
-    key = (x.device, compute_dtype(x), build)  # one owner can have folds of several kinds
-    hit = cache.get(key)
-    if hit is None or hit[0] != stamp:
-        hit = cache[key] = (stamp, [t.detach() for t in tensors], build(*args))  # their storage, even if replaced
-    return hit[2]
-
-
-def forward_mode_active() -> bool:
-    """Whether a forward-mode AD level is open (`torch.autograd.forward_ad.dual_level`)."""
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-
-
-def bn_tensors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
-    """What an eval-mode BatchNorm's fold depends on; its batch count changes with every training
-    forward, whose running statistics updates do not bump their versions."""
-    return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a conv of x computes in: autocast's (on x's device) where it is on and casts x (float32)."""
-    if x.dtype != torch.float32:
-        return x.dtype
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        enabled, dtype = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
-    elif x.device.type == "cuda":
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    else:
-        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-    return dtype if enabled else x.dtype
-
-
-def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """bn(conv(x)); in eval mode one conv whose weight and bias carry the BatchNorm."""
-    if bn.training:
-        return bn(conv(x))
-    weight, bias, groups = folded(x, conv, (conv.weight, *bn_tensors(bn)), fold_conv_bn, x, conv, bn)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
-
-
-def fold_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    return fold_into_conv(x, conv.weight, *bn_affine(bn), conv.groups)
-
-
-def fold_into_conv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, groups: int):
-    """(weight, bias, groups) of the conv of x equal to conv(x) * scale + shift (an eval-mode BatchNorm
-    after a conv of this weight), in the dtype the conv computes in (autocast would cast them on
-    every call)."""
-    weight = weight * scale[:, None, None, None]
-    dtype = compute_dtype(x)
-    return weight.to(dtype), shift.to(dtype), groups
-
-
-is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch >= 2.3
-
-
-def has_storage(*tensors: torch.Tensor) -> bool:
-    """Whether the tensors are plain ones: functorch's batched and wrapper tensors have no storage."""
-    try:
-        for t in tensors:
-            t.data_ptr()
-    except RuntimeError:
-        return False
-    return True
-
-
-def backward_differentiated() -> bool:
-    """Whether a Function's backward is itself being differentiated: under create_graph (double
-    backward) or with forward-mode tangents (forward-over-reverse). Then the fused Functions run
-    written-out formulas; their own read intermediates saved without history, and write with out=."""
-    return torch.is_grad_enabled() or forward_mode_active()
-
-
-def pixels(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last [n, c, h, w] tensor as the [n, h * w, c] matrix view of its memory (a view,
-    never a copy: `out=` writes through it)."""
-    return t.permute(0, 2, 3, 1).view(t.shape[0], t.shape[2] * t.shape[3], t.shape[1])
-
-
-def matrix(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last [n, c, h, w] tensor as the [n * h * w, c] matrix view of its memory (a view:
-    `out=` and in-place matmuls write through it)."""
-    return pixels(t).view(-1, t.shape[1])
-
-
-def preact_route(x: torch.Tensor, block: nn.Module) -> bool:
-    """Whether an eval-mode pre-activation block runs as `PreactBlock`: on a CPU, ReLU activations,
-    a channels_last x that wants a gradient in the dtype the convs compute in, no parameter that
-    wants one (attacks), eager mode without forward-mode derivatives or functorch wrappers.
-    Measured in one process against autograd's graph of the same blocks (widths 64-256): PGD-20
-    evaluation (batch 32) 5-10% faster in fp32 and 0-10% in bf16, a bf16 PGD-AT step 20% (part of it
-    fewer fresh allocations, so fewer page faults)."""
-    if x.device.type != "cpu" or block.bn1.training or block.bn2.training:
-        return False
-    if not (torch.is_grad_enabled() and x.requires_grad) or is_compiling() or forward_mode_active():
-        return False
-    if not (isinstance(block.act1, nn.ReLU) and isinstance(block.act2, nn.ReLU)) or not has_storage(x):
-        return False
-    if any(p.requires_grad for p in block.parameters()):
-        return False
-    return x.dtype == compute_dtype(x) and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def fold_preact(x: torch.Tensor, block: nn.Module) -> tuple:
-    """`PreactBlock`'s operands for a block, in the dtype the convs compute in (bn1's map too: an
-    addcmul of bfloat16 x with float32 operands into bfloat16 runs through a float32 copy, measured
-    2-3x slower): bn1's affine map; conv1's weight and bias with bn2 folded, and that weight times
-    bn1's scale per input channel (the backward's); conv2's weight; the projection as a matrix
-    [out, in] and it times bn1's scale (None, None for an identity skip)."""
-    scale, shift = bn_affine(block.bn1)
-    scale2, shift2 = bn_affine(block.bn2)
-    dtype = compute_dtype(x)
-    w1 = block.conv1.weight * scale2[:, None, None, None]
-    convs = w1.to(dtype), shift2.to(dtype), (w1 * scale[:, None, None]).to(dtype), block.conv2.weight.to(dtype)
-    skip = (None, None)
-    if block.shortcut is not None:
-        projection = block.shortcut.weight.flatten(1)
-        skip = projection.to(dtype), (projection * scale).to(dtype)
-    return scale.to(dtype), shift.to(dtype), *convs, *skip
-
-
-def preact_tensors(block: nn.Module) -> tuple[torch.Tensor, ...]:
-    """What `fold_preact` depends on."""
-    skip = () if block.shortcut is None else (block.shortcut.weight,)
-    return (*bn_tensors(block.bn1), block.conv1.weight, *bn_tensors(block.bn2), block.conv2.weight, *skip)
-
-
-class PreactBlock(torch.autograd.Function):
-    """An eval-mode pre-activation block with frozen parameters (attacks) as one Function:
-    conv2(relu(conv1(relu(bn1(x))))) + skip with bn2 folded into conv1. A stride-1 projection adds
-    into conv2's output in its own matmul. The backward runs the two input-gradient convs and masks
-    in place; bn1's scale, a per-channel factor that commutes with the ReLU mask, is folded into
-    the backward's weights, and the projection's gradient is added into conv1's by its matmul
-    (into every stride-th pixel at stride 2). Autograd would write each gradient to a fresh tensor
-    and sum, mask and scale them in passes of their own over the block's largest tensors."""
-
-    @staticmethod
-    def forward(ctx, x, operands: tuple, geometry: tuple):
-        """operands: `fold_preact`'s; geometry: conv1's stride and padding, conv2's padding."""
-        scale, shift, w1, b1, w1_in, w2, projection, projection_in = operands
-        stride, pad1, pad2 = geometry
-        with torch.autocast(x.device.type, enabled=False):
-            pre = torch.addcmul(shift[:, None, None], x, scale[:, None, None]).relu_()
-            h = F.conv2d(pre, w1, b1, stride, pad1).relu_()
-            out = F.conv2d(h, w2, None, 1, pad2)
-            if projection is None:
-                out.add_(x)
-            elif stride == 1:
-                matrix(out).addmm_(matrix(pre), projection.t())
-            else:
-                out.add_(F.conv2d(pre, projection[:, :, None, None], None, stride))
-        ctx.save_for_backward(pre, h, w1_in, w2, projection_in)
-        ctx.stride, ctx.pads = stride, (pad1, pad2)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, h, w1_in, w2, projection_in = ctx.saved_tensors
-        (pad1, pad2), stride = ctx.pads, ctx.stride
-        if backward_differentiated() or not has_storage(grad):  # the same map in differentiable ops
-            grad = grad.to(h.dtype)
-            grad_h = torch.nn.grad.conv2d_input(h.shape, w2, grad, 1, pad2) * (h > 0)
-            grad_pre = torch.nn.grad.conv2d_input(pre.shape, w1_in, grad_h, stride, pad1)
-            if projection_in is None:
-                return grad_pre * (pre > 0) + grad, None, None
-            grad_pre = grad_pre + torch.nn.grad.conv2d_input(pre.shape, projection_in[..., None, None], grad, stride)
-            return grad_pre * (pre > 0), None, None
-        grad = grad.to(h.dtype).contiguous(memory_format=torch.channels_last)
-        grad_h = relu_backward_(input_gradient(grad, h, w2, 1, pad2), h)
-        grad_pre = input_gradient(grad_h, pre, w1_in, stride, pad1)
-        if projection_in is None:
-            return relu_backward_(grad_pre, pre).add_(grad), None, None
-        if stride == 1:
-            matrix(grad_pre).addmm_(matrix(grad), projection_in)
-        else:
-            skip = (matrix(grad) @ projection_in).view(grad.shape[0], *grad.shape[2:], -1).permute(0, 3, 1, 2)
-            grad_pre[:, :, ::stride, ::stride] += skip
-        return relu_backward_(grad_pre, pre), None, None
-
-
-def input_gradient(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int) -> torch.Tensor:
-    """The gradient at x of F.conv2d(x, weight, None, stride, pad) given grad at its output, as a
-    channels_last tensor of its own (torch.nn.grad.conv2d_input passes oneDNN an expanded
-    placeholder for x, whose layout is not channels_last)."""
-    args = (weight, None, (stride, stride), (pad, pad), (1, 1), False, (0, 0), 1, (True, False, False))
-    return torch.ops.aten.convolution_backward(grad, x, *args)[0].contiguous(memory_format=torch.channels_last)
-
-
-def relu_backward_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """grad where the ReLU's output `out` is positive, zero elsewhere, written into grad."""
-    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
-
-
 class BasicBlock(nn.Module):
     """Two k x k convs plus a skip (He et al.). Pre-activation (the WRN block, default):
     norm-act-conv-norm-act-conv, the skip a 1x1 strided conv on the pre-activation (no norm) when
     the shape changes. Post-activation (`preact=False`, the original ResNet): conv-norm-act-conv-norm,
     a conv-norm skip, and the activation after the sum.
-    With BatchNorm, `forward` folds each norm that follows a conv into that conv in eval mode
-    (`fused`; see above); `forward_plain` is the reference.
-    In attacks (`preact_route`) a pre-activation block runs as one Function, `PreactBlock`. Like
-    the folds, it reads its submodules' tensors rather than calling them, so hooks on bn1, act1,
-    conv1, bn2, act2, conv2 or the shortcut do not fire there (`fused = False` runs `forward_plain`).
     """
+
+    scaler_block = ("basic", 1)  # kind and version: trainers.fused recognises it
 
     def __init__(
         self,
@@ -325,23 +76,8 @@ class BasicBlock(nn.Module):
                     nn.Conv2d(in_channels, out_channels, 1, stride, 0, bias=False), make_norm(norm, out_channels)
                 )
             self.act2 = make_act(act)
-        self.fused = norm == "batch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
-            return self.forward_plain(x)
-        if not self.preact:
-            y = self.act1(conv_bn(x, self.conv1, self.bn1))
-            skip = x if self.shortcut is None else conv_bn(x, self.shortcut[0], self.shortcut[1])
-            return self.act2(conv_bn(y, self.conv2, self.bn2) + skip)
-        if preact_route(x, self):
-            operands = folded(x, self.conv1, preact_tensors(self), fold_preact, x, self)
-            return PreactBlock.apply(x, operands, (self.conv1.stride[0], self.conv1.padding[0], self.conv2.padding[0]))
-        pre = self.act1(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(pre)
-        return self.conv2(self.act2(conv_bn(pre, self.conv1, self.bn2))) + skip
-
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         if not self.preact:
             y = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
             skip = x if self.shortcut is None else self.shortcut(x)
@@ -354,6 +90,8 @@ class BasicBlock(nn.Module):
 
 class WideResNet(nn.Module):
     """Pre-activation WideResNet: depths 5-5-5, planes 160-320-640, stem 16."""
+
+    scaler_network = ("resnet", 1)  # kind and version: trainers.fused recognises it
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -382,15 +120,12 @@ class WideResNet(nn.Module):
         self.bn = make_norm("batch", 640)
         self.act = make_act("relu")
         self.fc = nn.Linear(640, num_classes)
-        self.fused = True  # the head's global average pool as a sum (its gradient keeps channels_last)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.stage3(self.stage2(self.stage1(x)))
         x = self.act(self.bn(x))
-        if self.fused:
-            return self.fc(x.sum((2, 3)) / (x.shape[2] * x.shape[3]))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import linecache
 import sys
 import traceback
 import types
@@ -22,21 +23,33 @@ from scaler.spec import ArchSpec
 
 def load_source(source: str, label: str = "model") -> types.ModuleType:
     """Execute model source as a module registered in `sys.modules` (so pickling/export can find
-    its classes). The name is a content hash: the same source loads once. Errors name the file and
-    line."""
-    name = "scaler_generated_" + hashlib.sha1(source.encode()).hexdigest()[:16]
+    its classes). The name is a content hash: the same source loads once. Its text is in linecache
+    under the code's file name (`label`, or `label <hash>` where no file there holds it), so
+    `inspect.getsource`, and with it `torch.jit.script`, finds it. Errors name the file and line."""
+    digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+    name = "scaler_generated_" + digest
     if name in sys.modules:
         return sys.modules[name]
     module = types.ModuleType(name)
     module.__file__ = label
+    filename = label if _holds(label, source) else f"{label} <{digest}>"
+    if filename != label:
+        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     try:
-        exec(compile(source, label, "exec"), module.__dict__)
+        exec(compile(source, filename, "exec"), module.__dict__)
     except SyntaxError as exc:
         raise ScalerError(f"{label}, line {exc.lineno}: syntax error: {exc.msg}") from None
     except Exception as exc:  # a user's file: report, never trace back
-        raise ScalerError(f"cannot import {label}{_where(exc, label)}: {_one_line(exc)}") from None
+        raise ScalerError(f"cannot import {label}{_where(exc, filename)}: {_one_line(exc)}") from None
     sys.modules[name] = module
     return module
+
+
+def _holds(path: str, source: str) -> bool:
+    try:
+        return Path(path).read_text() == source
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
 
 
 def call_build_model(module: types.ModuleType, num_classes: int | None, label: str):
@@ -55,7 +68,8 @@ def call_build_model(module: types.ModuleType, num_classes: int | None, label: s
     try:
         model = fn(num_classes=num_classes) if takes_classes and num_classes is not None else fn()
     except Exception as exc:
-        raise ScalerError(f"build_model() in {label} failed{_where(exc, label)}: {_one_line(exc)}") from None
+        where = _where(exc, getattr(getattr(fn, "__code__", None), "co_filename", label))
+        raise ScalerError(f"build_model() in {label} failed{where}: {_one_line(exc)}") from None
     if not isinstance(model, torch.nn.Module):
         raise ScalerError(f"build_model() in {label} returned {type(model).__name__}, not a torch nn.Module")
     return model

@@ -161,22 +161,8 @@ def render(spec: ArchSpec, provenance: Provenance | None = None) -> str:
         template = "resnet.py.j2"
         used = {BLOCK_TEMPLATES[k.block][0]: None for k in knobs}
         context.update(block_templates=list(used), stem=spec.stem, stages=_resnet_stages(spec))
-        context.update(_fused_flags(knobs, context["same_padding"]))
     context["network_template"] = template
     return _environment().get_template(template).render(**context)
-
-
-def _fused_flags(knobs, same_padding: bool) -> dict:
-    """Which fused formulations (templates/_fused.py.j2) a residual network's file needs: they
-    fold BatchNorm, so a network without one has only the plain forward."""
-    fused = any(k.norm == "batch" for k in knobs)
-    bottleneck = fused and any(k.bottleneck for k in knobs)
-    return dict(
-        fused=fused,
-        fused_bottleneck=bottleneck,
-        fused_residual_se=bottleneck and any(k.bottleneck and k.se == "residual" for k in knobs),
-        fused_preact=fused and not same_padding and any(k.block == "basic" and k.activation == "relu" for k in knobs),
-    )
 
 
 def _kwargs(knobs, names: tuple[str, ...]) -> list[str]:

@@ -265,6 +265,13 @@ def _int_list(what: str):
     return lambda t: tuple(parse_list(t, what, n=len(t.split(","))))
 
 
+FUSED_HELP = (
+    "Run the blocks through the fast runtime's fused formulations (the same function) "
+    "[default: auto, on where it measured faster: a CPU without --compile]."
+)
+"""--fused/--no-fused: one meaning in train, eval and bench (trainers.fused.resolve_fused)."""
+
+
 def _train_opts() -> list[Opt]:
     d = _defaults()
 
@@ -342,6 +349,7 @@ def _train_opts() -> list[Opt]:
             "basic-block networks on a CPU, runs of >= 2000 steps].",
             ("--compile/--no-compile",),
         ),
+        o("fused", Optional[bool], FUSED_HELP, ("--fused/--no-fused",)),
         o(
             "init_from",
             Optional[str],

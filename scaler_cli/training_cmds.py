@@ -9,7 +9,14 @@ import typer
 
 from scaler.errors import ScalerError
 from scaler_cli.app import CONTEXT, app
-from scaler_cli.options import SPEC_OPTIONS, TRAIN_OPTIONS, model_from_options, train_config, with_options
+from scaler_cli.options import (
+    FUSED_HELP,
+    SPEC_OPTIONS,
+    TRAIN_OPTIONS,
+    model_from_options,
+    train_config,
+    with_options,
+)
 from scaler_cli.output import table
 
 bench_app = typer.Typer(
@@ -75,6 +82,7 @@ def eval_cmd(
         "--compile",
         help="torch.compile the logits and our attacks (AutoAttack stays eager); little gain on a CPU.",
     ),
+    fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help=FUSED_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -106,6 +114,7 @@ def eval_cmd(
         announce=(lambda line: print(line, file=sys.stderr)) if not quiet else None,
         precision=precision,
         compile=compile_model,
+        fused=fused,
     )
     if as_json:
         print(json.dumps({**results, "checkpoint": info}, indent=2))
@@ -139,6 +148,7 @@ def bench_train_cmd(
     precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="channels_last tensors."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help=FUSED_HELP),
     reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time the fp32 reference loop."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -166,6 +176,7 @@ def bench_train_cmd(
         reference=reference,
         flops_per_image=flops,
         resolution=spec.resolution if spec is not None else 32,
+        fused=fused,
     )
     result["model"] = label
     if as_json:
@@ -174,7 +185,7 @@ def bench_train_cmd(
     layout = "channels_last" if result.get("channels_last", channels_last) else "NCHW"
     print(
         f"{label}: {method}, batch {batch_size}, {result['precision']}, "
-        f"{layout}{', compiled' if compile_model else ''} on {result['device']}"
+        f"{layout}{', compiled' if compile_model else ''}{', fused' if result['fused'] else ''} on {result['device']}"
     )
     print(f"ours       {result['images_per_s']:.1f} images/s ({result['seconds_per_step'] * 1000:.1f} ms/step)")
     _print_speed(result, reference, "attack steps 2x a forward, trained forwards 3x")
@@ -222,6 +233,7 @@ def bench_eval_cmd(
     compile_model: bool = typer.Option(
         False, "--compile", help="torch.compile ours; its compiling warm-up is reported, not timed."
     ),
+    fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help=FUSED_HELP),
     rounds: int = typer.Option(1, help="Timed passes of each (alternating); the medians are reported."),
     reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time the fp32 reference loop."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -247,6 +259,7 @@ def bench_eval_cmd(
         flops_per_image=scaler.count(spec).flops if spec is not None else None,
         resolution=spec.resolution if spec is not None else 32,
         rounds=rounds,
+        fused=fused,
     )
     result["model"] = label
     if as_json:
@@ -255,7 +268,8 @@ def bench_eval_cmd(
     layout = "channels_last" if result["channels_last"] else "NCHW"
     print(
         f"{label}: {attack} evaluation of {n} images, batch {result['batch_size']}, "
-        f"{result['precision']}, {layout}{', compiled' if compile_model else ''} on {result['device']}"
+        f"{result['precision']}, {layout}{', compiled' if compile_model else ''}{', fused' if result['fused'] else ''} "
+        f"on {result['device']}"
     )
     print(f"ours       {result['images_per_s']:.1f} images/s ({result['seconds']:.2f} s)")
     if compile_model:

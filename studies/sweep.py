@@ -37,7 +37,7 @@ from studies.trial import TrialTask, run_trial
 
 TRIALS_DIR = "trials"
 ERRORS_DIR = "errors"
-VOLATILE_CONFIG = ("device", "compile", "data_dir", "channels_last", "extra", "model", "spec")
+VOLATILE_CONFIG = ("device", "compile", "fused", "data_dir", "channels_last", "extra", "model", "spec")
 """TrainConfig fields a rerun may change without changing results (or that vary per trial)."""
 DEFAULT_TEST_ATTACKS = ("clean", "fgsm", "pgd20", "cw40")
 DEFAULT_CLASSES = 10

@@ -8,7 +8,6 @@ Randomness comes from an explicit `torch.Generator`, so attacks are reproducible
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from contextlib import contextmanager, nullcontext
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from scaler.errors import ScalerError
 from trainers.config import parse_eps  # noqa: F401  (re-exported: attacks take sizes as text too)
+from trainers.fused import fused_blocks
 
 
 @contextmanager
@@ -40,8 +40,9 @@ def frozen_eval(model: torch.nn.Module):
 def folded_batchnorm(model: torch.nn.Module):
     """Within an eval-mode attack, run every BatchNorm as its exact per-channel affine map
     x * scale + shift (one fused elementwise op forward and backward), and an emitted model's
-    conv-BN folds once for all steps (`emitted_constant_folds`). Same function as eval-mode BN;
-    native BN backward is several times slower on the CPU in bf16. Restored on exit."""
+    blocks through the fast runtime (`trainers.fused.fused_blocks`: on where it measured faster,
+    or as an enclosing span chose), their conv-BN folds built once for all steps. Same function as
+    eval-mode BN; native BN backward is several times slower on the CPU in bf16. Restored on exit."""
     patched = []
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_var is not None and not m.training:
@@ -54,7 +55,7 @@ def folded_batchnorm(model: torch.nn.Module):
             patched.append((m, m.__dict__.get("forward")))  # an outer folding's patch comes back on exit
             m.forward = functools.partial(_affine, scale.detach(), shift.detach())
     try:
-        with emitted_constant_folds(model):
+        with fused_blocks(model):
             yield model
     finally:
         for m, previous in patched:
@@ -62,18 +63,6 @@ def folded_batchnorm(model: torch.nn.Module):
                 del m.forward
             else:
                 m.forward = previous
-
-
-def emitted_constant_folds(model: torch.nn.Module):
-    """The emitted model file's `constant_folds(model)` (its eval-mode conv-BN folds built once and
-    reused while the parameters are frozen and unchanged), found in the globals of the first
-    submodule's `forward` that has one; a no-op for other models (TorchScript ones included)."""
-    for m in model.modules():
-        forward = inspect.getattr_static(type(m), "forward", None)  # no descriptors run (TorchScript's raise)
-        enter = getattr(forward, "__globals__", {}).get("constant_folds")
-        if callable(enter):
-            return enter(model)
-    return nullcontext()
 
 
 def _affine(scale: torch.Tensor, shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +210,7 @@ def autoattack(
 
     if autocast_dtype is not None:
         model = Autocast(model, autocast_dtype)
-    with frozen_eval(model), emitted_constant_folds(model):  # the same function, its folds built once
+    with frozen_eval(model), fused_blocks(model):  # the same function: fused blocks, folds built once
         if version == "standard":
             aa = AutoAttack(model, eps=eps, norm="Linf", seed=seed, version="standard", device=x.device)
         elif version == "compact":

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from scaler.errors import ScalerError
-from scaler.verify import use_plain_formulation
 from trainers.config import make_config
+from trainers.fused import fused_blocks, resolve_fused
 from trainers.peak import efficiency
 from trainers.step import (
     Stepper,
@@ -125,10 +125,13 @@ def bench_train(
     flops_per_image=None,
     seed=0,
     resolution=32,
+    fused=None,
 ) -> dict:
     """Time `steps` training steps of ours (and of the reference loop) on synthetic data; beside
     images/s, each one's minor page faults per image over its timed steps (`page_faults_per_image`,
-    `reference_page_faults_per_image`; None where not counted)."""
+    `reference_page_faults_per_image`; None where not counted). Ours runs the blocks through the
+    fast runtime where `fused` says (None: where it measured faster, `trainers.fused`), the
+    reference the model as emitted: the blocks as the papers write them."""
     if method not in ("pgd-at", "trades", "mart"):
         raise ScalerError(f"unknown method {method!r}; bench takes pgd-at, trades or mart")
     if batch_size < 1 or steps < 1:
@@ -175,7 +178,9 @@ def bench_train(
     result["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
     result["channels_last"] = channels_last
     result["compile"] = compile
-    seconds, faults = _time(lambda: stepper.step(x, y), steps, warmup, dev)
+    result["fused"] = resolve_fused(fused, dev, compiled=compile)
+    with fused_blocks(ours_model, result["fused"]):
+        seconds, faults = _time(lambda: stepper.step(x, y), steps, warmup, dev)
     result["seconds_per_step"] = seconds
     result["page_faults_per_image"] = _per(faults, batch_size)
     result["images_per_s"] = batch_size / seconds
@@ -185,11 +190,11 @@ def bench_train(
         result.update(efficiency(step_flops / seconds, dev.type, result["precision"]))
     if reference:
         ref_model = copy.deepcopy(model).to(dev)
-        use_plain_formulation(ref_model)  # the blocks as the papers write them, as in bench eval
         ref_opt = torch.optim.SGD(
             ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=False
         )
-        ref_seconds, ref_faults = _time(lambda: reference_step(ref_model, ref_opt, x, y, cfg), steps, warmup, dev)
+        with fused_blocks(ref_model, False):  # as emitted (an earlier model file: its plain formulation)
+            ref_seconds, ref_faults = _time(lambda: reference_step(ref_model, ref_opt, x, y, cfg), steps, warmup, dev)
         result["reference_images_per_s"] = batch_size / ref_seconds
         result["reference_page_faults_per_image"] = _per(ref_faults, batch_size)
         result["speedup"] = ref_seconds / seconds
@@ -280,12 +285,13 @@ def bench_eval(
     seed=0,
     resolution=32,
     rounds=1,
+    fused=None,
 ) -> dict:
     """Time our evaluation of `attack` (trainers.evaluation.evaluate: clean logits, the attack,
     the attacked logits and the metrics) over n synthetic images against `reference_eval` on the
     same data, after a one-batch warm-up of each; `rounds` > 1 times each that often, alternating,
-    and keeps the medians. Ours runs an emitted model's fused formulation, the reference its plain
-    one (`fused = False`: the blocks as the papers write them), as in `bench train`. `compile`
+    and keeps the medians. Ours runs the blocks through the fast runtime where `fused` says (None:
+    where it measured faster), the reference the model as emitted, as in `bench train`. `compile`
     times ours torch.compile'd (BatchNorm left to the compiler, as in compiled training); its
     warm-up, which compiles each batch shape, is reported as `warmup_seconds` and not timed.
     Minor page faults per image are the mean over the timed rounds (`page_faults_per_image`,
@@ -324,6 +330,7 @@ def bench_eval(
     }
 
     result["compile"] = compile
+    result["fused"] = resolve_fused(fused, dev, compiled=compile)
 
     def ours(xs, ys):
         return evaluate(
@@ -335,13 +342,14 @@ def bench_eval(
             precision=precision,
             channels_last=layout,
             compile=compile,
+            fused=result["fused"],
         )
 
     ref_model = copy.deepcopy(model).to(dev) if reference else torch.nn.Module()
-    use_plain_formulation(ref_model)
 
     def ref(xs, ys):
-        return reference_eval(ref_model, xs, ys, attack, batch_size=reference_batch_size)
+        with fused_blocks(ref_model, False):  # as emitted (an earlier model file: its plain formulation)
+            return reference_eval(ref_model, xs, ys, attack, batch_size=reference_batch_size)
 
     timed = {"ours": ours, **({"reference": ref} if reference else {})}
     begin, finish = _timer(dev)

@@ -77,6 +77,7 @@ class TrainConfig:
     val_precision: str = "auto"  # per-epoch validation: auto (bf16 when training resolves to bf16), fp32, bf16
     channels_last: bool = True
     compile: bool | None = None  # None: auto, resolved once per run (trainers.step.resolve_compile)
+    fused: bool | None = None  # the fast runtime's fused blocks; None: where measured faster (trainers.fused)
     recipe: str | None = None
     init_from: str | None = None  # run directory or checkpoint whose weights replace the fresh init
     extra: dict = field(default_factory=dict)

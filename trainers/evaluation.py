@@ -21,6 +21,7 @@ import torch
 
 from scaler.errors import ScalerError
 from trainers.attacks import autoattack, fgsm, folded_batchnorm, pgd
+from trainers.fused import fused_blocks, resolve_fused
 
 ATTACKS = ("clean", "fgsm", "pgd20", "cw40", "aa", "aa-compact")
 DEFAULT_ATTACKS = ("clean", "pgd20", "cw40")
@@ -194,6 +195,7 @@ def evaluate(
     channels_last: bool = True,
     fold_bn: bool = True,
     compile: bool = False,
+    fused: bool | None = None,
 ) -> dict:
     """{attack: {accuracy, stable, lip, loss, n}} plus 'warnings' (gradient-masking sanity flags);
     loss is the mean cross-entropy of the (attacked) logits, as NARes records it. `precision`
@@ -203,7 +205,9 @@ def evaluate(
     per batch: the batches pyautoattack users run, and this project's AA results so far). The model
     comes back in its mode and layout. `compile` runs the logits and our attacks (not AutoAttack:
     pyautoattack calls the model as given) through torch.compile, one static graph per batch shape,
-    with BatchNorm left to the compiler (not folded) as in compiled training."""
+    with BatchNorm left to the compiler (not folded) as in compiled training. `fused` runs the
+    blocks through the fast runtime (`trainers.fused`): None where it measured faster, or as an
+    enclosing span (a training run) chose."""
     dtype = precision_dtype(precision)
     aa_batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if batch_size is None:
@@ -217,44 +221,46 @@ def evaluate(
     xs = x.contiguous(memory_format=torch.channels_last) if layout else x
     ours = torch.compile(model, dynamic=False) if compile else model  # shares model's parameters
     fast = dict(autocast_dtype=dtype, fold_bn=fold_bn and not compile)
-    results: dict = {}
-    messages: list[str] = []
-    with in_layout(model, layout):
-        clean_logits = logits_of(ours, xs, batch_size, **fast)
-    clean_pred = clean_logits.argmax(1)
-    for name in attacks:
-        is_aa = name in ("aa", "aa-compact")
-        plain = is_aa and dtype is None  # exact AutoAttack: the model as given
-        net, speed = (model, dict(autocast_dtype=dtype, fold_bn=fold_bn)) if is_aa else (ours, fast)
-        with in_layout(model, layout and not plain):
-            x_in = x if is_aa else xs  # AutoAttack views its tensors: NCHW in
-            x_adv = adversarial(
-                net,
-                name,
-                x_in,
-                y,
-                eps=eps,
-                seed=seed,
-                batch_size=aa_batch_size if is_aa else batch_size,
-                messages=messages,
-                progress=progress,
-                **speed,
-            )
-            adv_logits = (
-                clean_logits
-                if name == "clean"
-                else logits_of(net, x_adv, batch_size, autocast_dtype=dtype, fold_bn=speed["fold_bn"] and not plain)
-            )
-            pred = adv_logits.argmax(1)
-            results[name] = {
-                "accuracy": 100.0 * (pred == y).float().mean().item(),
-                "stable": 100.0 * (pred == clean_pred).float().mean().item(),
-                "lip": 0.0 if name == "clean" else lipschitz(clean_logits, adv_logits, x, x_adv),
-                "loss": torch.nn.functional.cross_entropy(adv_logits, y).item(),
-                "n": len(y),
-            }
-            if per_block and name == "pgd20":
-                results[name]["per_block_lip"] = per_block_lipschitz(model, x_in, x_adv, batch_size)
+    chosen = None if fused is None and not compile else resolve_fused(fused, x.device, compiled=compile)
+    with fused_blocks(model, chosen):
+        results: dict = {}
+        messages: list[str] = []
+        with in_layout(model, layout):
+            clean_logits = logits_of(ours, xs, batch_size, **fast)
+        clean_pred = clean_logits.argmax(1)
+        for name in attacks:
+            is_aa = name in ("aa", "aa-compact")
+            plain = is_aa and dtype is None  # exact AutoAttack: the model as given
+            net, speed = (model, dict(autocast_dtype=dtype, fold_bn=fold_bn)) if is_aa else (ours, fast)
+            with in_layout(model, layout and not plain):
+                x_in = x if is_aa else xs  # AutoAttack views its tensors: NCHW in
+                x_adv = adversarial(
+                    net,
+                    name,
+                    x_in,
+                    y,
+                    eps=eps,
+                    seed=seed,
+                    batch_size=aa_batch_size if is_aa else batch_size,
+                    messages=messages,
+                    progress=progress,
+                    **speed,
+                )
+                adv_logits = (
+                    clean_logits
+                    if name == "clean"
+                    else logits_of(net, x_adv, batch_size, autocast_dtype=dtype, fold_bn=speed["fold_bn"] and not plain)
+                )
+                pred = adv_logits.argmax(1)
+                results[name] = {
+                    "accuracy": 100.0 * (pred == y).float().mean().item(),
+                    "stable": 100.0 * (pred == clean_pred).float().mean().item(),
+                    "lip": 0.0 if name == "clean" else lipschitz(clean_logits, adv_logits, x, x_adv),
+                    "loss": torch.nn.functional.cross_entropy(adv_logits, y).item(),
+                    "n": len(y),
+                }
+                if per_block and name == "pgd20":
+                    results[name]["per_block_lip"] = per_block_lipschitz(model, x_in, x_adv, batch_size)
     results["warnings"] = messages + sanity_flags(results)
     return results
 

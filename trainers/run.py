@@ -18,6 +18,7 @@ from trainers import checkpoint
 from trainers.config import TrainConfig
 from trainers.data import NUM_CLASSES, check_split, holdout, load_cifar101, load_split
 from trainers.distributed import barrier, dist_info, init_distributed
+from trainers.fused import fused_blocks, resolve_fused
 from trainers.loop import RunState, run_epochs
 from trainers.losses import WarLambda
 from trainers.run_eval import load_weights
@@ -242,20 +243,22 @@ def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, devic
 
     stepper = _stepper(state, cfg, device, world)
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    fused = resolve_fused(cfg.fused, device, compiled=cfg.compile)  # speed only: config.json keeps the choice
     try:
-        return run_epochs(
-            state,
-            stepper,
-            cfg,
-            out,
-            train_data,
-            val_data,
-            source=source,
-            end_epoch=end_epoch,
-            rank=rank,
-            world=world,
-            progress=progress,
-        )
+        with fused_blocks(model, fused):
+            return run_epochs(
+                state,
+                stepper,
+                cfg,
+                out,
+                train_data,
+                val_data,
+                source=source,
+                end_epoch=end_epoch,
+                rank=rank,
+                world=world,
+                progress=progress,
+            )
     except KeyboardInterrupt:
         saved = f"last.pt holds epoch {state.epoch}" if (out / "last.pt").is_file() else "no epoch finished yet"
         raise Interrupted(

@@ -12,6 +12,7 @@ from scaler.errors import ScalerError
 from trainers import checkpoint
 from trainers.data import NUM_CLASSES, load_split
 from trainers.evaluation import evaluate, precision_dtype
+from trainers.fused import resolve_fused
 from trainers.step import block_families, require_compiler, resolve_device
 
 
@@ -110,12 +111,13 @@ def evaluate_run(
     announce=None,
     precision="fp32",
     compile=False,
+    fused=None,
 ):
     """(results, info) for a run directory or checkpoint; `announce(line)` is told which
     checkpoint and epoch is evaluated before the (possibly long) attacks start. `precision`:
     fp32 (default) or bf16 autocast of the attacks and logits; `batch_size` None is the device's
     default (trainers.evaluation.default_batch_size); `compile` torch.compiles the logits and our
-    attacks (trainers.evaluation.evaluate)."""
+    attacks, `fused` picks the fast runtime's blocks (trainers.evaluation.evaluate)."""
     precision_dtype(precision)  # bad input fails before the model and data load
     dev = resolve_device(device)
     if compile:
@@ -129,6 +131,7 @@ def evaluate_run(
     if n is not None:
         x, y = x[:n], y[:n]
     info.update(dataset=dataset, n=len(y), eps=eps, precision=precision, compile=bool(compile))
+    info["fused"] = resolve_fused(fused, dev, compiled=bool(compile))
     if announce is not None:
         of = f" of {info['epochs']}" if info["epochs"] else ""
         why = " (no best.pt yet: the run has not validated)" if info["checkpoint"].endswith("last.pt") else ""
@@ -150,5 +153,6 @@ def evaluate_run(
         progress=progress,
         precision=precision,
         compile=compile,
+        fused=info["fused"],
     )
     return results, info
