@@ -1,7 +1,7 @@
 """PGD-20 evaluation (what `scaler eval` and per-epoch validation spend their time on): ours
-(frozen parameters, channels_last, folded eval BN, the emitted blocks' fused formulation, no host
+(frozen parameters, channels_last, folded eval BN, the fast runtime's fused blocks, no host
 syncs; fp32, and bf16 autocast) against a plain fp32 NCHW evaluation loop (`reference_eval`: the
-blocks' plain formulation, parameters requiring grad, a per-batch `.item()`) on the same emitted
+model as emitted, parameters requiring grad, a per-batch `.item()`) on the same emitted
 model and data, in the same process, at `scaler eval`'s CPU batch size. The three alternate round
 by round (`time_alternating`); pytest-benchmark's row is one round of all three. GFLOP/s count the
 cost model's multiply-adds (the clean and the attacked forward 1x, each attack step 2x).
@@ -11,7 +11,6 @@ import pytest
 
 from scaler.builder import build_model
 from scaler.spec import ArchSpec
-from scaler.verify import use_plain_formulation
 
 MODELS = {
     "basic-bar": ArchSpec("basic", (1, 1, 1), (64, 128, 256)),  # --depths 1,1,1 --widths 4,4,4
@@ -47,10 +46,9 @@ def _evaluation(variant, spec):
     batch = default_batch_size("cpu")
     net = build_model(spec).eval()
     if variant == "reference":
-        use_plain_formulation(net)
         return lambda: reference_eval(net, x, y, "pgd20", batch_size=batch)
     precision = variant.removeprefix("ours-")
-    return lambda: evaluate(net, x, y, ("pgd20",), batch_size=batch, precision=precision)
+    return lambda: evaluate(net, x, y, ("pgd20",), batch_size=batch, precision=precision, fused=True)
 
 
 @pytest.mark.parametrize("model", list(MODELS))

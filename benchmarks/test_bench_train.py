@@ -1,9 +1,10 @@
 """Adversarial training step (PGD-10, batch 64, the bat recipe): ours (bf16 autocast where the
-CPU has it, channels_last, frozen parameters and folded BN in the attack, the emitted blocks'
-fused formulation, fused SGD, no host syncs) against a plain fp32 NCHW reference loop on the same
-emitted model in the same process, alternating round by round (`time_alternating`). "ours-plain"
-is ours with the blocks' plain formulation, to measure the fused one's own share. GFLOP/s count the cost model's multiply-adds (attack steps 2
-forwards, the update 3) and are compared with this machine's measured bf16 matmul peak.
+CPU has it, channels_last, frozen parameters and folded BN in the attack, the fast runtime's
+fused blocks (trainers.fused), fused SGD, no host syncs) against a plain fp32 NCHW reference loop
+on the same emitted model, as emitted, in the same process, alternating round by round
+(`time_alternating`). "ours-plain" is ours without the fused blocks (--no-fused), to measure
+their own share. GFLOP/s count the cost model's multiply-adds (attack steps 2 forwards, the
+update 3) and are compared with this machine's measured bf16 matmul peak.
 Run: python -m pytest benchmarks -q -k train -s"""
 
 import copy
@@ -12,7 +13,7 @@ import pytest
 
 from scaler.builder import build_model
 from scaler.spec import ArchSpec
-from scaler.verify import use_plain_formulation
+from trainers.fused import fused_blocks
 
 MODELS = {
     # the issue's bar models: --block robust --depths 2,2,1 --widths 1,1,1 and --depths 1,1,1 --widths 4,4,4,
@@ -36,9 +37,7 @@ def _step(variant, spec):
     torch.manual_seed(0)
     x, y = torch.rand(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
     cfg = make_config("bat", {"model": "bench", "batch_size": BATCH})
-    net = build_model(spec)
-    if variant != "ours":
-        use_plain_formulation(net)  # the reference and ours-plain run the blocks as the papers write them
+    net = build_model(spec)  # as emitted: the blocks as the papers write them
     if variant == "reference":
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4, foreach=False)
         return lambda: reference_step(net, opt, x, y, cfg)
@@ -52,7 +51,12 @@ def _step(variant, spec):
         attack_generator=torch.Generator().manual_seed(0),
         war=None,
     )
-    return lambda: stepper.step(x, y)
+
+    def step():
+        with fused_blocks(net, variant == "ours"):
+            return stepper.step(x, y)
+
+    return step
 
 
 @pytest.mark.parametrize("model", list(MODELS))

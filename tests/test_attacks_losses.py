@@ -1,7 +1,6 @@
 """Attacks and losses on tiny models, against hand-computed values."""
 
 import math
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -164,44 +163,45 @@ def test_folded_batchnorm_is_eval_batchnorm():
 
 
 @pytest.mark.parametrize("fold_bn", [True, False])
-def test_folded_attack_builds_an_emitted_models_folds_once(fold_bn):
-    """With `fold_bn` a PGD attack on an emitted model enters its `constant_folds`: the conv-BN folds
-    are built on the first step only (parameters are frozen throughout), and the attack is the same."""
+def test_folded_attack_builds_an_emitted_models_folds_once(fold_bn, monkeypatch):
+    """With `fold_bn` a PGD attack on an emitted model runs its blocks through the fast runtime
+    (`fused_blocks`, on by default on a CPU) with `constant_folds`: the conv-BN folds are built on
+    the first step only (parameters are frozen throughout), and the attack is the same. Without
+    it the model runs as emitted: no folds at all."""
     from scaler.builder import build_model
     from scaler.spec import ArchSpec
-    from trainers.attacks import emitted_constant_folds
+    from trainers.fused import folds, fused_blocks
 
     torch.manual_seed(0)
     model = build_model(ArchSpec("robust", (1, 1, 1), (16, 32, 64))).eval()
-    namespace = type(model).__init__.__globals__
-    original, builds = namespace["fold_into_conv"], []
-    namespace["fold_into_conv"] = lambda *args: builds.append(1) or original(*args)
+    original, builds = folds.fold_into_conv, []
+    monkeypatch.setattr(folds, "fold_into_conv", lambda *args: builds.append(1) or original(*args))
     x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 2])
-    try:
-        with torch.no_grad():
-            model(x)
-        per_forward = len(builds)
-        a = pgd(model, x, y, eps=0.03, step=0.01, steps=3, generator=torch.Generator().manual_seed(0), fold_bn=fold_bn)
-    finally:
-        namespace["fold_into_conv"] = original
-    assert per_forward > 0 and len(builds) == per_forward * (2 if fold_bn else 4)
+    with torch.no_grad(), fused_blocks(model, True):
+        model(x)
+    per_forward = len(builds)
+    builds.clear()
+    a = pgd(model, x, y, eps=0.03, step=0.01, steps=3, generator=torch.Generator().manual_seed(0), fold_bn=fold_bn)
+    assert per_forward > 0 and len(builds) == (per_forward if fold_bn else 0)  # once for all 4 forwards
+    assert not any("forward" in m.__dict__ for m in model.modules())  # restored
     b = pgd(model, x, y, eps=0.03, step=0.01, steps=3, generator=torch.Generator().manual_seed(0))
     if fold_bn:
         assert (a - b).abs().max() <= 0.01 + 1e-6 and (a == b).float().mean() > 0.99
     else:
         assert torch.equal(a, b)
-    assert isinstance(emitted_constant_folds(tiny_cnn()), type(nullcontext()))  # not an emitted model: no-op
 
 
 def test_folded_attacks_take_torchscript_models():
-    """A TorchScript model has no emitted `constant_folds` to find (and its `forward` raises when
+    """A TorchScript model has no block the runtime recognises (and its `forward` raises when
     looked up on the class): the folded attack and AutoAttack run it as before."""
-    from trainers.attacks import autoattack, emitted_constant_folds
+    from trainers.attacks import autoattack
+    from trainers.fused import fused_blocks
 
     torch.manual_seed(0)
     model = torch.jit.script(tiny_cnn(classes=10).eval())
     x, y = torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 2])
-    assert isinstance(emitted_constant_folds(model), type(nullcontext()))
+    with fused_blocks(model, True) as installed:
+        assert installed == []
     a = pgd(model, x, y, eps=0.1, step=0.02, steps=2, generator=torch.Generator().manual_seed(0), fold_bn=True)
     b = pgd(model, x, y, eps=0.1, step=0.02, steps=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)  # TorchScript BatchNorms are not patched either
@@ -211,12 +211,12 @@ def test_folded_attacks_take_torchscript_models():
     assert torch.equal(shown, x_adv)
 
 
-def test_autoattack_runs_inside_the_emitted_constant_folds(monkeypatch):
+def test_autoattack_runs_inside_the_fast_runtime(monkeypatch):
     import trainers.attacks as attacks
 
     entered = []
-    real = attacks.emitted_constant_folds
-    monkeypatch.setattr(attacks, "emitted_constant_folds", lambda m: entered.append(m) or real(m))
+    real = attacks.fused_blocks
+    monkeypatch.setattr(attacks, "fused_blocks", lambda m: entered.append(m) or real(m))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
     x = torch.rand(4, 3, 8, 8)
     attacks.autoattack(model, x, model(x).argmax(1), eps=8 / 255, version="compact", seed=0)

@@ -60,7 +60,6 @@ def test_render_is_deterministic_and_documents_itself():
     imports = [line for line in a.splitlines() if line.startswith(("import ", "from "))]
     assert imports == [
         "import math",
-        "from contextlib import contextmanager",
         "import torch",
         "import torch.nn.functional as F",
         "from torch import nn",
