@@ -214,7 +214,7 @@ def _print_speed(result: dict, reference: bool, counted: str) -> None:
     if reference:
         print(
             f"reference  {result['reference_gflops_per_s']:.1f} GFLOP/s = "
-            f"{100 * result['reference_fraction_of_peak']:.1f}% of the fp32 peak"
+            f"{100 * result['reference_fraction_of_peak']:.1f}% of the {result['reference_peak_precision']} peak"
         )
     print(f"GFLOP/s: the cost model's multiply-adds ({counted}) per second")
 

@@ -109,6 +109,7 @@ def test_bench_cli_json(capsys):
     assert data["gflops_per_s"] == pytest.approx(data["flops_per_step"] / data["seconds_per_step"] / 1e9)
     assert data["fraction_of_peak"] == pytest.approx(data["gflops_per_s"] / data["peak_gflops_per_s"])
     assert 0 < data["fraction_of_peak"] < 1 and data["peak_precision"] == data["precision"]
+    assert data["reference_peak_precision"] == "fp32" and 0 < data["reference_fraction_of_peak"] < 1
     assert data["reference_gflops_per_s"] == pytest.approx(data["gflops_per_s"] / data["speedup"])
     assert data["batch_size"] == 8 and data["steps"] == 1 and data["method"] == "pgd-at"
     assert data["channels_last"] is True  # no hazard: every strided shortcut sees >= 16 channels
@@ -257,3 +258,19 @@ def test_bench_reference_runs_the_plain_blocks(monkeypatch, bench):
         tb.bench_eval(model, attack="fgsm", n=2, batch_size=2)
     assert seen["fused"] == {False}
     assert not any("forward" in m.__dict__ for m in model.modules())  # the caller's model untouched
+
+
+def test_peak_is_taken_in_the_precision_the_convolutions_use():
+    """fp32 convolutions on CUDA run as TF32 while cuDNN allows it (PyTorch's default): their
+    fraction of peak is of TF32's peak, so that it is never above 1 (an H100 run reported 3.81x
+    the fp32 peak). A GPU's peak matmul is large enough to saturate it."""
+    from trainers.peak import PEAK_SIZE, matmul_peak, peak_precision
+
+    assert peak_precision("cuda", "fp32", cudnn_tf32=True) == "tf32"
+    assert peak_precision("cuda", "fp32", cudnn_tf32=False) == "fp32"
+    assert peak_precision("cuda", "bf16", cudnn_tf32=True) == "bf16"
+    assert peak_precision("cpu", "fp32", cudnn_tf32=True) == "fp32"
+    assert PEAK_SIZE["cuda"] >= 8192
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    assert matmul_peak("cpu", "tf32", size=64, repeats=1) > 0  # TF32 is a CUDA mode: on a CPU plain fp32
+    assert torch.backends.cuda.matmul.allow_tf32 == allowed  # restored

@@ -202,6 +202,7 @@ def bench_train(
             ref = efficiency(step_flops / ref_seconds, dev.type, "fp32")
             result["reference_gflops_per_s"] = ref["gflops_per_s"]
             result["reference_fraction_of_peak"] = ref["fraction_of_peak"]
+            result["reference_peak_precision"] = ref["peak_precision"]
     return result
 
 
@@ -393,4 +394,5 @@ def bench_eval(
             ref_eff = efficiency(total / seconds["reference"], dev.type, "fp32")
             result["reference_gflops_per_s"] = ref_eff["gflops_per_s"]
             result["reference_fraction_of_peak"] = ref_eff["fraction_of_peak"]
+            result["reference_peak_precision"] = ref_eff["peak_precision"]
     return result
