@@ -26,15 +26,22 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, force: bool 
         if not parents:
             raise ScalerError(f"directory {parent} does not exist; create it or pass --parents")
         parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:  # a read-only or full directory: name the target, not a temporary file
+        raise ScalerError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        if not isinstance(exc, OSError):
+            raise
+        reason = exc.strerror or str(exc)
+        kept = "; the previous file is kept" if path.exists() else ""
+        raise ScalerError(f"cannot write {path}: {reason}{kept}") from None
     return path
 
 

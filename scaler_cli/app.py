@@ -16,6 +16,7 @@ except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as click_exc
 
 from scaler.errors import ScalerError
+from scaler.interrupts import stop_on_sigterm
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     _register()
     command = typer.main.get_command(app)
     try:
-        result = command.main(args=argv, prog_name="scaler", standalone_mode=False)
+        with stop_on_sigterm():  # a scheduler's stop ends a command as Ctrl-C does
+            result = command.main(args=argv, prog_name="scaler", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except ScalerError as exc:
         print(f"{exc.prefix}: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line

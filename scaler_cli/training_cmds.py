@@ -49,6 +49,8 @@ def train(
 
     if not out:
         raise ScalerError("give the run directory with --out DIR")
+    if stop_after is not None and stop_after < 1:
+        raise ScalerError("--stop-after must be >= 1 (the epoch to end after)")
     if resume:
         given = [k for k, v in {**spec_opts, **train_opts}.items() if v is not None and k != "epochs"]
         if model is not None or recipe is not None or given:
@@ -92,30 +94,40 @@ def eval_cmd(
 
     import trainers
     from trainers.config import parse_eps
-    from trainers.evaluation import parse_attacks
+    from trainers.evaluation import EvaluationStopped, parse_attacks
 
     names = parse_attacks(attacks)
     if n is not None and n < 1:
         raise ScalerError("--n must be >= 1")
     if batch_size is not None and batch_size < 1:
         raise ScalerError("--batch-size must be >= 1")
-    results, info = trainers.evaluate(
-        target,
-        attacks=names,
-        dataset=dataset,
-        data_dir=data_dir,
-        eps=parse_eps(eps) if eps else None,
-        n=n,
-        seed=seed,
-        batch_size=batch_size,
-        per_block=per_block_lipschitz,
-        device=device,
-        progress=not quiet,
-        announce=(lambda line: print(line, file=sys.stderr)) if not quiet else None,
-        precision=precision,
-        compile=compile_model,
-        fused=fused,
-    )
+    stopped = None
+    try:
+        results, info = trainers.evaluate(
+            target,
+            attacks=names,
+            dataset=dataset,
+            data_dir=data_dir,
+            eps=parse_eps(eps) if eps else None,
+            n=n,
+            seed=seed,
+            batch_size=batch_size,
+            per_block=per_block_lipschitz,
+            device=device,
+            progress=not quiet,
+            announce=(lambda line: print(line, file=sys.stderr)) if not quiet else None,
+            precision=precision,
+            compile=compile_model,
+            fused=fused,
+        )
+    except EvaluationStopped as exc:  # print what finished, then the stop's own line
+        stopped, results, info = exc, exc.results, exc.info
+    _print_evaluation(results, info, precision, as_json)
+    if stopped is not None:
+        raise stopped
+
+
+def _print_evaluation(results: dict, info: dict, precision: str, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**results, "checkpoint": info}, indent=2))
         return

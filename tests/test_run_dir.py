@@ -228,3 +228,133 @@ def test_eval_of_an_unfinished_run_names_its_checkpoint_and_epoch(tmp_path, caps
     assert code == 0
     assert f"evaluating {out / 'last.pt'}, epoch 1 of 4 (no best.pt yet" in err
     assert stdout.splitlines()[0].startswith(f"{out / 'last.pt'} (epoch 1, unfinished run;")
+
+
+def test_an_interrupt_during_validation_names_the_epoch_last_pt_holds(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while epoch 2's validation attacks run: last.pt still holds epoch 1 (it said epoch 2)."""
+    import trainers.evaluation as evaluation
+
+    real = evaluation.adversarial
+
+    def interrupt_validating_epoch_2(model, name, *args, **kwargs):
+        if name == "pgd20" and checkpoint.last_epoch(out) == 1:
+            raise KeyboardInterrupt
+        return real(model, name, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "adversarial", interrupt_validating_epoch_2)
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "train", *TINY_ARGS, "--epochs", "2", "--quiet", "--out", out)
+    assert code == 130
+    assert err.strip().splitlines()[-1].startswith("interrupted: stopped during epoch 2; last.pt holds epoch 1.")
+    assert checkpoint.last_epoch(out) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_like_ctrl_c_and_releases_the_lock(tmp_path):
+    """SLURM stops a job with SIGTERM: the same message as Ctrl-C, exit 130, no lock left behind."""
+    import signal
+    import time
+
+    out = tmp_path / "r"
+    args = [sys.executable, "-m", "scaler_cli", "train", *TINY_ARGS, "--epochs", "50", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: stopped during epoch ")
+    assert "Continue with: scaler train --resume" in err
+    assert not (out / checkpoint.LOCK_NAME).exists()
+
+
+def test_a_refused_resume_changes_nothing(tmp_path, capsys):
+    """A truncated last.pt and --epochs 8: refused in one line, config.json not rewritten."""
+    out = tmp_path / "r"
+    train(tiny_config(epochs=1), out, progress=False)
+    config = (out / "config.json").read_text()
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, "train", "--resume", "--epochs", "8", "--out", out)
+    assert code == 2 and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert (out / "config.json").read_text() == config
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    """torch.save on a full disk raised a many-line RuntimeError; the previous last.pt is kept."""
+    out = tmp_path / "r"
+    train(tiny_config(epochs=1), out, progress=False)
+    saved = (out / "last.pt").read_bytes()
+
+    def full_disk(state, path):
+        with open(path, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: type("U", (), {"free": 0})())
+    code, _, err = run(capsys, "train", "--resume", "--epochs", "2", "--quiet", "--out", out)
+    assert code == 2
+    assert err.strip() == f"error: cannot write {out / 'last.pt'}: No space left on device; the previous file is kept"
+    assert (out / "last.pt").read_bytes() == saved
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_a_finished_run_whose_best_epoch_is_earlier_is_not_called_unfinished(tmp_path, capsys):
+    out = tmp_path / "r"
+    train(tiny_config(epochs=2, best_from=0.0), out, progress=False)
+    best = torch.load(out / "best.pt", weights_only=True)
+    best["epoch"] = 1  # adversarial training's usual case: the best epoch is not the last
+    torch.save(best, out / "best.pt")
+    code, out_text, err = run(capsys, "eval", out, "--attacks", "clean", "--n", "8", "--quiet")
+    assert code == 0, err
+    assert "(epoch 1;" in out_text and "unfinished" not in out_text
+    last = torch.load(out / "last.pt", weights_only=True)
+    last["epoch"] = 1  # a run stopped after epoch 1 of 2
+    torch.save(last, out / "last.pt")
+    code, out_text, err = run(capsys, "eval", out, "--attacks", "clean", "--n", "8", "--quiet")
+    assert code == 0 and "unfinished run" in out_text
+
+
+def test_an_interrupted_evaluation_prints_the_attacks_it_finished(tmp_path, capsys, monkeypatch):
+    import trainers.evaluation as evaluation
+
+    out = tmp_path / "r"
+    train(tiny_config(epochs=1), out, progress=False)
+    real = evaluation.adversarial
+
+    def interrupt_in_pgd20(model, name, *args, **kwargs):
+        if name == "pgd20":
+            raise KeyboardInterrupt
+        return real(model, name, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "adversarial", interrupt_in_pgd20)
+    code, out_text, err = run(capsys, "eval", out, "--attacks", "clean,fgsm,pgd20,cw40", "--n", "8", "--quiet")
+    assert code == 130
+    rows = [line.split()[0] for line in out_text.splitlines()[3:] if line.strip()]  # header, title, rule
+    assert rows[:2] == ["clean", "fgsm"] and "pgd20" not in rows and "cw40" not in rows
+    assert err.strip() == "interrupted: stopped during pgd20; finished: clean, fgsm"
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--lr", "nan", "--lr must be a finite number > 0 (got nan)"),
+        ("--lr", "inf", "--lr must be a finite number > 0 (got inf)"),
+        ("--momentum", "2", "--momentum must be in [0, 1) (got 2.0)"),
+        ("--momentum", "nan", "--momentum must be in [0, 1) (got nan)"),
+        ("--beta", "-1", "--beta must be a finite number >= 0 (got -1.0)"),
+        ("--beta", "nan", "--beta must be a finite number >= 0 (got nan)"),
+        ("--weight-decay", "-1", "--weight-decay must be a finite number >= 0 (got -1.0)"),
+        ("--grad-clip", "-1", "--grad-clip must be a finite number >= 0 (got -1.0)"),
+        ("--label-smoothing", "2", "--label-smoothing must be in [0, 1) (got 2.0)"),
+        ("--warmup-epochs", "-1", "--warmup-epochs must be a finite number >= 0 (got -1.0)"),
+        ("--stop-after", "0", "--stop-after must be >= 1 (the epoch to end after)"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "train", *TINY_ARGS, flag, value, "--quiet", "--out", out)
+    assert code == 2 and err.strip() == f"error: {message}"
+    assert not out.exists()

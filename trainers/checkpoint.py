@@ -18,6 +18,7 @@ and `imported`: it evaluates and seeds fine-tuning (`--init-from`), it does not 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -35,8 +36,21 @@ LOCK_NAME = ".lock"
 
 
 def save(state: dict, path: Path) -> None:
-    """Write a checkpoint atomically (a crash leaves the previous file)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write a checkpoint atomically: a crash, a full disk or a refused write leaves the previous
+    file, and the error is one line."""
+    atomic_write(path, lambda tmp: _torch_save(state, tmp))
+
+
+def _torch_save(state: dict, tmp: str) -> None:
+    """torch.save as a file write: its writer reports a failed write (a full disk) as a many-line
+    RuntimeError ("unexpected pos ..."); that becomes the OSError it stands for."""
+    try:
+        torch.save(state, tmp)
+    except RuntimeError as exc:
+        if shutil.disk_usage(Path(tmp).parent).free < max(Path(tmp).stat().st_size, 1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise OSError(errno.EIO, f"torch.save failed: {first}") from None
 
 
 def copy(src: Path, dst: Path) -> None:
@@ -67,6 +81,17 @@ def restore_model_state(path: Path) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ScalerError(f"{path} is not a scaler checkpoint (no 'model' entry)")
     return ckpt
+
+
+def last_epoch(out: Path) -> int | None:
+    """The epoch a run directory's last.pt holds (None without a readable one): memory-mapped, so
+    that only its small entries are read."""
+    try:
+        ckpt = torch.load(Path(out) / "last.pt", map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, truncated or not a checkpoint: no answer
+        return None
+    epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    return epoch if isinstance(epoch, int) else None
 
 
 def write_text(path: Path, text: str) -> None:

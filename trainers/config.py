@@ -7,6 +7,7 @@ run's epochs, so a recipe's 75/90-of-100 schedule scales to short runs.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
@@ -32,6 +33,38 @@ def parse_eps(value: str | float) -> float:
 METHODS = ("standard", "pgd-at", "trades", "mart")
 SCHEDULES = ("step", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+NUMERIC_RANGES = (  # field, low, high, (low closed, high closed); a NaN or an infinity is never in range
+    ("lr", 0.0, math.inf, (False, False)),
+    ("momentum", 0.0, 1.0, (True, False)),
+    ("weight_decay", 0.0, math.inf, (True, False)),
+    ("beta", 0.0, math.inf, (True, False)),
+    ("grad_clip", 0.0, math.inf, (True, False)),
+    ("label_smoothing", 0.0, 1.0, (True, False)),
+    ("warmup_epochs", 0.0, math.inf, (True, False)),
+    ("ema", 0.0, 1.0, (True, False)),
+    ("eps", 0.0, math.inf, (True, False)),
+    ("attack_step", 0.0, math.inf, (True, False)),
+    ("war_zeta", 0.0, math.inf, (False, False)),
+    ("war_alpha", 0.0, 1.0, (False, True)),
+    ("best_from", 0.0, 1.0, (True, True)),
+)
+"""Ranges of the numeric training options: a bad value is refused before any work."""
+
+
+def _within(value: float, low: float, high: float, closed: tuple[bool, bool]) -> bool:
+    if not math.isfinite(value):
+        return False
+    above = value >= low if closed[0] else value > low
+    below = value <= high if closed[1] else value < high
+    return above and below
+
+
+def _describe_range(low: float, high: float, closed: tuple[bool, bool]) -> str:
+    if high == math.inf:
+        return f"a finite number {'>=' if closed[0] else '>'} {low:g}"
+    return f"in {'[' if closed[0] else '('}{low:g}, {high:g}{']' if closed[1] else ')'}"
 
 
 @dataclass
@@ -98,10 +131,11 @@ class TrainConfig:
                 raise ScalerError(f"--{name.replace('_', '-')} must be >= 1")
         if self.attack_steps < 0:
             raise ScalerError("--attack-steps must be >= 0")
-        if self.lr <= 0:
-            raise ScalerError("--lr must be > 0")
-        if not 0 <= self.ema < 1:
-            raise ScalerError("--ema must be in [0, 1)")
+        for name, low, high, closed in NUMERIC_RANGES:
+            value = getattr(self, name)
+            if value is not None and not _within(value, low, high, closed):
+                flag = "--" + name.replace("_", "-")
+                raise ScalerError(f"{flag} must be {_describe_range(low, high, closed)} (got {value})")
         if self.augment not in ("crop-flip", "crop", "none"):
             raise ScalerError("--augment must be crop-flip, crop or none")
         if self.best_metric not in ("pgd20", "cw40"):
@@ -110,8 +144,6 @@ class TrainConfig:
             raise ScalerError("--attack-start must be normal, uniform or none")
         if (self.war_zeta is not None or self.war_calibrate) and self.method not in ("trades", "mart"):
             raise ScalerError("WAR applies to the lambda-form losses: use --method trades or mart")
-        if self.war_zeta is not None and self.war_zeta <= 0:
-            raise ScalerError("--war-zeta must be > 0")
 
     def milestone_epochs(self) -> list[int]:
         return sorted({max(1, round(f * self.epochs)) for f in self.milestones})

@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from scaler.errors import ScalerError
+from scaler.errors import Interrupted, ScalerError
 from trainers.attacks import autoattack, fgsm, folded_batchnorm, pgd
 from trainers.fused import fused_blocks, resolve_fused
 
@@ -228,41 +228,59 @@ def evaluate(
         with in_layout(model, layout):
             clean_logits = logits_of(ours, xs, batch_size, **fast)
         clean_pred = clean_logits.argmax(1)
-        for name in attacks:
-            is_aa = name in ("aa", "aa-compact")
-            plain = is_aa and dtype is None  # exact AutoAttack: the model as given
-            net, speed = (model, dict(autocast_dtype=dtype, fold_bn=fold_bn)) if is_aa else (ours, fast)
-            with in_layout(model, layout and not plain):
-                x_in = x if is_aa else xs  # AutoAttack views its tensors: NCHW in
-                x_adv = adversarial(
-                    net,
-                    name,
-                    x_in,
-                    y,
-                    eps=eps,
-                    seed=seed,
-                    batch_size=aa_batch_size if is_aa else batch_size,
-                    messages=messages,
-                    progress=progress,
-                    **speed,
-                )
-                adv_logits = (
-                    clean_logits
-                    if name == "clean"
-                    else logits_of(net, x_adv, batch_size, autocast_dtype=dtype, fold_bn=speed["fold_bn"] and not plain)
-                )
-                pred = adv_logits.argmax(1)
-                results[name] = {
-                    "accuracy": 100.0 * (pred == y).float().mean().item(),
-                    "stable": 100.0 * (pred == clean_pred).float().mean().item(),
-                    "lip": 0.0 if name == "clean" else lipschitz(clean_logits, adv_logits, x, x_adv),
-                    "loss": torch.nn.functional.cross_entropy(adv_logits, y).item(),
-                    "n": len(y),
-                }
-                if per_block and name == "pgd20":
-                    results[name]["per_block_lip"] = per_block_lipschitz(model, x_in, x_adv, batch_size)
+        current = None
+        try:
+            for name in attacks:
+                current = name
+                is_aa = name in ("aa", "aa-compact")
+                plain = is_aa and dtype is None  # exact AutoAttack: the model as given
+                net, speed = (model, dict(autocast_dtype=dtype, fold_bn=fold_bn)) if is_aa else (ours, fast)
+                with in_layout(model, layout and not plain):
+                    x_in = x if is_aa else xs  # AutoAttack views its tensors: NCHW in
+                    x_adv = adversarial(
+                        net,
+                        name,
+                        x_in,
+                        y,
+                        eps=eps,
+                        seed=seed,
+                        batch_size=aa_batch_size if is_aa else batch_size,
+                        messages=messages,
+                        progress=progress,
+                        **speed,
+                    )
+                    adv_logits = (
+                        clean_logits
+                        if name == "clean"
+                        else logits_of(
+                            net, x_adv, batch_size, autocast_dtype=dtype, fold_bn=speed["fold_bn"] and not plain
+                        )
+                    )
+                    pred = adv_logits.argmax(1)
+                    results[name] = {
+                        "accuracy": 100.0 * (pred == y).float().mean().item(),
+                        "stable": 100.0 * (pred == clean_pred).float().mean().item(),
+                        "lip": 0.0 if name == "clean" else lipschitz(clean_logits, adv_logits, x, x_adv),
+                        "loss": torch.nn.functional.cross_entropy(adv_logits, y).item(),
+                        "n": len(y),
+                    }
+                    if per_block and name == "pgd20":
+                        results[name]["per_block_lip"] = per_block_lipschitz(model, x_in, x_adv, batch_size)
+        except KeyboardInterrupt:
+            finished = {k: v for k, v in results.items() if k != current}
+            finished["warnings"] = messages + sanity_flags(finished)
+            raise EvaluationStopped(current, finished) from None
     results["warnings"] = messages + sanity_flags(results)
     return results
+
+
+class EvaluationStopped(Interrupted):
+    """Ctrl-C (or SIGTERM) during an evaluation; `results` holds the attacks that finished."""
+
+    def __init__(self, attack: str | None, results: dict):
+        self.attack, self.results, self.info = attack, results, {}  # info: the checkpoint's, where known
+        done = [k for k in results if k != "warnings"]
+        super().__init__(f"stopped during {attack}; finished: {', '.join(done) or 'none'}")
 
 
 def sanity_flags(results: dict) -> list[str]:

@@ -31,6 +31,7 @@ class RunState:
     war: object | None = None
     ema: object | None = None
     epoch: int = 0  # epochs completed
+    saved_epoch: int = 0  # the epoch last.pt holds (0: none yet)
     iteration: int = 0
     best: dict = field(default_factory=lambda: {"value": -1.0, "epoch": None})
 
@@ -65,6 +66,7 @@ class RunState:
         if self.ema is not None and ckpt.get("ema"):
             self.ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
         self.epoch, self.iteration = ckpt["epoch"], ckpt["iteration"]
+        self.saved_epoch = self.epoch
         self.best = ckpt.get("best", self.best)
 
 
@@ -139,6 +141,7 @@ def run_epochs(
             if is_best:
                 state.best = {"value": score, "epoch": epoch}
             checkpoint.save(state.checkpoint(source, world, lr), out / "last.pt")
+            state.saved_epoch = epoch
             if is_best:
                 checkpoint.copy(out / "last.pt", out / "best.pt")
             if epoch in cfg.save_epochs:

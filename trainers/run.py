@@ -18,6 +18,7 @@ from trainers import checkpoint
 from trainers.config import TrainConfig
 from trainers.data import NUM_CLASSES, check_split, holdout, load_cifar101, load_split
 from trainers.distributed import barrier, dist_info, init_distributed
+from trainers.evaluation import EvaluationStopped
 from trainers.fused import fused_blocks, resolve_fused
 from trainers.loop import RunState, run_epochs
 from trainers.losses import WarLambda
@@ -222,12 +223,6 @@ def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, devic
     cfg.compile = resolve_compile(cfg.compile, model, device, total_steps)  # config.json keeps the decision
     if auto and cfg.compile and progress and rank == 0:
         print(f"note: torch.compile on ({total_steps} steps; it measured faster for this model here)", file=sys.stderr)
-    if rank == 0 and not resuming:
-        checkpoint.write_text(out / "model.py", source)
-        cfg.extra = {**cfg.extra, "scaler_version": _version(), "torch": torch.__version__, "world_size": world}
-    if rank == 0 and (not resuming or extended):  # a resume that extends the run records it
-        checkpoint.write_text(out / "config.json", cfg.to_json())
-
     state = RunState(
         model=model,
         optimizer=make_optimizer(model, cfg),
@@ -240,6 +235,12 @@ def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, devic
         state.load(checkpoint.restore_model_state(out / "last.pt"), rank, device)
         if state.epoch >= cfg.epochs:
             raise ScalerError(f"{out} already finished {state.epoch} epochs; raise --epochs to continue")
+    # Written once everything above succeeded: a refused resume (a truncated last.pt) changes nothing.
+    if rank == 0 and not resuming:
+        checkpoint.write_text(out / "model.py", source)
+        cfg.extra = {**cfg.extra, "scaler_version": _version(), "torch": torch.__version__, "world_size": world}
+    if rank == 0 and (not resuming or extended):  # a resume that extends the run records it
+        checkpoint.write_text(out / "config.json", cfg.to_json())
 
     stepper = _stepper(state, cfg, device, world)
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
@@ -259,10 +260,11 @@ def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, devic
                 world=world,
                 progress=progress,
             )
-    except KeyboardInterrupt:
-        saved = f"last.pt holds epoch {state.epoch}" if (out / "last.pt").is_file() else "no epoch finished yet"
+    except (KeyboardInterrupt, EvaluationStopped):  # Ctrl-C or SIGTERM, in training or in validation
+        done = state.saved_epoch
+        saved = f"last.pt holds epoch {done}" if done else "no epoch finished yet"
         raise Interrupted(
-            f"stopped during epoch {state.epoch + 1}; {saved}. Continue with: scaler train --resume --out {out}"
+            f"stopped during epoch {done + 1}; {saved}. Continue with: scaler train --resume --out {out}"
         ) from None
 
 

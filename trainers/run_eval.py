@@ -11,7 +11,7 @@ from scaler.builder import build_from_source
 from scaler.errors import ScalerError
 from trainers import checkpoint
 from trainers.data import NUM_CLASSES, load_split
-from trainers.evaluation import evaluate, precision_dtype
+from trainers.evaluation import EvaluationStopped, evaluate, precision_dtype
 from trainers.fused import resolve_fused
 from trainers.step import block_families, require_compiler, resolve_device
 
@@ -84,11 +84,13 @@ def load_trained(target: str | Path, device="cpu"):
         raise ScalerError(f"{ckpt_path} does not fit its model: {first}") from None
     imported = ckpt.get("imported")
     epochs = None if imported else config.get("epochs")
+    # unfinished: the run's last.pt (not the evaluated checkpoint: best.pt is usually an earlier epoch)
+    trained = checkpoint.last_epoch(run_dir) if ckpt_path.name != "last.pt" else ckpt.get("epoch")
     info = {
         "checkpoint": str(ckpt_path),
         "epoch": ckpt.get("epoch"),
         "epochs": epochs,
-        "unfinished": bool(epochs and ckpt.get("epoch") is not None and ckpt["epoch"] < epochs),
+        "unfinished": bool(epochs and trained is not None and trained < epochs),
     }
     if imported:
         info["imported"] = imported
@@ -141,18 +143,22 @@ def evaluate_run(
             robust_cpu = dev.type == "cpu" and "robust" in block_families(model)
             slow = " (RobustResBlock models measured 0.5-0.7x of eager compiled on a CPU)" if robust_cpu else ""
             announce(f"note: torch.compile on; each attack's first batches compile first{slow}")
-    results = evaluate(
-        model,
-        x.to(dev),
-        y.to(dev),
-        attacks,
-        eps=eps,
-        seed=seed,
-        batch_size=batch_size,
-        per_block=per_block,
-        progress=progress,
-        precision=precision,
-        compile=compile,
-        fused=info["fused"],
-    )
+    try:
+        results = evaluate(
+            model,
+            x.to(dev),
+            y.to(dev),
+            attacks,
+            eps=eps,
+            seed=seed,
+            batch_size=batch_size,
+            per_block=per_block,
+            progress=progress,
+            precision=precision,
+            compile=compile,
+            fused=info["fused"],
+        )
+    except EvaluationStopped as exc:  # the caller reports what finished, and of which checkpoint
+        exc.info = info
+        raise
     return results, info
