@@ -358,3 +358,16 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flag, value, 
     code, _, err = run(capsys, "train", *TINY_ARGS, flag, value, "--quiet", "--out", out)
     assert code == 2 and err.strip() == f"error: {message}"
     assert not out.exists()
+
+
+def test_checkpoint_read_errors_end_on_a_whole_sentence_without_torchs_advice(tmp_path):
+    """torch's messages were cut at 200 characters mid-sentence, and went on to suggest
+    weights_only=False: one whole first sentence, no advice to unpickle untrusted files."""
+    path = tmp_path / "t.pt"
+    torch.save({"a": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ScalerError) as info:
+        checkpoint.restore(path)
+    message = str(info.value)
+    assert message.endswith("failed finding central directory"), message
+    assert "weights_only" not in message and "If you" not in message

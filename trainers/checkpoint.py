@@ -49,8 +49,7 @@ def _torch_save(state: dict, tmp: str) -> None:
     except RuntimeError as exc:
         if shutil.disk_usage(Path(tmp).parent).free < max(Path(tmp).stat().st_size, 1 << 20):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise OSError(errno.EIO, f"torch.save failed: {first}") from None
+        raise OSError(errno.EIO, f"torch.save failed: {first_sentence(exc)}") from None
 
 
 def copy(src: Path, dst: Path) -> None:
@@ -68,11 +67,19 @@ def restore(path: Path) -> dict:
                 f"{path} holds a Python object ({unsafe.group(1)}) that weights_only=True will not unpickle; "
                 "if you trust the file, re-save its state dict alone (torch.save(sd, 'clean.pt')) and use that"
             ) from None
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ScalerError(
-            f"cannot read checkpoint {path} (not a torch checkpoint, or truncated?): {type(exc).__name__}: {first}"
+            f"cannot read checkpoint {path} (not a torch checkpoint, or truncated?): "
+            f"{type(exc).__name__}: {first_sentence(exc)}"
         ) from None
     return ckpt
+
+
+def first_sentence(exc: BaseException) -> str:
+    """The first sentence of an error's first line, whole: torch's load errors go on for lines, and
+    their later sentences advise loading with weights_only=False, which a user should not do with
+    a file they do not trust."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    return line.split(". ")[0].rstrip(".") or type(exc).__name__
 
 
 def restore_model_state(path: Path) -> dict:
