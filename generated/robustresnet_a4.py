@@ -47,7 +47,7 @@ class RobustResBlock(nn.Module):
     pre-activation block, as upstream, but identity blocks leave it unused).
     """
 
-    scaler_block = ("robust", 1)  # kind and version: trainers.fused recognises it
+    scaler_block = ("robust", 1)  # kind and version, for the training runtime
 
     def __init__(
         self,
@@ -138,7 +138,7 @@ class RobustResBlock(nn.Module):
 class RobustResNet(nn.Module):
     """RobustResNet: depths 27-28-13, planes 160-448-384, stem 16."""
 
-    scaler_network = ("resnet", 1)  # kind and version: trainers.fused recognises it
+    scaler_network = ("resnet", 1)  # kind and version, for the training runtime
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()

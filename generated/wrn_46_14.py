@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
     a conv-norm skip, and the activation after the sum.
     """
 
-    scaler_block = ("basic", 1)  # kind and version: trainers.fused recognises it
+    scaler_block = ("basic", 1)  # kind and version, for the training runtime
 
     def __init__(
         self,
@@ -91,7 +91,7 @@ class BasicBlock(nn.Module):
 class WideResNet(nn.Module):
     """Pre-activation WideResNet: depths 7-7-7, planes 224-448-896, stem 16."""
 
-    scaler_network = ("resnet", 1)  # kind and version: trainers.fused recognises it
+    scaler_network = ("resnet", 1)  # kind and version, for the training runtime
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
