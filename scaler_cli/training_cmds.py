@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -52,17 +53,38 @@ def train(
     if stop_after is not None and stop_after < 1:
         raise ScalerError("--stop-after must be >= 1 (the epoch to end after)")
     if resume:
-        given = [k for k, v in {**spec_opts, **train_opts}.items() if v is not None and k != "epochs"]
-        if model is not None or recipe is not None or given:
-            raise ScalerError("--resume continues the run's own config; only --epochs may change it")
-        result = trainers.resume(
-            out, epochs=train_opts["epochs"], progress=not quiet, stop_after=stop_after, distributed=distributed
-        )
+        epochs = _resume_epochs(out, model, spec_opts, train_opts, recipe, war_calibrate)
+        result = trainers.resume(out, epochs=epochs, progress=not quiet, stop_after=stop_after, distributed=distributed)
     else:
         cfg = train_config(model, spec_opts, train_opts, recipe, war_calibrate)
         result = trainers.train(cfg, out, progress=not quiet, stop_after=stop_after, distributed=distributed)
     if result:
         print(json.dumps(result))
+
+
+def _resume_epochs(out, model, spec_opts, train_opts, recipe, war_calibrate) -> int | None:
+    """--resume with the run's own command (its model, recipe and flags given again) continues the
+    run; a setting that differs from the saved config is refused, each named with both values.
+    Only --epochs may change, and only grow. Returns the epochs to extend to (None: the run's)."""
+    from trainers import checkpoint
+    from trainers.config import TrainConfig, config_differences
+
+    epochs = train_opts.get("epochs")
+    given = {k for k, v in {**spec_opts, **train_opts}.items() if v is not None and k != "epochs"}
+    if model is None and recipe is None and not war_calibrate and not given:
+        return epochs
+    saved = TrainConfig.from_dict(checkpoint.read_config(Path(out)))
+    wanted = train_config(model, spec_opts, {**train_opts, "epochs": saved.epochs}, recipe, war_calibrate)
+    unset = {name for name in ("compile", "fused", "device") if train_opts.get(name) is None}
+    differences = config_differences(saved, wanted, ignore=unset)
+    if differences:
+        raise ScalerError(
+            "--resume continues the run's own config, and these settings differ from it (saved, then given): "
+            + "; ".join(differences)
+        )
+    if epochs is not None and epochs < saved.epochs:
+        raise ScalerError(f"--epochs {epochs} is below the run's {saved.epochs}: a resumed run's epochs may only grow")
+    return epochs
 
 
 @app.command(name="eval")

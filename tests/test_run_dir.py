@@ -371,3 +371,20 @@ def test_checkpoint_read_errors_end_on_a_whole_sentence_without_torchs_advice(tm
     message = str(info.value)
     assert message.endswith("failed finding central directory"), message
     assert "weights_only" not in message and "If you" not in message
+
+
+def test_resume_with_the_runs_own_command_continues_and_names_each_differing_flag(tmp_path, capsys):
+    """A user re-runs the training command with --resume added: it continues (and --epochs may
+    grow); a flag that differs from the saved run is refused with both values, changing nothing."""
+    out = tmp_path / "r"
+    assert run(capsys, "train", *TINY_ARGS, "--lr", "0.05", "--quiet", "--out", out)[0] == 0
+    config = (out / "config.json").read_text()
+    code, _, err = run(capsys, "train", *TINY_ARGS, "--lr", "0.5", "--batch-size", "32", "--resume", "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--lr 0.05 vs 0.5" in err and "--batch-size 64 vs 32" in err
+    code, _, err = run(capsys, "train", *TINY_ARGS, "--widths", "2,2,2", "--resume", "--out", out)
+    assert code == 2 and "the architecture flags basic d1-1-1 w1-1-1 vs basic d1-1-1 w2-2-2" in err
+    assert (out / "config.json").read_text() == config
+    code, _, err = run(capsys, "train", *TINY_ARGS, "--lr", "0.05", "--resume", "--epochs", "2", "--quiet", "--out", out)
+    assert code == 0, err
+    assert checkpoint.last_epoch(out) == 2

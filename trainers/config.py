@@ -161,6 +161,42 @@ class TrainConfig:
         return cfg
 
 
+def config_differences(saved: TrainConfig, wanted: TrainConfig, ignore=()) -> list[str]:
+    """'FLAG SAVED vs WANTED' for each setting of `wanted` (a run's command given again) that
+    differs from the `saved` run's; `epochs`, the record `extra` and the fields in `ignore` aside."""
+    skip = {"epochs", "extra", *ignore}
+    out = []
+    for f in fields(TrainConfig):
+        a, b = getattr(saved, f.name), getattr(wanted, f.name)
+        if f.name == "spec" and a is not None and b is not None:
+            from scaler.spec import ArchSpec
+
+            same = ArchSpec.from_dict(a) == ArchSpec.from_dict(b)
+        else:
+            same = _same(a, b)
+        if f.name in skip or same:
+            continue
+        flag = {"spec": "the architecture flags", "model": "MODEL"}.get(f.name, "--" + f.name.replace("_", "-"))
+        if f.name == "spec":
+            a, b = _describe_spec(a), _describe_spec(b)
+        out.append(f"{flag} {a} vs {b}")
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _describe_spec(spec: dict | None) -> str:
+    from scaler.spec import ArchSpec
+
+    return "none" if spec is None else ArchSpec.from_dict(spec).describe()
+
+
 RECIPES: dict[str, dict] = {
     # RobustWRN / RobustResNet baseline adversarial training.
     "bat": dict(
