@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from scaler.errors import ScalerError
 from trainers.config import make_config
+from trainers.evaluation import STEP_ATTACKS, default_batch_size, eval_layout, evaluate, precision_dtype
 from trainers.fused import fused_blocks, resolve_fused
 from trainers.peak import efficiency
 from trainers.step import (
@@ -220,19 +221,13 @@ def _time(fn, steps: int, warmup: int, dev) -> tuple[float, float | None]:
 
 
 # --------------------------------------------------------------------------- evaluation
-EVAL_ATTACKS = {  # attack: (steps, step as a fraction of eps, loss, random start): evaluation.adversarial's settings
-    "clean": (0, 0.0, "ce", False),
-    "fgsm": (1, 1.0, "ce", False),
-    "pgd20": (20, 0.1, "ce", True),
-    "cw40": (40, 0.1, "cw", True),
-}
 
 
 def evaluation_flops(attack: str, flops_per_image: int) -> int:
     """Multiply-adds of evaluating one image under `attack`, F being one forward: the clean
     forward, 2F per attack step (a forward and an input-gradient backward; no weight gradients,
     the convention of `training_step_flops`) and the forward on the attacked image."""
-    steps = EVAL_ATTACKS[attack][0]
+    steps = STEP_ATTACKS[attack].steps
     return flops_per_image * (1 + (2 * steps + 1 if attack != "clean" else 0))
 
 
@@ -241,8 +236,8 @@ def reference_eval(model, x, y, attack: str, *, eps: float = 8 / 255, batch_size
     parameters left requiring grad, fp32 NCHW, the textbook PGD loop (mean CE, or the one-hot CW
     margin with kappa 0) with the same steps, step size and random start as ours, and a per-batch
     `.item()` for the clean and the robust count."""
-    steps, frac, loss_name, start = EVAL_ATTACKS[attack]
-    step = frac * eps
+    settings = STEP_ATTACKS[attack]
+    steps, loss_name, start, step = settings.steps, settings.loss, settings.random_start, settings.step * eps
     model.eval()
     clean_correct, correct = 0, 0
     for i in range(0, len(x), batch_size):
@@ -297,10 +292,8 @@ def bench_eval(
     warm-up, which compiles each batch shape, is reported as `warmup_seconds` and not timed.
     Minor page faults per image are the mean over the timed rounds (`page_faults_per_image`,
     `reference_page_faults_per_image`; None where not counted)."""
-    from trainers.evaluation import default_batch_size, eval_layout, evaluate, precision_dtype
-
-    if attack not in EVAL_ATTACKS:
-        raise ScalerError(f"unknown attack {attack!r}; bench eval takes {', '.join(EVAL_ATTACKS)}")
+    if attack not in STEP_ATTACKS:
+        raise ScalerError(f"unknown attack {attack!r}; bench eval takes {', '.join(STEP_ATTACKS)}")
     dtype = precision_dtype(precision)
     dev = resolve_device(device)
     batch_size = default_batch_size(dev) if batch_size is None else batch_size

@@ -16,14 +16,33 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from scaler.errors import Interrupted, ScalerError
-from trainers.attacks import autoattack, fgsm, folded_batchnorm, pgd
+from trainers.attacks import autoattack, folded_batchnorm, pgd
 from trainers.fused import fused_blocks, resolve_fused
 
-ATTACKS = ("clean", "fgsm", "pgd20", "cw40", "aa", "aa-compact")
+
+@dataclass(frozen=True)
+class StepAttack:
+    """An evaluation attack run by our PGD loop: its steps, the step size as a fraction of eps,
+    the loss (ce or the CW margin) and whether it starts uniformly in the eps-ball."""
+
+    steps: int
+    step: float
+    loss: str = "ce"
+    random_start: bool = True
+
+
+STEP_ATTACKS = {  # the one table of our evaluation attacks; bench's reference loop runs it too
+    "clean": StepAttack(0, 0.0, random_start=False),
+    "fgsm": StepAttack(1, 1.0, random_start=False),
+    "pgd20": StepAttack(20, 0.1),
+    "cw40": StepAttack(40, 0.1, loss="cw"),
+}
+ATTACKS = (*STEP_ATTACKS, "aa", "aa-compact")
 DEFAULT_ATTACKS = ("clean", "pgd20", "cw40")
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_BATCH_SIZE = 256  # on a GPU
@@ -148,19 +167,29 @@ def adversarial(
         )
         messages.extend(f"AutoAttack: {m}" for m in msgs)
         return x_adv
+    if name not in STEP_ATTACKS:
+        raise ScalerError(f"unknown attack {name!r}")
+    attack = STEP_ATTACKS[name]
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    fast = dict(autocast_dtype=autocast_dtype, fold_bn=fold_bn)
     out = []
     for i in _bar(range(0, len(x), batch_size), name, progress):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        if name == "fgsm":
-            out.append(fgsm(model, xb, yb, eps=eps, **fast))
-        elif name == "pgd20":
-            out.append(pgd(model, xb, yb, eps=eps, step=eps / 10, steps=20, loss="ce", generator=gen, **fast))
-        elif name == "cw40":
-            out.append(pgd(model, xb, yb, eps=eps, step=eps / 10, steps=40, loss="cw", generator=gen, **fast))
-        else:
-            raise ScalerError(f"unknown attack {name!r}")
+        start = "uniform" if attack.random_start else "none"
+        out.append(
+            pgd(
+                model,
+                xb,
+                yb,
+                eps=eps,
+                step=attack.step * eps,
+                steps=attack.steps,
+                loss=attack.loss,
+                start=start,
+                generator=gen,
+                autocast_dtype=autocast_dtype,
+                fold_bn=fold_bn,
+            )
+        )
     return torch.cat(out)
 
 
