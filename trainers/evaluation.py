@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -239,68 +239,99 @@ def evaluate(
     enclosing span (a training run) chose."""
     dtype = precision_dtype(precision)
     aa_batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    if batch_size is None:
-        batch_size = default_batch_size(x.device)
+    batch_size = default_batch_size(x.device) if batch_size is None else batch_size
     if batch_size < 1:
         raise ScalerError("--batch-size must be >= 1")
     for name in attacks:
         if name not in ATTACKS:
             raise ScalerError(f"unknown attack {name!r}; choose from {','.join(ATTACKS)}")
     layout = eval_layout(model, x, channels_last)
-    xs = x.contiguous(memory_format=torch.channels_last) if layout else x
-    ours = torch.compile(model, dynamic=False) if compile else model  # shares model's parameters
-    fast = dict(autocast_dtype=dtype, fold_bn=fold_bn and not compile)
+    run = _Evaluation(
+        model=model,
+        ours=torch.compile(model, dynamic=False) if compile else model,  # shares model's parameters
+        x=x,
+        xs=x.contiguous(memory_format=torch.channels_last) if layout else x,
+        y=y,
+        layout=layout,
+        dtype=dtype,
+        fold_bn=fold_bn,
+        compiled=compile,
+        eps=eps,
+        seed=seed,
+        batch_sizes=(batch_size, aa_batch_size),
+        progress=progress,
+    )
     chosen = None if fused is None and not compile else resolve_fused(fused, x.device, compiled=compile)
+    results: dict = {}
     with fused_blocks(model, chosen):
-        results: dict = {}
-        messages: list[str] = []
-        with in_layout(model, layout):
-            clean_logits = logits_of(ours, xs, batch_size, **fast)
-        clean_pred = clean_logits.argmax(1)
+        run.clean()
         current = None
         try:
-            for name in attacks:
-                current = name
-                is_aa = name in ("aa", "aa-compact")
-                plain = is_aa and dtype is None  # exact AutoAttack: the model as given
-                net, speed = (model, dict(autocast_dtype=dtype, fold_bn=fold_bn)) if is_aa else (ours, fast)
-                with in_layout(model, layout and not plain):
-                    x_in = x if is_aa else xs  # AutoAttack views its tensors: NCHW in
-                    x_adv = adversarial(
-                        net,
-                        name,
-                        x_in,
-                        y,
-                        eps=eps,
-                        seed=seed,
-                        batch_size=aa_batch_size if is_aa else batch_size,
-                        messages=messages,
-                        progress=progress,
-                        **speed,
-                    )
-                    adv_logits = (
-                        clean_logits
-                        if name == "clean"
-                        else logits_of(
-                            net, x_adv, batch_size, autocast_dtype=dtype, fold_bn=speed["fold_bn"] and not plain
-                        )
-                    )
-                    pred = adv_logits.argmax(1)
-                    results[name] = {
-                        "accuracy": 100.0 * (pred == y).float().mean().item(),
-                        "stable": 100.0 * (pred == clean_pred).float().mean().item(),
-                        "lip": 0.0 if name == "clean" else lipschitz(clean_logits, adv_logits, x, x_adv),
-                        "loss": torch.nn.functional.cross_entropy(adv_logits, y).item(),
-                        "n": len(y),
-                    }
-                    if per_block and name == "pgd20":
-                        results[name]["per_block_lip"] = per_block_lipschitz(model, x_in, x_adv, batch_size)
+            for current in attacks:
+                results[current] = run.attack(current, per_block)
         except KeyboardInterrupt:
             finished = {k: v for k, v in results.items() if k != current}
-            finished["warnings"] = messages + sanity_flags(finished)
+            finished["warnings"] = run.messages + sanity_flags(finished)
             raise EvaluationStopped(current, finished) from None
-    results["warnings"] = messages + sanity_flags(results)
+    results["warnings"] = run.messages + sanity_flags(results)
     return results
+
+
+@dataclass
+class _Evaluation:
+    """One `evaluate` call's data and settings: the clean logits once, then each attack's figures."""
+
+    model: torch.nn.Module
+    ours: torch.nn.Module  # the model, or it compiled (our attacks and logits)
+    x: torch.Tensor
+    xs: torch.Tensor  # x in the evaluation layout
+    y: torch.Tensor
+    layout: bool
+    dtype: torch.dtype | None
+    fold_bn: bool
+    compiled: bool
+    eps: float
+    seed: int
+    batch_sizes: tuple[int, int]  # ours, AutoAttack's
+    progress: bool
+    messages: list = field(default_factory=list)
+
+    def clean(self) -> None:
+        with in_layout(self.model, self.layout):
+            self.clean_logits = logits_of(self.ours, self.xs, self.batch_sizes[0], **self._speed(False))
+        self.clean_pred = self.clean_logits.argmax(1)
+
+    def _speed(self, is_aa: bool) -> dict:
+        """AutoAttack calls the model uncompiled; BatchNorm is left to the compiler when compiled."""
+        return dict(autocast_dtype=self.dtype, fold_bn=self.fold_bn and (is_aa or not self.compiled))
+
+    def attack(self, name: str, per_block: bool) -> dict:
+        is_aa = name in ("aa", "aa-compact")
+        plain = is_aa and self.dtype is None  # exact AutoAttack: the model as given
+        net, speed = (self.model, self._speed(True)) if is_aa else (self.ours, self._speed(False))
+        with in_layout(self.model, self.layout and not plain):
+            x_in = self.x if is_aa else self.xs  # AutoAttack views its tensors: NCHW in
+            batch = self.batch_sizes[1] if is_aa else self.batch_sizes[0]
+            x_adv = adversarial(
+                net, name, x_in, self.y, eps=self.eps, seed=self.seed, batch_size=batch,
+                messages=self.messages, progress=self.progress, **speed,
+            )  # fmt: skip
+            if name == "clean":
+                adv_logits = self.clean_logits
+            else:
+                fold = speed["fold_bn"] and not plain
+                adv_logits = logits_of(net, x_adv, self.batch_sizes[0], autocast_dtype=self.dtype, fold_bn=fold)
+            pred = adv_logits.argmax(1)
+            result = {
+                "accuracy": 100.0 * (pred == self.y).float().mean().item(),
+                "stable": 100.0 * (pred == self.clean_pred).float().mean().item(),
+                "lip": 0.0 if name == "clean" else lipschitz(self.clean_logits, adv_logits, self.x, x_adv),
+                "loss": torch.nn.functional.cross_entropy(adv_logits, self.y).item(),
+                "n": len(self.y),
+            }
+            if per_block and name == "pgd20":
+                result["per_block_lip"] = per_block_lipschitz(self.model, x_in, x_adv, self.batch_sizes[0])
+        return result
 
 
 class EvaluationStopped(Interrupted):
