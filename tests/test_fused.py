@@ -380,6 +380,30 @@ def test_conv_residual_se_gradients_by_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: cls.apply(a, b, w3, scale, shift, w1, w2), leaves)
 
 
+def test_eval_residual_se_and_scale_add_gradients_by_gradcheck():
+    """`EvalResidualSE` (every input, first and second order: under create_graph its backward runs
+    as an autograd graph) against the eval-mode residual SE written out, and `ScaleAdd` (training
+    mode's h * gain + skip), by finite differences in float64."""
+    gen = torch.Generator().manual_seed(37)
+    h, skip = (torch.randn(2, 6, 3, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    scale, shift = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5, torch.randn(6, generator=gen).double()
+    w1, w2 = torch.randn(3, 6, generator=gen, dtype=torch.float64), torch.randn(6, 3, generator=gen).double()
+    w1[1] = -w1[0]  # so the hidden pre-activations take both signs
+
+    def written_out(h, skip, scale, shift, w1, w2):
+        z = h * scale[:, None, None] + shift[:, None, None]
+        return h + skip + z * torch.sigmoid(torch.relu(z.mean((2, 3)) @ w1.t()) @ w2.t())[:, :, None, None]
+
+    leaves = [t.clone().requires_grad_() for t in (h, skip, scale, shift, w1, w2)]
+    torch.testing.assert_close(bottleneck.EvalResidualSE.apply(*leaves), written_out(*leaves))
+    assert torch.autograd.gradcheck(bottleneck.EvalResidualSE.apply, leaves)
+    assert torch.autograd.gradgradcheck(bottleneck.EvalResidualSE.apply, leaves)
+    gain = torch.rand(2, 6, generator=gen, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (h, gain, skip)]
+    torch.testing.assert_close(bottleneck.ScaleAdd.apply(*leaves), skip + h * gain[:, :, None, None])
+    assert torch.autograd.gradcheck(bottleneck.ScaleAdd.apply, leaves)
+
+
 def test_fused_shortcut_samples_odd_maps():
     """The eval-mode strided shortcut on odd-sized maps (its 1x1 conv samples rows and columns
     0, 2, 4, ...): same logits and input gradients as the plain formulation in float64."""
@@ -932,8 +956,9 @@ def test_constant_folds_keep_functional_and_forward_mode_calls():
 def test_compiled_eval_forward_equals_eager():
     """torch.compile traces the fused formulation in eval mode under no_grad (validation logits),
     where a variadic autograd.Function (`DenseCat`) traced to its last input only: `dense_cat` is
-    torch.cat there."""
-    fused, plain = pair(SPECS["robust"])
+    torch.cat there. (A model of three blocks: inside a span the fused forward graph-breaks at
+    every fold, see the xfail below, and each break costs tracing time.)"""
+    fused, plain = pair(ArchSpec(**ROBUST))
     fused, plain = fused.float().eval(), plain.float().eval()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(14))
     torch._dynamo.reset()
@@ -1198,3 +1223,35 @@ def test_disabled_span_switches_legacy_model_files_to_plain(name):
             assert installed == [] and [m.fused for m in flagged] == [True, False, True, True]
             assert caches  # the file's own constant_folds span
         assert not caches and [m.fused for m in flagged] == [True, False, True, True]
+
+
+@pytest.mark.xfail(strict=True, reason="the runtime recognises a tag a subclass inherits and replaces its forward")
+def test_subclass_with_a_forward_of_its_own_is_not_fused():
+    """A user's subclass of an emitted block that overrides `forward` inherits the class tag, but
+    computes another function: its forward must be kept."""
+    model = build_model(ArchSpec(**ROBUST)).eval()
+    block = model.stage1[0]
+
+    class Halved(type(block)):
+        def forward(self, x):
+            return super().forward(x) / 2
+
+    block.__class__ = Halved
+    z = torch.rand(1, block.conv1.in_channels, 8, 8, generator=torch.Generator().manual_seed(36))
+    with torch.no_grad():
+        expected = block(z)
+        with fused_blocks(model, True) as installed:
+            assert block not in installed and fused_forward(block) is None
+            torch.testing.assert_close(block(z), expected)
+
+
+@pytest.mark.xfail(strict=True, reason="an inner disabled span leaves the enclosing span's fused forwards installed")
+def test_disabled_span_inside_an_enabled_one_runs_plain():
+    """`enabled=False` forces the blocks as emitted, also inside an enabled span; on its exit the
+    enclosing span's forwards are back."""
+    model = build_model(ArchSpec(**ROBUST)).eval()
+    with fused_blocks(model, True) as outer:
+        assert outer
+        with fused_blocks(model, False):
+            assert own_forwards(model) == []
+        assert len(own_forwards(model)) == len(outer)
