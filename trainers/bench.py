@@ -139,52 +139,21 @@ def bench_train(
         raise ScalerError("--batch-size and --steps must be >= 1")
     if warmup < 0:
         raise ScalerError("--warmup must be >= 0")
-    dev = resolve_device(device)
-    if compile:
-        require_compiler(dev)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    dev = _bench_device(device, compile)
     torch.manual_seed(seed)
-    cfg = make_config(
-        "bat",
-        {
-            "model": "bench",
-            "method": method,
-            "batch_size": batch_size,
-            "precision": precision,
-            "channels_last": channels_last,
-            "compile": compile,
-        },
-    )
+    settings = dict(method=method, batch_size=batch_size, precision=precision, channels_last=channels_last)
+    cfg = make_config("bat", {"model": "bench", "compile": compile, **settings})
     x = torch.rand(batch_size, 3, resolution, resolution, device=dev)  # the resolution FLOPs are counted at
     y = torch.randint(0, 10, (batch_size,), device=dev)
+    ours_model, stepper = _ours_stepper(model, cfg, dev, seed)
     result = {"method": method, "batch_size": batch_size, "steps": steps, "device": str(dev)}
-
-    ours_model = copy.deepcopy(model).to(dev)
-    channels_last = cfg.channels_last = training_layout(ours_model, dev, channels_last)  # the Stepper reads cfg
-    if channels_last:
-        ours_model = ours_model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(ours_model) if compile else ours_model
-    dtype = resolve_precision(precision, dev)
-    stepper = Stepper(
-        step_model,
-        make_optimizer(ours_model, cfg),
-        cfg,
-        device=dev,
-        autocast_dtype=dtype,
-        attack_generator=torch.Generator(device=dev).manual_seed(seed),
-        war=None,
-        attack_model=step_model,
-    )
-    result["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
-    result["channels_last"] = channels_last
-    result["compile"] = compile
-    result["fused"] = resolve_fused(fused, dev, compiled=compile)
+    result["precision"] = "bf16" if stepper.dtype == torch.bfloat16 else "fp32"
+    result.update(channels_last=cfg.channels_last, compile=compile, fused=resolve_fused(fused, dev, compiled=compile))
     with fused_blocks(ours_model, result["fused"]):
         seconds, faults = _time(lambda: stepper.step(x, y), steps, warmup, dev)
-    result["seconds_per_step"] = seconds
-    result["page_faults_per_image"] = _per(faults, batch_size)
+    result.update(seconds_per_step=seconds, page_faults_per_image=_per(faults, batch_size))
     result["images_per_s"] = batch_size / seconds
+    step_flops = None
     if flops_per_image:
         step_flops = training_step_flops(method, cfg.attack_steps, flops_per_image) * batch_size
         result["flops_per_step"] = step_flops
@@ -196,15 +165,56 @@ def bench_train(
         )
         with fused_blocks(ref_model, False):  # as emitted (an earlier model file: its plain formulation)
             ref_seconds, ref_faults = _time(lambda: reference_step(ref_model, ref_opt, x, y, cfg), steps, warmup, dev)
-        result["reference_images_per_s"] = batch_size / ref_seconds
-        result["reference_page_faults_per_image"] = _per(ref_faults, batch_size)
-        result["speedup"] = ref_seconds / seconds
-        if flops_per_image:
-            ref = efficiency(step_flops / ref_seconds, dev.type, "fp32")
-            result["reference_gflops_per_s"] = ref["gflops_per_s"]
-            result["reference_fraction_of_peak"] = ref["fraction_of_peak"]
-            result["reference_peak_precision"] = ref["peak_precision"]
+        result.update(_reference_figures(seconds, ref_seconds, ref_faults, batch_size, step_flops, dev))
     return result
+
+
+def _bench_device(device: str, compile: bool) -> torch.device:
+    """The device a bench runs on; --compile refused without a compiler, cuDNN's autotuner on."""
+    dev = resolve_device(device)
+    if compile:
+        require_compiler(dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return dev
+
+
+def _ours_stepper(model, cfg, dev, seed: int):
+    """(ours, its Stepper): a copy of the model on the device, in the training layout (recorded in
+    cfg, which the Stepper reads), compiled where cfg says."""
+    ours = copy.deepcopy(model).to(dev)
+    cfg.channels_last = training_layout(ours, dev, cfg.channels_last)
+    if cfg.channels_last:
+        ours = ours.to(memory_format=torch.channels_last)
+    step_model = torch.compile(ours) if cfg.compile else ours
+    stepper = Stepper(
+        step_model,
+        make_optimizer(ours, cfg),
+        cfg,
+        device=dev,
+        autocast_dtype=resolve_precision(cfg.precision, dev),
+        attack_generator=torch.Generator(device=dev).manual_seed(seed),
+        war=None,
+        attack_model=step_model,
+    )
+    return ours, stepper
+
+
+def _reference_figures(seconds, ref_seconds, ref_faults, images: int, flops, dev, fault_images=None) -> dict:
+    """The reference's images/s, page faults per image (of `fault_images`, default `images`), our
+    speedup over it and (with the multiply-adds timed) its GFLOP/s and share of the fp32 peak
+    (TF32's where convs use it)."""
+    figures = {
+        "reference_images_per_s": images / ref_seconds,
+        "reference_page_faults_per_image": _per(ref_faults, fault_images or images),
+        "speedup": ref_seconds / seconds,
+    }
+    if flops:
+        ref = efficiency(flops / ref_seconds, dev.type, "fp32")
+        figures["reference_gflops_per_s"] = ref["gflops_per_s"]
+        figures["reference_fraction_of_peak"] = ref["fraction_of_peak"]
+        figures["reference_peak_precision"] = ref["peak_precision"]
+    return figures
 
 
 def _time(fn, steps: int, warmup: int, dev) -> tuple[float, float | None]:
@@ -292,52 +302,26 @@ def bench_eval(
     warm-up, which compiles each batch shape, is reported as `warmup_seconds` and not timed.
     Minor page faults per image are the mean over the timed rounds (`page_faults_per_image`,
     `reference_page_faults_per_image`; None where not counted)."""
+    dtype = precision_dtype(precision)
     if attack not in STEP_ATTACKS:
         raise ScalerError(f"unknown attack {attack!r}; bench eval takes {', '.join(STEP_ATTACKS)}")
-    dtype = precision_dtype(precision)
-    dev = resolve_device(device)
-    batch_size = default_batch_size(dev) if batch_size is None else batch_size
-    reference_batch_size = batch_size if reference_batch_size is None else reference_batch_size
-    if batch_size < 1 or reference_batch_size < 1:
-        raise ScalerError("--batch-size must be >= 1")
     if n < 1 or rounds < 1:
         raise ScalerError("--n and --rounds must be >= 1")
-    if compile:
-        require_compiler(dev)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, resolution, resolution, generator=gen)
+    dev = _bench_device(device, compile)
+    batch_size = default_batch_size(dev) if batch_size is None else batch_size
+    reference_batch_size = batch_size if reference_batch_size is None else reference_batch_size
+    if min(batch_size, reference_batch_size) < 1:
+        raise ScalerError("--batch-size must be >= 1")
     ours_model = copy.deepcopy(model).to(dev).eval()
-    with torch.no_grad():
-        classes = ours_model(x[:1].to(dev)).shape[1]
-    y = torch.randint(0, classes, (n,), generator=gen)
-    x, y = x.to(dev), y.to(dev)
+    x, y = _synthetic_test_set(ours_model, n, resolution, seed, dev)
     layout = eval_layout(ours_model, x, channels_last)
-    result = {
-        "attack": attack,
-        "n": n,
-        "batch_size": batch_size,
-        "precision": "bf16" if dtype is not None else "fp32",
-        "channels_last": layout,
-        "device": str(dev),
-    }
-
-    result["compile"] = compile
+    result = {"attack": attack, "n": n, "batch_size": batch_size, "precision": "bf16" if dtype is not None else "fp32"}
+    result.update(channels_last=layout, device=str(dev), compile=compile)
     result["fused"] = resolve_fused(fused, dev, compiled=compile)
+    settings = dict(batch_size=batch_size, precision=precision, channels_last=layout, compile=compile)
 
     def ours(xs, ys):
-        return evaluate(
-            ours_model,
-            xs,
-            ys,
-            (attack,),
-            batch_size=batch_size,
-            precision=precision,
-            channels_last=layout,
-            compile=compile,
-            fused=result["fused"],
-        )
+        return evaluate(ours_model, xs, ys, (attack,), fused=result["fused"], **settings)
 
     ref_model = copy.deepcopy(model).to(dev) if reference else torch.nn.Module()
 
@@ -346,17 +330,58 @@ def bench_eval(
             return reference_eval(ref_model, xs, ys, attack, batch_size=reference_batch_size)
 
     timed = {"ours": ours, **({"reference": ref} if reference else {})}
-    begin, finish = _timer(dev)
-    last = n % batch_size if n > batch_size else 0  # a shorter last batch is one more shape to compile
-    begin()  # warm-up: one batch of each, and ours on the last batch's shape where compiled
-    ours(x[:batch_size], y[:batch_size])
-    if compile and last:
-        ours(x[:last], y[:last])
-    warmup = finish()
+    warmup = _warm_up(timed, x, y, batch_size, compile, dev)
     if compile:
         result["warmup_seconds"] = warmup
+    seconds, faults, outputs = _timed_rounds(timed, x, y, rounds, dev)
+    result.update(
+        seconds=seconds["ours"], images_per_s=n / seconds["ours"], accuracy=outputs["ours"][attack]["accuracy"]
+    )
+    result["page_faults_per_image"] = _per(faults["ours"], n * rounds)
+    total = evaluation_flops(attack, flops_per_image) * n if flops_per_image else None
+    if total:
+        result["flops"] = total
+        result.update(efficiency(total / seconds["ours"], dev.type, result["precision"]))
     if reference:
-        ref(x[:batch_size], y[:batch_size])
+        result.update(reference_seconds=seconds["reference"], reference_batch_size=reference_batch_size)
+        result["reference_accuracy"] = outputs["reference"]
+        figures = _reference_figures(
+            seconds["ours"], seconds["reference"], faults["reference"], n, total, dev, n * rounds
+        )
+        result.update(figures)
+    return result
+
+
+def _synthetic_test_set(model, n: int, resolution: int, seed: int, dev):
+    """n seeded random images and labels over the model's classes, on the device."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, resolution, resolution, generator=gen)
+    with torch.no_grad():
+        classes = model(x[:1].to(dev)).shape[1]
+    y = torch.randint(0, classes, (n,), generator=gen)
+    return x.to(dev), y.to(dev)
+
+
+def _warm_up(timed: dict, x, y, batch_size: int, compile: bool, dev) -> float:
+    """One batch of each, and ours on a shorter last batch's shape where compiled (one more shape
+    to compile); returns ours' seconds (its compile time, when compiled)."""
+    begin, finish = _timer(dev)
+    n = len(y)
+    last = n % batch_size if n > batch_size else 0
+    begin()
+    timed["ours"](x[:batch_size], y[:batch_size])
+    if compile and last:
+        timed["ours"](x[:last], y[:last])
+    seconds = finish()
+    if "reference" in timed:
+        timed["reference"](x[:batch_size], y[:batch_size])
+    return seconds
+
+
+def _timed_rounds(timed: dict, x, y, rounds: int, dev):
+    """(median seconds, summed minor page faults or None, last outputs) of each of `timed` over
+    `rounds` rounds, each round one call of each on all of (x, y)."""
+    begin, finish = _timer(dev)
     times: dict[str, list[float]] = {k: [] for k in timed}
     faults: dict[str, int | None] = dict.fromkeys(timed, 0)
     outputs: dict = {}
@@ -367,25 +392,4 @@ def bench_eval(
             outputs[name] = fn(x, y)
             times[name].append(finish())
             faults[name] = None if before is None else faults[name] + minor_page_faults() - before
-    seconds = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    result["seconds"] = seconds["ours"]
-    result["images_per_s"] = n / seconds["ours"]
-    result["page_faults_per_image"] = _per(faults["ours"], n * rounds)
-    result["accuracy"] = outputs["ours"][attack]["accuracy"]
-    if flops_per_image:
-        total = evaluation_flops(attack, flops_per_image) * n
-        result["flops"] = total
-        result.update(efficiency(total / seconds["ours"], dev.type, result["precision"]))
-    if reference:
-        result["reference_seconds"] = seconds["reference"]
-        result["reference_images_per_s"] = n / seconds["reference"]
-        result["reference_page_faults_per_image"] = _per(faults["reference"], n * rounds)
-        result["reference_batch_size"] = reference_batch_size
-        result["reference_accuracy"] = outputs["reference"]
-        result["speedup"] = seconds["reference"] / seconds["ours"]
-        if flops_per_image:
-            ref_eff = efficiency(total / seconds["reference"], dev.type, "fp32")
-            result["reference_gflops_per_s"] = ref_eff["gflops_per_s"]
-            result["reference_fraction_of_peak"] = ref_eff["fraction_of_peak"]
-            result["reference_peak_precision"] = ref_eff["peak_precision"]
-    return result
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}, faults, outputs
