@@ -16,13 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from scaler.errors import ScalerError
-from scaler.spec import BOTTLENECK_KNOBS, ArchSpec, refuse_bottleneck_knobs
+from scaler.spec import BOTTLENECK_KNOBS, ArchSpec, check_size, refuse_bottleneck_knobs
 
 ModelRef = "str | ArchSpec | dict"
 
 
 def get_spec(model: str | ArchSpec | dict, **changes) -> ArchSpec:
-    """A spec from a preset name, a spec, or a spec dict; keyword `changes` replace fields."""
+    """A spec from a preset name, a spec, or a spec dict; keyword `changes` replace fields. Refuses
+    stages beyond what scaler builds (`scaler.spec.check_size`, the solver's limit)."""
     if isinstance(model, ArchSpec):
         spec = model
     elif isinstance(model, dict):
@@ -36,7 +37,7 @@ def get_spec(model: str | ArchSpec | dict, **changes) -> ArchSpec:
     changes = {k: v for k, v in changes.items() if v is not None}
     spec = replace(spec, **changes) if changes else spec
     refuse_bottleneck_knobs(spec, [k for k in BOTTLENECK_KNOBS if k in changes])  # given, if at their defaults
-    return spec
+    return check_size(spec)
 
 
 def count(model: str | ArchSpec | dict):

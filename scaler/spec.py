@@ -56,6 +56,12 @@ DENSE_GROWTH = 32
 DENSE_BOTTLENECK = 4
 """DenseNet-BC: each dense layer's 1x1 conv emits 4 * growth channels."""
 FAMILY_STAGES = {"vgg": 5, "dense": 4}
+MAX_DEPTH = 1_000
+MAX_CHANNELS = 1_000_000
+"""The largest stage scaler builds: blocks (VGG/DenseNet: layers) per stage and channels per stage
+(stem and growth included). One limit, the solver's (`scaler.solver` refuses a budget that needs
+more), for every spec a user gives: `check_size` runs in `scaler.api.get_spec`, which every spec
+from flags, names or dicts goes through (count, emit, train, eval, create_model)."""
 
 KNOBS = ("block", "activation", "norm", "kernel_size", "scales", "base_width", "cardinality", "se", "se_reduction")
 """Spec fields that may take one value per stage."""
@@ -202,6 +208,24 @@ def _stage_problem(k: StageKnobs, cin: int, p: int, stage: int) -> str | None:
     except ScalerError as exc:
         return str(exc)
     return None
+
+
+def check_size(spec: ArchSpec) -> ArchSpec:
+    """`spec`, or one line refusing a stage beyond MAX_DEPTH blocks or MAX_CHANNELS channels, the
+    limit `solve` has. Not part of `validate`: the solver builds specs of any size while it searches
+    and refuses its own over-limit answers with the budget in the message."""
+    if max(spec.depths) > MAX_DEPTH:
+        raise ScalerError(
+            f"depths {','.join(map(str, spec.depths))}: stages deeper than {MAX_DEPTH} blocks are beyond what "
+            "scaler builds (solve refuses them too)"
+        )
+    wide = max(spec.stem, spec.growth, *spec.planes)
+    if wide > MAX_CHANNELS:
+        raise ScalerError(
+            f"{wide:,} channels: stages wider than {MAX_CHANNELS:,} channels are beyond what scaler builds "
+            "(solve refuses them too)"
+        )
+    return spec
 
 
 def widths_to_planes(widths: tuple[float, ...]) -> tuple[int, int, int]:
