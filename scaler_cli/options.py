@@ -162,7 +162,8 @@ SPEC_OPTIONS = [
     Opt(
         "channels",
         Optional[str],
-        "Planes per stage instead of --widths, e.g. 80,224,192 (vgg: 5 values, dense: 4).",
+        "Channels instead of --widths, as count and solve print them: stem,P1,P2,P3, e.g. 16,80,224,192, or the "
+        "planes P1,P2,P3 alone (stem 16); vgg: 5 values, dense: 4.",
         parse=_stage_counts("--channels"),
     ),
     *KNOB_OPTIONS,
@@ -203,12 +204,31 @@ def spec_from_options(name: str | None, opts: dict):
             raise ScalerError("give --widths or --channels, not both")
         if "widths" in given and opts["block"] in FAMILY_BLOCKS:
             raise ScalerError(f"the {opts['block']} block takes --channels (planes per stage), not --widths")
-        planes = opts["channels"] if "channels" in given else widths_to_planes(opts["widths"])
-        base = ArchSpec(opts["block"], opts["depths"], planes)
+        stem, planes = _stem_and_planes(opts) if "channels" in given else (16, widths_to_planes(opts["widths"]))
+        base = ArchSpec(opts["block"], opts["depths"], planes, stem=stem)
     spec = get_spec(
         base, num_classes=opts.get("classes"), padding=opts.get("padding"), **{k: opts.get(k) for k in KNOBS}
     )
     return _normalized(spec, opts)
+
+
+def _stem_and_planes(opts: dict) -> tuple[int, tuple[int, ...]]:
+    """(stem, planes) of --channels. Residual blocks take the channels view that count, solve and
+    their JSON print (stem, P1, P2, P3), or the planes alone with the 16-channel stem; VGG and
+    DenseNet take one value per stage (their `channels` are their planes)."""
+    from scaler.spec import FAMILY_BLOCKS
+
+    channels = tuple(opts["channels"])
+    if opts["block"] in FAMILY_BLOCKS:
+        return 16, channels
+    if len(channels) == 4:
+        return channels[0], channels[1:]
+    if len(channels) != 3:
+        raise ScalerError(
+            f"--channels takes stem,P1,P2,P3 (4 values, as count prints them) or P1,P2,P3 for residual blocks, "
+            f"got {len(channels)} values"
+        )
+    return 16, channels
 
 
 def _normalized(spec, opts: dict):

@@ -3,6 +3,8 @@ codes, files. Every error is one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import scaler
@@ -71,3 +73,45 @@ def test_the_depth_and_width_limits_are_the_solvers(capsys):
     with pytest.raises(scaler.ScalerError, match="deeper than 1000 blocks"):
         scaler.count({"block": "basic", "depths": [1001, 1, 1], "planes": [16, 32, 64]})
     assert scaler.count({"block": "basic", "depths": [1000, 1, 1], "planes": [16, 32, 64]}).params > 0
+
+
+# --------------------------------------------------------------------------- 8. channels: one meaning
+@pytest.mark.parametrize("name", ["robustresnet-a1", "wrn-34-r", "densenet-121-r", "vgg-11-r"])
+def test_count_json_channels_feed_back_as_flags(capsys, name):
+    code, out, _ = run(capsys, "count", name, "--json")
+    data = json.loads(out)
+    block = data["block"] if isinstance(data["block"], str) else ",".join(data["block"])
+    flags = ["--block", block, "--depths", ",".join(map(str, data["depths"]))]
+    flags += ["--channels", ",".join(map(str, data["channels"]))]
+    if block == "dense":
+        flags += ["--growth", str(scaler.get_spec(name).growth)]
+    code, out, err = run(capsys, "count", *flags, "--json")
+    again = json.loads(out)
+    assert code == 0, err
+    assert (again["params"], again["flops"], again["channels"]) == (data["params"], data["flops"], data["channels"])
+
+
+def test_solve_json_channels_feed_back_and_set_the_stem(capsys):
+    code, out, _ = run(capsys, "solve", "--params", "20M", "--rule", "robustwrn", "--json")
+    data = json.loads(out)
+    channels = ",".join(map(str, data["channels"]))
+    code, out, _ = run(
+        capsys,
+        "count",
+        "--block",
+        "basic",
+        "--depths",
+        ",".join(map(str, data["depths"])),
+        "--channels",
+        channels,
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["params"] == data["params"]
+    # the planes alone (the old form) still mean a 16-channel stem; a stem of its own is kept
+    code, out, _ = run(capsys, "count", "--block", "basic", "--depths", "1,1,1", "--channels", "16,32,64", "--json")
+    assert json.loads(out)["channels"] == [16, 16, 32, 64]
+    code, out, _ = run(capsys, "count", "--block", "basic", "--depths", "1,1,1", "--channels", "8,16,32,64", "--json")
+    assert json.loads(out)["channels"] == [8, 16, 32, 64]
+    assert json.loads(out)["params"] == scaler.count(scaler.ArchSpec("basic", (1, 1, 1), (16, 32, 64), stem=8)).params
+    code, _, err = run(capsys, "count", "--block", "basic", "--depths", "1,1,1", "--channels", "8,16,32,64,1")
+    assert "stem,P1,P2,P3" in one_line_error(code, err)
