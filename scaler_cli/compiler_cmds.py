@@ -1,8 +1,10 @@
-"""Compiler commands: zoo, count, emit, solve, compare (no torch on any of these paths)."""
+"""Compiler commands: zoo, count, emit, solve, compare (no torch on any of these paths, except
+`count` of a user's own model file, which it builds to count)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -11,7 +13,14 @@ import scaler
 from scaler.errors import ScalerError
 from scaler.parsing import format_count, parse_list
 from scaler_cli.app import app
-from scaler_cli.options import KNOB_OPTIONS, SPEC_OPTIONS, spec_from_options, with_options
+from scaler_cli.options import (
+    KNOB_OPTIONS,
+    SPEC_FLAGS_NOT_FOR_FILES,
+    SPEC_OPTIONS,
+    STRUCTURE,
+    spec_from_options,
+    with_options,
+)
 from scaler_cli.output import fmt_list, knob_summary, table
 
 
@@ -76,18 +85,33 @@ def zoo(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")
 @app.command(name="count")
 @with_options(SPEC_OPTIONS, into="spec_opts")
 def count_cmd(
-    name: Optional[str] = typer.Argument(None, help="Preset name (see `scaler zoo`)."),
+    name: Optional[str] = typer.Argument(
+        None, metavar="[MODEL]", help="Preset name (see `scaler zoo`) or model file (.py with build_model())."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     spec_opts: dict = None,
 ) -> None:
-    """Exact params and FLOPs of a preset or of a spec given by flags."""
+    """Exact params and FLOPs of a preset, a model file or a spec given by flags."""
     from scaler.presets import get_preset
 
+    if name is not None and (name.endswith(".py") or Path(name).is_file()):
+        spec = _file_spec(name, spec_opts)
+        if spec is None:  # a user's own file: built and counted
+            _count_built(name, spec_opts, as_json)
+            return
+        _print_count(spec, None, as_json, counted=f"from the spec {name} records (its code is what that spec renders)")
+        return
     spec = spec_from_options(name, spec_opts)
     preset = get_preset(name) if name else None
     if preset is not None and preset.spec != spec:  # knobs changed: the published numbers are another model's
         preset = None
+    _print_count(spec, preset, as_json)
+
+
+def _print_count(spec, preset, as_json: bool, counted: str | None = None) -> None:
     payload = _preset_payload(spec, preset)
+    if counted:
+        payload["counted"] = counted
     if as_json:
         print(json.dumps(payload, indent=2))
         return
@@ -109,6 +133,87 @@ def count_cmd(
         print(f"source     {preset.source}, {preset.table}")
         if preset.note:
             print(f"note       {preset.note}")
+    if counted:
+        print(f"counted    {counted}: exact closed forms")
+
+
+FILE_FLAGS = ("classes", "resolution")
+"""Spec flags `count FILE` takes: the classes its build_model() gets, the input FLOPs are counted on."""
+
+
+def _file_spec(path: str, opts: dict):
+    """The spec an emitted model file records (with --classes/--resolution applied), or None for a
+    user's own file or an emitted one edited since (those are built and counted)."""
+    from dataclasses import replace
+
+    from scaler.codegen import embedded_spec, render
+
+    if any(opts.get(k) is not None for k in STRUCTURE):
+        raise ScalerError("give a model file or --block/--depths/--widths, not both")
+    refused = [k for k in SPEC_FLAGS_NOT_FOR_FILES if k not in FILE_FLAGS and opts.get(k) is not None]
+    if refused:
+        flag = refused[0].replace("_", "-")
+        raise ScalerError(f"--{flag} changes a spec, not a model file: emit the file with it instead")
+    file = Path(path)
+    if not file.is_file():
+        raise ScalerError(f"model file {path} not found")
+    try:
+        source = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScalerError(f"cannot read model file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    spec = embedded_spec(source)
+    if spec is None or _body(source) != _body(render(spec)):  # not ours, or edited: its code is the truth
+        return None
+    changes = {"num_classes": opts.get("classes"), "resolution": opts.get("resolution")}
+    return replace(spec, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _body(source: str) -> str:
+    """An emitted file without its docstring header (which carries the provenance and counts)."""
+    return source.split('"""', 2)[-1]
+
+
+def _count_built(path: str, opts: dict, as_json: bool) -> None:
+    """Params (numel) and fvcore FLOPs of the model a user's own file builds."""
+    from scaler.builder import load_model_file
+    from scaler.verify import fvcore_flops, numel
+
+    resolution = opts.get("resolution") or 32
+    model = load_model_file(path, opts.get("classes"))
+    try:
+        flops, by_op = fvcore_flops(model, resolution)
+    except Exception as exc:  # a user's model that fvcore cannot trace on this input
+        text = " ".join(str(exc).split())[:300]
+        raise ScalerError(
+            f"fvcore could not count {path} on a 1x3x{resolution}x{resolution} input "
+            f"({type(exc).__name__}: {text}); give its input size with --resolution"
+        ) from None
+    how = "built from the file: params by numel, FLOPs by fvcore (multiply-adds); it records no scaler spec"
+    if _records_spec(path):
+        how = "built from the file (its code differs from the spec it records): params by numel, FLOPs by fvcore"
+    payload = {
+        "file": str(Path(path).resolve()),
+        "params": numel(model),
+        "flops": flops,
+        "by_operator": by_op,
+        "resolution": resolution,
+        "counted": how,
+    }
+    if as_json:
+        print(json.dumps(payload, indent=2))
+        return
+    print(f"model      {path}  ({type(model).__name__} from its build_model())")
+    print(f"params     {payload['params']:,}")
+    print(f"FLOPs      {flops:,}")
+    print("by op      " + (", ".join(f"{k} {format_count(v)}" for k, v in by_op.items()) or "-"))
+    print(f"input      1x3x{resolution}x{resolution}")
+    print(f"counted    {how}")
+
+
+def _records_spec(path: str) -> bool:
+    from scaler.codegen import embedded_spec
+
+    return embedded_spec(Path(path).read_text(encoding="utf-8")) is not None
 
 
 @app.command()

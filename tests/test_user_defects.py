@@ -33,6 +33,51 @@ def one_line_error(code: int, err: str) -> str:
     return err
 
 
+# --------------------------------------------------------------------------- 1. count MODEL_FILE
+def test_count_takes_an_emitted_model_file_and_counts_it_from_its_spec(capsys, tmp_path):
+    path = tmp_path / "a1.py"
+    assert run(capsys, "emit", "robustresnet-a1", "-o", path)[0] == 0
+    code, out, err = run(capsys, "count", path)
+    assert code == 0 and not err
+    assert "params     19,222,738" in out and "FLOPs      5,122,058,496" in out
+    assert f"from the spec {path} records" in out
+    code, out, _ = run(capsys, "count", path, "--json", "--classes", "100")
+    data = json.loads(out)
+    want = scaler.count(scaler.get_spec("robustresnet-a1", num_classes=100))
+    assert code == 0 and (data["params"], data["flops"], data["num_classes"]) == (want.params, want.flops, 100)
+    code, _, err = run(capsys, "count", path, "--norm", "group")
+    assert "--norm changes a spec, not a model file" in one_line_error(code, err)
+    code, _, err = run(capsys, "count", tmp_path / "missing.py")
+    assert "model file" in one_line_error(code, err) and "not found" in err
+
+
+def test_count_builds_a_users_own_model_file_and_says_how_it_counted(capsys, tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(USER_MODEL)
+    code, out, err = run(capsys, "count", path, "--json")
+    data = json.loads(out)
+    # conv 3*8*9 + 8, linear 8*10 + 10; FLOPs: conv 8*27*32*32, pool 8*32*32, linear 8*10
+    assert code == 0 and data["params"] == 314 and data["flops"] == 221_184 + 8_192 + 80
+    assert "numel" in data["counted"] and "fvcore" in data["counted"]
+    code, out, _ = run(capsys, "count", path, "--resolution", "64")
+    assert code == 0 and "FLOPs      917,584" in out and "numel" in out and "fvcore" in out
+
+
+def test_count_builds_an_emitted_file_edited_since(capsys, tmp_path):
+    path = tmp_path / "tiny.py"
+    assert run(capsys, "emit", *TINY, "-o", path)[0] == 0
+    source = path.read_text()
+    assert "nn.Linear(" in source
+    # a user widens nothing but drops the head's bias: the recorded spec no longer describes the code
+    path.write_text(
+        source.replace("self.fc = nn.Linear(64, num_classes)", "self.fc = nn.Linear(64, num_classes, bias=False)")
+    )
+    code, out, _ = run(capsys, "count", path, "--json")
+    spec_count = scaler.count(scaler.get_spec({"block": "basic", "depths": [1, 1, 1], "planes": [16, 32, 64]}))
+    data = json.loads(out)
+    assert code == 0 and data["params"] == spec_count.params - 10 and "differs" in data["counted"]
+
+
 # --------------------------------------------------------------------------- 2. one size limit
 @pytest.mark.parametrize(
     "args",
