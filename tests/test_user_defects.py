@@ -160,3 +160,26 @@ def test_solve_json_channels_feed_back_and_set_the_stem(capsys):
     assert json.loads(out)["params"] == scaler.count(scaler.ArchSpec("basic", (1, 1, 1), (16, 32, 64), stem=8)).params
     code, _, err = run(capsys, "count", "--block", "basic", "--depths", "1,1,1", "--channels", "8,16,32,64,1")
     assert "stem,P1,P2,P3" in one_line_error(code, err)
+
+
+# --------------------------------------------------------------------------- 3. import's run directory mode
+def test_import_makes_run_directories_with_the_umask_mode_as_train_does(capsys, tmp_path):
+    import os
+
+    import torch
+
+    from scaler.builder import build_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ours.pt"
+    torch.save(build_model(scaler.ArchSpec("basic", (1, 1, 1), (16, 32, 64))).state_dict(), ckpt)
+    old = os.umask(0o022)
+    try:
+        code, _, err = run(capsys, "import", ckpt, *TINY, "-o", tmp_path / "run", "--dataset", "digits")
+        assert code == 0, err
+        code, _, err = run(capsys, "import", ckpt, *TINY, "-o", tmp_path / "run", "--dataset", "digits", "--force")
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.pt", "run"]  # no temporary left behind

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -208,14 +207,14 @@ def _write_run(out: Path, files: dict, force: bool) -> None:
     only with `force`): readers see no run or a whole one."""
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    tmp = _fresh_dir(parent, f".{out.name}.", ".tmp")
     old = None
     try:
         for name, write in files.items():
             write(tmp / name)
         if out.exists():
             _check_out(out, force)  # again: someone may have filled it meanwhile
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            old = _fresh_dir(parent, f".{out.name}.", ".old")
             os.replace(out, old / "run")
         os.replace(tmp, out)
     except BaseException:
@@ -226,6 +225,19 @@ def _write_run(out: Path, files: dict, force: bool) -> None:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh_dir(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new directory in `parent` with the mode the umask gives (as `scaler train`'s run
+    directories get), not tempfile.mkdtemp's 0700: it becomes the run directory by a rename."""
+    for _ in range(100):
+        path = parent / f"{prefix}{os.urandom(6).hex()}{suffix}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name in {parent}")
 
 
 def run_spec(run_dir: Path, source: str) -> ArchSpec | None:
