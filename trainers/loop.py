@@ -85,43 +85,18 @@ def run_epochs(
     progress: bool = True,
 ) -> dict:
     """Epochs state.epoch+1 .. end_epoch; returns the last epoch's record."""
-    x_train, y_train = train_data
-    steps = steps_per_epoch(len(y_train), cfg)
-    crop = 4 if cfg.augment in ("crop-flip", "crop") else 0
-    flip = cfg.augment == "crop-flip"
-    local_batch = cfg.batch_size // world
     record: dict = {}
     while state.epoch < end_epoch:
         epoch = state.epoch + 1
         t0 = time.perf_counter()
-        stepper.reset_stats()
-        bar = _progress(progress and rank == 0, epoch, cfg.epochs, steps)
-        order = batches(len(y_train), cfg.batch_size, state.data_gen, x_train.device, cfg.drop_last)
-        try:  # a stop (Ctrl-C, an error) clears the bar, so the message after it stands on its own line
-            for i, idx in enumerate(order):
-                xb, yb = x_train[idx], y_train[idx]
-                if crop or flip:
-                    xb = augment(xb, state.data_gen, crop=crop, flip=flip)
-                part = slice(rank * local_batch, (rank + 1) * local_batch)
-                stepper.step(xb[part], yb[part], lr=lr_at(cfg, state.iteration, steps))
-                state.iteration += 1
-                if bar is not None and (i % 10 == 9 or i == steps - 1):  # the only host syncs: every 10 steps
-                    bar.update(i + 1 - bar.n)
-                    bar.set_postfix(
-                        loss=f"{(stepper.loss_sum / stepper.seen).item():.3f}",
-                        acc=f"{100 * (stepper.correct / stepper.seen).item():.1f}",
-                        img_s=f"{stepper.seen / (time.perf_counter() - t0):.0f}",
-                    )
-        finally:
-            if bar is not None:
-                bar.close()
+        _train_epoch(state, stepper, cfg, train_data, epoch, rank, world, progress and rank == 0)
         train_loss, train_acc = reduce_stats(stepper, world)
         if not math.isfinite(train_loss):
             raise ScalerError(
                 f"training diverged at epoch {epoch} (loss {train_loss}); {out / 'last.pt'} keeps epoch {epoch - 1}"
             )
         seconds = time.perf_counter() - t0
-        lr = lr_at(cfg, state.iteration - 1, steps)
+        lr = lr_at(cfg, state.iteration - 1, steps_per_epoch(len(train_data[1]), cfg))
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -132,27 +107,64 @@ def run_epochs(
         }
         state.epoch = epoch
         if rank == 0:
-            due = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-            if due:
-                record.update(validate(state.model, state.ema, *val_data, cfg))
-                record["eval_seconds"] = time.perf_counter() - t0 - seconds
-            score = record.get(f"val_{cfg.best_metric}", -1.0)
-            is_best = due and epoch >= round(cfg.best_from * cfg.epochs) and score > state.best["value"]
-            if is_best:
-                state.best = {"value": score, "epoch": epoch}
-            checkpoint.save(state.checkpoint(source, world, lr), out / "last.pt")
-            state.saved_epoch = epoch
-            if is_best:
-                checkpoint.copy(out / "last.pt", out / "best.pt")
-            if epoch in cfg.save_epochs:
-                checkpoint.copy(out / "last.pt", out / f"epoch_{epoch}.pt")
-            checkpoint.append_metrics(out, record)
-            if progress:
-                print(summary(record), file=sys.stderr)
+            _close_epoch(state, cfg, out, val_data, record, source, world, progress, t0)
         else:
             gather_generator_states(state.attack_gen, world)
         barrier(world)
     return record
+
+
+def _train_epoch(state: RunState, stepper, cfg: TrainConfig, train_data, epoch: int, rank, world, progress) -> None:
+    """One epoch's training steps (this rank's share of each batch), with its progress bar."""
+    x_train, y_train = train_data
+    steps = steps_per_epoch(len(y_train), cfg)
+    crop = 4 if cfg.augment in ("crop-flip", "crop") else 0
+    flip = cfg.augment == "crop-flip"
+    local_batch = cfg.batch_size // world
+    t0 = time.perf_counter()
+    stepper.reset_stats()
+    bar = _progress(progress, epoch, cfg.epochs, steps)
+    order = batches(len(y_train), cfg.batch_size, state.data_gen, x_train.device, cfg.drop_last)
+    try:  # a stop (Ctrl-C, an error) clears the bar, so the message after it stands on its own line
+        for i, idx in enumerate(order):
+            xb, yb = x_train[idx], y_train[idx]
+            if crop or flip:
+                xb = augment(xb, state.data_gen, crop=crop, flip=flip)
+            part = slice(rank * local_batch, (rank + 1) * local_batch)
+            stepper.step(xb[part], yb[part], lr=lr_at(cfg, state.iteration, steps))
+            state.iteration += 1
+            if bar is not None and (i % 10 == 9 or i == steps - 1):  # the only host syncs: every 10 steps
+                bar.update(i + 1 - bar.n)
+                bar.set_postfix(
+                    loss=f"{(stepper.loss_sum / stepper.seen).item():.3f}",
+                    acc=f"{100 * (stepper.correct / stepper.seen).item():.1f}",
+                    img_s=f"{stepper.seen / (time.perf_counter() - t0):.0f}",
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _close_epoch(state: RunState, cfg: TrainConfig, out: Path, val_data, record, source, world, progress, t0) -> None:
+    """Rank 0's end of an epoch: validate when due, save last.pt (best.pt, epoch_N.pt), log."""
+    epoch = state.epoch
+    due = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+    if due:
+        record.update(validate(state.model, state.ema, *val_data, cfg))
+        record["eval_seconds"] = time.perf_counter() - t0 - record["seconds"]
+    score = record.get(f"val_{cfg.best_metric}", -1.0)
+    is_best = due and epoch >= round(cfg.best_from * cfg.epochs) and score > state.best["value"]
+    if is_best:
+        state.best = {"value": score, "epoch": epoch}
+    checkpoint.save(state.checkpoint(source, world, record["lr"]), out / "last.pt")
+    state.saved_epoch = epoch
+    if is_best:
+        checkpoint.copy(out / "last.pt", out / "best.pt")
+    if epoch in cfg.save_epochs:
+        checkpoint.copy(out / "last.pt", out / f"epoch_{epoch}.pt")
+    checkpoint.append_metrics(out, record)
+    if progress:
+        print(summary(record), file=sys.stderr)
 
 
 def validate(model, ema, x_val, y_val, cfg) -> dict:
