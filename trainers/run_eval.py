@@ -135,30 +135,25 @@ def evaluate_run(
     info.update(dataset=dataset, n=len(y), eps=eps, precision=precision, compile=bool(compile))
     info["fused"] = resolve_fused(fused, dev, compiled=bool(compile))
     if announce is not None:
-        of = f" of {info['epochs']}" if info["epochs"] else ""
-        why = " (no best.pt yet: the run has not validated)" if info["checkpoint"].endswith("last.pt") else ""
-        when = f"imported from {info['imported']['checkpoint']}" if "imported" in info else f"epoch {info['epoch']}{of}"
-        announce(f"evaluating {info['checkpoint']}, {when}{why}, on {len(y)} {dataset} test points")
-        if compile:
-            robust_cpu = dev.type == "cpu" and "robust" in block_families(model)
-            slow = " (RobustResBlock models measured 0.5-0.7x of eager compiled on a CPU)" if robust_cpu else ""
-            announce(f"note: torch.compile on; each attack's first batches compile first{slow}")
+        _announce(announce, info, model, dev)
+    settings = dict(eps=eps, seed=seed, batch_size=batch_size, per_block=per_block, progress=progress)
     try:
         results = evaluate(
-            model,
-            x.to(dev),
-            y.to(dev),
-            attacks,
-            eps=eps,
-            seed=seed,
-            batch_size=batch_size,
-            per_block=per_block,
-            progress=progress,
-            precision=precision,
-            compile=compile,
-            fused=info["fused"],
+            model, x.to(dev), y.to(dev), attacks, precision=precision, compile=compile, fused=info["fused"], **settings
         )
     except EvaluationStopped as exc:  # the caller reports what finished, and of which checkpoint
         exc.info = info
         raise
     return results, info
+
+
+def _announce(announce, info: dict, model, dev) -> None:
+    """Which checkpoint and epoch is evaluated, on what; a note where torch.compile is on."""
+    of = f" of {info['epochs']}" if info["epochs"] else ""
+    why = " (no best.pt yet: the run has not validated)" if info["checkpoint"].endswith("last.pt") else ""
+    when = f"imported from {info['imported']['checkpoint']}" if "imported" in info else f"epoch {info['epoch']}{of}"
+    announce(f"evaluating {info['checkpoint']}, {when}{why}, on {info['n']} {info['dataset']} test points")
+    if info["compile"]:
+        robust_cpu = dev.type == "cpu" and "robust" in block_families(model)
+        slow = " (RobustResBlock models measured 0.5-0.7x of eager compiled on a CPU)" if robust_cpu else ""
+        announce(f"note: torch.compile on; each attack's first batches compile first{slow}")
