@@ -21,6 +21,14 @@ SOURCE_HELP = "A NARes-format .jsonl file or a study directory."
 LIVE_TRAIN_OPTIONS = [o for o in TRAIN_OPTIONS if o.name != "seed"]  # --seed is the search's; trials use the default
 
 
+def note_synthetic(bench) -> None:
+    """Say on stderr, in one line, when a benchmark's metrics are invented (`scaler synthetic`)."""
+    import sys
+
+    if bench.synthetic_note:
+        print(bench.synthetic_note, file=sys.stderr)
+
+
 def arch_label(arch: dict) -> str:
     from studies.benchmark import arch_text
 
@@ -93,7 +101,9 @@ def _tabular(benchmark, algo, queries, runs, seed, metric, workers, progress: bo
     bench = load(benchmark)
     problem = Problem.from_benchmark(bench, metric)
     results = run_search(problem, algo, queries=queries, runs=runs, seed=seed, workers=workers, progress=progress)
-    return summarize(bench, metric, algo, results, queries=queries, seed=seed)
+    report = summarize(bench, metric, algo, results, queries=queries, seed=seed)
+    note_synthetic(bench)  # once the search stands: an error stays the only line
+    return report
 
 
 def _live(space_ref, out, algo, queries, runs, seed, metric, recipe, train_opts, o) -> dict:
@@ -204,7 +214,9 @@ def analyze(
     from studies.analysis import analyze as run_analysis
     from studies.benchmark import load
 
-    report = run_analysis(load(source), metric, _budget_list(budgets))
+    bench = load(source)
+    report = run_analysis(bench, metric, _budget_list(budgets))
+    note_synthetic(bench)  # once the analysis stands: an error stays the only line
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -220,7 +232,8 @@ def _fmt(x: float) -> str:
 def _print_analysis(r: dict, top: int) -> None:
     m = r["metric"]
     b = r["best"]
-    print(f"{r['source']}: {r['records']} architectures; robust accuracy = {m}")
+    synthetic = " (SYNTHETIC: invented metrics, not measured)" if r.get("synthetic_records") else ""
+    print(f"{r['source']}: {r['records']} architectures{synthetic}; robust accuracy = {m}")
     print(f"best: {arch_label(b['arch'])}  {m} {b['acc']:.2f}  ({_fmt(b['flops'])} FLOPs, {_fmt(b['params'])} params)")
     for key, label in (("pareto_flops", "FLOPs"), ("pareto_params", "params")):
         front = r[key]
@@ -327,7 +340,8 @@ def plot(
     plots.image_format(output)
     if n < 1:
         raise ScalerError("--n must be >= 1")
-    if kind == "curves":
+    bench = None
+    if kind == "curves" and plots.is_run(source):
         fig = plots.curves(source, metric, _arch_list(arch))
     elif kind == "lipschitz":
         fig = plots.lipschitz(source, n, device)
@@ -335,11 +349,15 @@ def plot(
         from studies.benchmark import load
 
         bench = load(source)
-        if kind == "pareto":
+        if kind == "curves":
+            fig = plots.curves(bench, metric, _arch_list(arch))
+        elif kind == "pareto":
             fig = plots.pareto(bench, metric, _budget_list(budgets))
         elif kind == "rd":
             fig = plots.rd(bench, metric)
         else:
             fig = plots.stages(bench, metric)
     path = plots.save(fig, output, force=force)
+    if bench is not None:
+        note_synthetic(bench)
     print(f"wrote {path}")

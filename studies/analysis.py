@@ -190,6 +190,7 @@ def analyze(bench, metric: str | None = None, budgets=None, fraction: float = 0.
     return {
         "source": bench.source,
         "records": len(bench),
+        "synthetic_records": bench.synthetic,
         "metric": metric,
         "best": _entry(bench, int(np.nanargmax(acc)), acc),
         "pareto_flops": [_entry(bench, r, acc) for r in pareto_front(flops, acc)],

@@ -52,6 +52,9 @@ TEST = {
 }
 METRICS = (*TOP_LEVEL, *TRAIN_SCALARS, *PER_EPOCH, *TEST, "test_corrupt_acc")
 HISTORIES = tuple(PER_EPOCH.values())
+SYNTHETIC_GPU = "synthetic"
+"""`train[0]['gpu_type']` of the records `scaler synthetic` invents (studies.synthetic): how a
+synthetic benchmark is told from a measured one."""
 
 
 def lower_is_better(metric: str) -> bool:
@@ -100,6 +103,7 @@ class Benchmark:
     archs: np.ndarray
     columns: dict[str, np.ndarray]
     arch_ids: np.ndarray
+    synthetic: int = 0  # records marked synthetic (invented metrics, not measured)
     _offsets: list[int] | None = field(default=None, repr=False)
     _records: list[dict] | None = field(default=None, repr=False)
     _index: dict[tuple, int] = field(default_factory=dict, repr=False)
@@ -157,6 +161,17 @@ class Benchmark:
         """The column of a scalar metric (NaN where a record lacks it)."""
         _check_metric(name)
         return self.columns[name]
+
+    @property
+    def synthetic_note(self) -> str | None:
+        """One line saying the metrics are invented, for benchmarks with synthetic records; else None."""
+        if not self.synthetic:
+            return None
+        share = "" if self.synthetic == len(self) else f"{self.synthetic:,} of {len(self):,} records of "
+        return (
+            f"note: {share}{Path(self.source).name} is SYNTHETIC (written by `scaler synthetic`): "
+            "exact costs, invented metrics, not measured"
+        )
 
     def has(self, name: str) -> bool:
         return name in self.columns and bool(np.isfinite(self.columns[name]).any())
@@ -263,7 +278,15 @@ def _scalars(rec: dict, where: str) -> dict:
     out = {m: get_metric(rec, m) for m in METRICS}
     out["_arch"] = _arch_of(rec, where)
     out["_id"] = rec.get("arch_id")
+    out["_synthetic"] = _is_synthetic(rec)
     return out
+
+
+def _is_synthetic(rec: dict) -> bool:
+    try:
+        return rec["train"][0].get("gpu_type") == SYNTHETIC_GPU
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False
 
 
 def _build(scalars: list[dict], source: str, *, offsets=None, records=None) -> Benchmark:
@@ -284,4 +307,5 @@ def _build(scalars: list[dict], source: str, *, offsets=None, records=None) -> B
         raise ScalerError(f"{source}: an architecture appears twice; keep one record per architecture")
     columns = {m: np.array([s[m] for s in scalars], dtype=float) for m in METRICS}
     ids = np.array([s["_id"] if isinstance(s["_id"], int) else i + 1 for i, s in enumerate(scalars)])
-    return Benchmark(source, keys, archs, columns, ids, _offsets=offsets, _records=records)
+    synthetic = sum(bool(s["_synthetic"]) for s in scalars)
+    return Benchmark(source, keys, archs, columns, ids, synthetic, _offsets=offsets, _records=records)

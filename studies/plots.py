@@ -51,6 +51,25 @@ def save(fig, path: str | Path, *, force: bool = False) -> Path:
         plt.close(fig)
 
 
+def mark_synthetic(fig, bench) -> None:
+    """A red line above everything when the benchmark's metrics are invented (`scaler synthetic`)."""
+    if not bench.synthetic:
+        return
+    share = "" if bench.synthetic == len(bench) else f"{bench.synthetic:,} of {len(bench):,} records "
+    text = f"SYNTHETIC data: {share}invented by `scaler synthetic`, not measured"
+    style = dict(color="tab:red", fontsize=11, fontweight="bold")
+    if fig._suptitle is None:
+        fig.suptitle(text, **style)
+    else:  # above the figure's own title
+        fig.text(0.5, 1.0, text, ha="center", va="bottom", **style)
+
+
+def is_run(source) -> bool:
+    """Whether `source` is a run directory (it has metrics.jsonl), not a benchmark."""
+    path = Path(source)
+    return path.is_dir() and (path / "metrics.jsonl").is_file()
+
+
 def _label(metric: str) -> str:
     names = {
         "test_aa_acc": "test AutoAttack accuracy (%)",
@@ -132,6 +151,7 @@ def pareto(bench, metric: str | None = None, budgets=None):
     axes[1].set_title("robust accuracy vs parameters")
     axes[1].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{Path(bench.source).name}: {len(bench)} architectures")
+    mark_synthetic(fig, bench)
     return fig
 
 
@@ -154,30 +174,32 @@ def _run_history(run_dir: Path) -> dict:
 
 
 def _record_history(rec: dict, label: str) -> dict:
+    """A NARes record's histories: list index i is epoch i; a missing list is empty, a null is NaN."""
     t = rec["train"][0]
-    n = len(t.get("train_loss", []))
+
+    def values(key: str) -> list[float]:
+        return [np.nan if v is None else float(v) for v in t.get(key) or []]
+
+    val = {key: values(key) for key in ("val_acc", "pgd", "cw")}
     return {
         "label": label,
-        "epochs": list(range(n)),
-        "train_loss": t.get("train_loss", []),
-        "val_epochs": list(range(len(t.get("val_acc", [])))),
-        "val_acc": t.get("val_acc", []),
-        "pgd": t.get("pgd", []),
-        "cw": t.get("cw", []),
+        "epochs": list(range(len(values("train_loss")))),
+        "train_loss": values("train_loss"),
+        "val_epochs": list(range(max(map(len, val.values())))),
+        **val,
         "best_epoch": t.get("best_epoch"),
     }
 
 
-def histories(source: str | Path, metric: str | None = None, archs=None) -> list[dict]:
-    """Per-epoch histories: of a run directory (its metrics.jsonl), or of a benchmark's chosen
-    archs, else its best, median and worst by `metric`."""
-    path = Path(source)
-    if path.is_dir() and (path / "metrics.jsonl").is_file():
-        return [_run_history(path)]
+def histories(source, metric: str | None = None, archs=None) -> list[dict]:
+    """Per-epoch histories: of a run directory (its metrics.jsonl), or of a benchmark's (a loaded
+    Benchmark, a file or a study) chosen archs, else its best, median and worst by `metric`."""
+    if not hasattr(source, "record") and is_run(source):
+        return [_run_history(Path(source))]
     from studies.analysis import robust_metric
     from studies.benchmark import arch_text, load
 
-    bench = load(path)
+    bench = source if hasattr(source, "record") else load(source)
     if archs:
         rows = [bench.row(a) for a in archs]
         names = ["chosen"] * len(rows)
@@ -192,7 +214,12 @@ def histories(source: str | Path, metric: str | None = None, archs=None) -> list
 
 
 def curves(source, metric: str | None = None, archs=None):
+    """Histories (see `histories`) of a run directory or of a benchmark (loaded, a file or a study)."""
+    from studies.benchmark import load
+
     plt = _pyplot()
+    if not hasattr(source, "record") and not is_run(source):
+        source = load(source)
     runs = histories(source, metric, archs)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.8))
     styles = {"val_acc": ("-", "clean"), "pgd": ("--", "PGD-20"), "cw": (":", "CW-40")}
@@ -201,7 +228,7 @@ def curves(source, metric: str | None = None, archs=None):
         ax_loss.plot(h["epochs"], h["train_loss"], c=color, label=h["label"])
         for key, (ls, _name) in styles.items():
             if len(h[key]):
-                ax_acc.plot(h["val_epochs"], h[key], ls=ls, c=color)
+                ax_acc.plot(h["val_epochs"][: len(h[key])], h[key], ls=ls, c=color)
         if h["best_epoch"] is not None:
             ax_acc.axvline(h["best_epoch"], c=color, lw=0.8, alpha=0.5)
     ax_loss.set_xlabel("epoch")
@@ -215,6 +242,8 @@ def curves(source, metric: str | None = None, archs=None):
     ax_acc.legend(handles=keys, fontsize=8, loc="lower right")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+    if hasattr(source, "record"):
+        mark_synthetic(fig, source)
     return fig
 
 
@@ -244,6 +273,7 @@ def rd(bench, metric: str | None = None):
     ax.set_title("robust accuracy vs depth share")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    mark_synthetic(fig, bench)
     return fig
 
 
@@ -276,6 +306,7 @@ def stages(bench, metric: str | None = None, fraction: float = 0.1):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
     axes[0].set_ylabel("share of the total (mean over the group)")
+    mark_synthetic(fig, bench)
     return fig
 
 

@@ -183,3 +183,47 @@ def test_import_makes_run_directories_with_the_umask_mode_as_train_does(capsys, 
         os.umask(old)
     assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.pt", "run"]  # no temporary left behind
+
+
+# --------------------------------------------------------------------------- 4. synthetic data says so
+@pytest.fixture(scope="module")
+def synthetic_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synthetic") / "synth.jsonl"
+    assert main(["synthetic", str(path), "--limit", "60", "--epochs", "10"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("kind", ["analyze", "pareto", "curves", "rd", "stages"])
+def test_analyze_and_plot_say_the_data_is_synthetic(capsys, tmp_path, synthetic_file, kind):
+    capsys.readouterr()
+    args = (
+        ["analyze", synthetic_file] if kind == "analyze" else ["plot", kind, synthetic_file, "-o", tmp_path / "f.png"]
+    )
+    code, out, err = run(capsys, *args)
+    assert code == 0 and err.count("\n") == 1 and "SYNTHETIC" in err and "not measured" in out + err
+    if kind == "analyze":
+        assert "SYNTHETIC" in out.splitlines()[0]  # a saved report says it too
+
+
+def test_measured_data_gets_no_synthetic_note(capsys, tmp_path):
+    from nares_files import write_grid
+
+    code, out, err = run(capsys, "analyze", write_grid(tmp_path / "measured.jsonl"))
+    assert code == 0 and not err and "SYNTHETIC" not in out
+
+
+@pytest.mark.parametrize("kind", ["pareto", "curves", "rd", "stages"])
+def test_synthetic_figures_carry_the_note_and_measured_ones_do_not(synthetic_file, tmp_path, kind):
+    from nares_files import write_grid
+
+    from studies import plots
+    from studies.benchmark import load
+
+    def texts(fig) -> str:
+        found = [t.get_text() for t in fig.texts] + [fig._suptitle.get_text() if fig._suptitle else ""]
+        plots.save(fig, tmp_path / f"{kind}.png", force=True)
+        return " ".join(found)
+
+    draw = {"pareto": plots.pareto, "curves": plots.curves, "rd": plots.rd, "stages": plots.stages}[kind]
+    assert "SYNTHETIC" in texts(draw(load(synthetic_file)))
+    assert "SYNTHETIC" not in texts(draw(load(write_grid(tmp_path / "measured.jsonl"))))
