@@ -956,8 +956,7 @@ def test_constant_folds_keep_functional_and_forward_mode_calls():
 def test_compiled_eval_forward_equals_eager():
     """torch.compile traces the fused formulation in eval mode under no_grad (validation logits),
     where a variadic autograd.Function (`DenseCat`) traced to its last input only: `dense_cat` is
-    torch.cat there. (A model of three blocks: inside a span the fused forward graph-breaks at
-    every fold, see the xfail below, and each break costs tracing time.)"""
+    torch.cat there."""
     fused, plain = pair(ArchSpec(**ROBUST))
     fused, plain = fused.float().eval(), plain.float().eval()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(14))
@@ -984,11 +983,6 @@ def test_compiled_dense_cat_is_cat():
     assert torch.equal(out, torch.cat(pieces, 1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.Unsupported,
-    reason="inside a span `folds.folded` calls torch.is_inference_mode_enabled(), which dynamo cannot trace",
-)
 def test_compiled_fused_forward_traces_in_one_graph():
     """The fused formulation traces without graph breaks (fullgraph), as the emitted one does."""
     fused, _ = pair(SPECS["robust"])
@@ -1225,7 +1219,6 @@ def test_disabled_span_switches_legacy_model_files_to_plain(name):
         assert not caches and [m.fused for m in flagged] == [True, False, True, True]
 
 
-@pytest.mark.xfail(strict=True, reason="the runtime recognises a tag a subclass inherits and replaces its forward")
 def test_subclass_with_a_forward_of_its_own_is_not_fused():
     """A user's subclass of an emitted block that overrides `forward` inherits the class tag, but
     computes another function: its forward must be kept."""
@@ -1245,7 +1238,6 @@ def test_subclass_with_a_forward_of_its_own_is_not_fused():
             torch.testing.assert_close(block(z), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="an inner disabled span leaves the enclosing span's fused forwards installed")
 def test_disabled_span_inside_an_enabled_one_runs_plain():
     """`enabled=False` forces the blocks as emitted, also inside an enabled span; on its exit the
     enclosing span's forwards are back."""

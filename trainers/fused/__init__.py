@@ -61,6 +61,7 @@ def fused_blocks(model: nn.Module, enabled: bool | None = None):
         enabled = auto_fused(_device(model))
     token = _CHOICE.set(enabled)
     installed: list[nn.Module] = []
+    lifted = {} if enabled else _lift_installed(model)  # an enclosing span's, for this plain one
     legacy = _legacy_flags(model, enabled)
     try:
         with ExitStack() as stack:
@@ -72,6 +73,9 @@ def fused_blocks(model: nn.Module, enabled: bool | None = None):
     finally:
         for m in installed:
             m.__dict__.pop("forward", None)
+            _INSTALLED.pop(id(m), None)
+        for m, forward in lifted.values():
+            m.forward = forward
         for m, flag in legacy:
             m.fused = flag
         _CHOICE.reset(token)
@@ -82,12 +86,15 @@ def fused_forward(module: nn.Module):
     as emitted: an unrecognised tag, other submodule types or geometry, or hooks on submodules."""
     tag = getattr(type(module), "scaler_block", None) or getattr(type(module), "scaler_network", None)
     kind = _KINDS.get(tag) if isinstance(tag, tuple) else None
-    if kind is None or not kind.fits(module) or _hooked_inside(module):
+    if kind is None or not _own_forward(type(module)) or not kind.fits(module) or _hooked_inside(module):
         return None
     same_pad = _file_global(module, "same_pad") if kind.same_padding else None
     if kind.same_padding and same_pad is None:
         return None
     return functools.partial(kind.forward, module, same_pad=same_pad)
+
+
+_INSTALLED: dict[int, object] = {}  # id(module) -> the fused forward a live span gave it
 
 
 def _install(model: nn.Module) -> list[nn.Module]:
@@ -100,8 +107,19 @@ def _install(model: nn.Module) -> list[nn.Module]:
         forward = fused_forward(m)
         if forward is not None:
             m.forward = forward
+            _INSTALLED[id(m)] = forward
             installed.append(m)
     return installed
+
+
+def _lift_installed(model: nn.Module) -> dict:
+    """Take off the fused forwards enclosing spans gave the model's modules (put back on exit)."""
+    lifted = {}
+    for m in model.modules():
+        forward = m.__dict__.get("forward")
+        if forward is not None and _INSTALLED.get(id(m)) is forward:
+            lifted[id(m)] = (m, m.__dict__.pop("forward"))
+    return lifted
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -211,6 +229,15 @@ _KINDS = {
     ("robust-same", 1): _Kind(fits=_robust_fits, forward=robust_forward, same_padding=True),
     ("resnet", 1): _Kind(fits=_network_fits, forward=network_forward, same_padding=False),
 }
+
+
+def _own_forward(cls: type) -> bool:
+    """Whether the class's forward is the one of the class that declares the tag: a subclass with
+    a forward of its own computes something else."""
+    for klass in cls.__mro__:
+        if "scaler_block" in klass.__dict__ or "scaler_network" in klass.__dict__:
+            return inspect.getattr_static(cls, "forward", None) is klass.__dict__.get("forward")
+    return False
 
 
 def _hooked_inside(module: nn.Module) -> bool:

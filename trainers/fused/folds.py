@@ -55,6 +55,8 @@ def folded(x: torch.Tensor, owner: nn.Module, tensors: tuple[torch.Tensor, ...],
     before for x's device and compute dtype while none of them wants a gradient (forward-mode ones
     too) or has been replaced or changed since. The entry keeps their storage alive, so that no
     other tensor can take its address while the entry is compared against it."""
+    if is_compiling():  # the compiler folds constants by itself (and cannot trace the checks below)
+        return build(*args)
     cache = FOLD_CACHES.get(id(owner)) if FOLD_CACHES else None
     if cache is None or torch.is_inference_mode_enabled() or any(t.requires_grad for t in tensors):
         return build(*args)
