@@ -292,7 +292,9 @@ def solve(
     parents: bool = typer.Option(False, "--parents", help="With --emit: create missing parent directories."),
     results: Optional[str] = typer.Option(None, help="measured: a NARes-format .jsonl file or a study directory."),
     metric: Optional[str] = typer.Option(
-        None, help="measured: robust accuracy [default: test_aa_acc, else test_pgd_acc]."
+        None,
+        help="measured: the accuracy it picks by [default: val_pgd_acc, else val_cw_acc; a test metric "
+        "peeks at the test set and is taken with a note].",
     ),
     seed: int = typer.Option(0, help="measured: seed of the surrogate's held-out split and fit."),
     spec_opts: dict = None,
@@ -337,6 +339,7 @@ def _solve_measured(rule, results, flops, params, max_flops, max_params, metric,
     from studies.measured import solve_measured
 
     out = solve_measured(results, flops, params, max_flops=max_flops, max_params=max_params, metric=metric, seed=seed)
+    _measured_notes(out)
     if as_json:
         print(json.dumps(out, indent=2))
         return
@@ -351,6 +354,10 @@ def _solve_measured(rule, results, flops, params, max_flops, max_params, metric,
         f"({format_count(int(b['flops']))} FLOPs, {format_count(int(b['params']))} params; "
         f"best of {out['measured_within']} within budget)"
     )
+    tests = {k: v for k, v in b.get("test", {}).items() if k != m}
+    if tests:
+        chosen = "" if m.startswith("test_") else ", not used to choose"
+        print(f"its test    {', '.join(f'{k} {v:.2f}' for k, v in tests.items())}{chosen}")
     if "held_out_kendall_tau" in s:
         print(
             f"surrogate   {s['model']}: held-out Kendall tau {s['held_out_kendall_tau']:+.3f} "
@@ -365,6 +372,20 @@ def _solve_measured(rule, results, flops, params, max_flops, max_params, metric,
         )
     if "note" in s:
         print(f"note        {s['note']}")
+
+
+def _measured_notes(out: dict) -> None:
+    """The measured rule's caveats, one line each on stderr: a test metric, synthetic data."""
+    import sys
+
+    if out.get("metric_note"):
+        print(f"note: {out['metric_note']}", file=sys.stderr)
+    if out.get("synthetic_records"):
+        print(
+            f"note: {Path(out['source']).name} is SYNTHETIC (written by `scaler synthetic`): "
+            "exact costs, invented metrics, not measured",
+            file=sys.stderr,
+        )
 
 
 @app.command()

@@ -19,6 +19,37 @@ from scaler.errors import ScalerError
 
 MIN_FIT = 10
 MAX_SPACE = 2_000_000
+DEFAULT_METRICS = ("val_pgd_acc", "val_cw_acc")
+"""What the rule picks by unless told: validation robustness, as a search must (studies.benchmark
+objectives); the chosen architecture's test accuracy is then reported, not used to choose."""
+REPORTED_TEST = ("test_aa_acc", "test_pgd_acc", "test_cw_acc", "test_clean_acc")
+
+
+def measured_metric(bench, metric: str | None) -> tuple[str, str | None]:
+    """(metric, note): `metric`, else the first validation metric of DEFAULT_METRICS the source has.
+    A test metric is taken when given, with a note that choosing by it peeks at the test set."""
+    from studies.benchmark import METRICS, lower_is_better, objective_metric
+
+    if metric is None:
+        for m in DEFAULT_METRICS:
+            if bench.has(m):
+                return m, None
+        raise ScalerError(
+            f"{bench.source} has no validation robustness ({', '.join(DEFAULT_METRICS)}) to choose by; "
+            "give --metric (a test metric picks on the test set)"
+        )
+    if metric not in METRICS or not metric.startswith("test_"):
+        objective_metric(metric)  # unknown metrics and costs: refused as a search refuses them
+    if lower_is_better(metric):
+        raise ScalerError(f"the measured rule picks the highest accuracy; {metric} is lower-is-better")
+    if not bench.has(metric):
+        raise ScalerError(f"{bench.source} has no {metric} values")
+    if metric.startswith("test_"):
+        return metric, (
+            f"{metric} is a test metric: choosing by it peeks at the test set, so the chosen architecture's "
+            f"{metric} is an optimistic estimate (the default chooses by {DEFAULT_METRICS[0]}, as search must)"
+        )
+    return metric, None
 
 
 def _within(cost_flops, cost_params, target, cap) -> np.ndarray:
@@ -42,12 +73,11 @@ def solve_measured(
 ) -> dict:
     """The measured rule's answer for one budget (JSON-ready)."""
     from scaler.api import budgets
-    from studies.analysis import robust_metric
     from studies.benchmark import load
 
     target, cap = budgets(flops, params, max_flops, max_params)
     bench = load(source)
-    metric = robust_metric(bench, metric)
+    metric, note = measured_metric(bench, metric)
     acc = bench.metric(metric)
     macs, prm = bench.metric("macs"), bench.metric("params")
     ok = _within(macs, prm, target, cap) & np.isfinite(acc)
@@ -73,8 +103,12 @@ def solve_measured(
             "flops": float(macs[best]),
             "params": float(prm[best]),
             metric: float(acc[best]),
+            "test": {m: float(bench.metric(m)[best]) for m in REPORTED_TEST if np.isfinite(bench.metric(m)[best])},
         },
+        "synthetic_records": bench.synthetic,
     }
+    if note:
+        out["metric_note"] = note
     out["surrogate"] = surrogate_pick(bench, acc, target, cap, seed=seed, epochs=epochs)
     return out
 

@@ -227,3 +227,24 @@ def test_synthetic_figures_carry_the_note_and_measured_ones_do_not(synthetic_fil
     draw = {"pareto": plots.pareto, "curves": plots.curves, "rd": plots.rd, "stages": plots.stages}[kind]
     assert "SYNTHETIC" in texts(draw(load(synthetic_file)))
     assert "SYNTHETIC" not in texts(draw(load(write_grid(tmp_path / "measured.jsonl"))))
+
+
+# --------------------------------------------------------------------------- 5. measured rule: validation by default
+def test_the_measured_rule_picks_by_validation_and_flags_a_test_metric(capsys, tmp_path):
+    from nares_files import record
+
+    a = {"D1": 4, "W1": 8, "D2": 4, "W2": 8, "D3": 4, "W3": 8}
+    b = {**a, "D1": 5}
+    path = tmp_path / "two.jsonl"  # a: better on the test set, b: better on validation
+    path.write_text(json.dumps(record(a, 40.0, test=50.0)) + "\n" + json.dumps(record(b, 45.0, test=45.0)) + "\n")
+    args = ["solve", "--flops", "10G", "--rule", "measured", "--results", path, "--json"]
+    code, out, err = run(capsys, *args)
+    data = json.loads(out)
+    assert code == 0 and not err
+    assert data["metric"] == "val_pgd_acc" and data["best_measured"]["arch"] == b
+    assert data["best_measured"]["test"]["test_pgd_acc"] == 45.0  # reported, not used to choose
+    code, out, err = run(capsys, *args, "--metric", "test_pgd_acc")
+    assert code == 0 and json.loads(out)["best_measured"]["arch"] == a
+    assert err.count("\n") == 1 and "test metric" in err and "peeks at the test set" in err
+    code, _, err = run(capsys, *args, "--metric", "val_pgd_lip")
+    assert "lower-is-better" in one_line_error(code, err)
