@@ -163,7 +163,8 @@ def results(
     if not rows:
         print(f"{study}: no trials{' match' if where else ''}")
         return
-    print(table(*_table(rows), right={0, *range(4, 16)}))
+    headers, cells = _table(rows)
+    print(table(headers, cells, right={0, *range(4, len(headers))}))
     for r in rows:
         if r["status"] == "failed":
             print(f"failed: arch {r['arch_id']} after {r['attempts']} attempts: {r['error']}")
@@ -173,9 +174,15 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+TEST_COLUMNS = ("test_clean", "test_fgsm", "test_pgd20", "test_cw40", "test_aa")
+
+
 def _table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """The results table: every test attack some trial was tested with (a study tests all its trials
+    with the same attacks), each a column."""
+    tests = [k for k in TEST_COLUMNS if any(r.get(k) is not None for r in rows)] or list(TEST_COLUMNS[:1])
     headers = ["arch", "status", "depths", "widening", "params", "FLOPs", "best ep", "val clean", "val pgd20"]
-    headers += ["val cw40", "test clean", "test pgd20", "test cw40", "test aa", "GPU-h", "CPU-h"]
+    headers += ["val cw40", *(k.replace("_", " ") for k in tests), "GPU-h", "CPU-h"]
     out = []
     for r in rows:
         out.append(
@@ -186,9 +193,9 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list]]:
                 fmt_list([r["W1"], r["W2"], r["W3"]]),
                 format_count(r["params"]),
                 format_count(r["flops"]),
-                "-" if r["best_epoch"] is None else r["best_epoch"],
+                "-" if r["best_epoch"] is None else int(r["best_epoch"]),
                 *(_pct(r[k]) for k in ("val_clean", "val_pgd20", "val_cw40")),
-                *(_pct(r[k]) for k in ("test_clean", "test_pgd20", "test_cw40", "test_aa")),
+                *(_pct(r[k]) for k in tests),
                 f"{r['gpu_hours']:.3f}",
                 f"{r['cpu_hours']:.3f}",
             ]

@@ -57,11 +57,23 @@ def flat_rows(study_dir: str | Path) -> list[dict]:
     return [flat_row(r) for r in rows]
 
 
+INTEGER_COLUMNS = ("arch_id", "params", "flops", "best_epoch", "epochs", "test_n", "attempts")
+
+
 def dataframe(study_dir: str | Path):
-    """A pandas DataFrame of `flat_rows`, one row per trial."""
+    """A pandas DataFrame of `flat_rows`, one row per trial. Whole-number columns stay whole where
+    some rows have none (a failed trial's best epoch): pandas' nullable Int64, not float."""
     import pandas as pd
 
-    return pd.DataFrame(flat_rows(study_dir))
+    df = pd.DataFrame(flat_rows(study_dir))
+    whole = [c for c in df.columns if c in INTEGER_COLUMNS or (c[:1] == "D" and c[1:].isdigit())]
+    for column in whole:
+        values = df[column].dropna()
+        if len(values) == len(df[column]) and values.map(lambda v: isinstance(v, int)).all():
+            continue  # already int64
+        if values.map(lambda v: float(v).is_integer()).all():
+            df[column] = df[column].astype("Int64")
+    return df
 
 
 def select(df, *, where: str | None = None, by: str | None = None, top: int | None = None):

@@ -1,7 +1,7 @@
 """The results store: STUDY_DIR/results.sqlite, one row per architecture tried.
 
-The sweep driver is the only writer (workers return their results to it), so SQLite's one-writer
-model holds on shared filesystems too; WAL lets `scaler results` read while a sweep writes.
+The sweep driver is the only writer (workers return their results to it); WAL lets `scaler results`
+read while a sweep writes.
 `meta` holds the schema version, the space and the training/test settings the study was started
 with: a rerun with other settings is refused rather than mixing recipes in one table.
 
@@ -131,12 +131,14 @@ class Store:
     def meta(self) -> dict:
         return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
 
-    def bind(self, settings: dict) -> None:
-        """Record the study's settings, or refuse ones that differ from those recorded."""
+    def bind(self, settings: dict, label=None) -> None:
+        """Record the study's settings, or refuse ones that differ from those recorded. The message
+        names each difference by `label(key, field)` (field None for a setting that is no dict), as
+        the user gives it (the sweep: its flags); by default by the settings' own names."""
         known = self.meta()
         differ = sorted(k for k, v in settings.items() if k in known and known[k] != v)
         if differ:
-            detail = "; ".join(_difference(k, known[k], settings[k]) for k in differ)
+            detail = "; ".join(_difference(k, known[k], settings[k], label or _own_name) for k in differ)
             raise ScalerError(
                 f"{self.path.parent} was swept with other settings ({detail}); "
                 "rerun with the same ones or choose a new --out"
@@ -255,11 +257,15 @@ def _rows(cur: sqlite3.Cursor) -> list[TrialRow]:
     return out
 
 
-def _difference(key: str, then, now) -> str:
+def _difference(key: str, then, now, label) -> str:
     if isinstance(then, dict) and isinstance(now, dict):
         keys = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
-        return "; ".join(f"{k}: {_short(then.get(k))} then, {_short(now.get(k))} now" for k in keys)
-    return f"{key}: {_short(then)} then, {_short(now)} now"
+        return "; ".join(f"{label(key, k)}: {_short(then.get(k))} then, {_short(now.get(k))} now" for k in keys)
+    return f"{label(key, None)}: {_short(then)} then, {_short(now)} now"
+
+
+def _own_name(key: str, field: str | None) -> str:
+    return key if field is None else field
 
 
 def _short(value) -> str:

@@ -100,6 +100,27 @@ def study_settings(space: Space, config: dict, options: SweepOptions) -> dict:
     }
 
 
+RECIPE_ONLY = ("drop_last", "war_alpha", "war_calibrate", "best_from")
+"""TrainConfig fields no sweep flag sets (the recipes do)."""
+
+
+def setting_name(key: str, field: str | None) -> str:
+    """A study setting (see `study_settings`) as the user gives it, for the message refusing a
+    rerun with other settings: `--test-n`, not `n`."""
+    if key == "space":
+        return "SPACE"
+    if key == "space_fingerprint":
+        return "SPACE's architectures"
+    if key == "test":
+        return {"attacks": "--test-attacks", "n": "--test-n"}.get(field, f"test {field}")
+    if key == "train" and field is not None:
+        if field in RECIPE_ONLY:
+            return f"{field} (set by --recipe)"
+        flag = f"--{field.replace('_', '-')}"
+        return f"{flag} (fractions of --epochs)" if field == "milestones" else flag
+    return key if field is None else f"{key} {field}"
+
+
 def trial_config(config: dict, spec: dict, arch_id: int) -> dict:
     return {**config, "model": f"arch-{arch_id}", "spec": spec}
 
@@ -134,7 +155,7 @@ def sweep(
     lock = RunLock(study)
     try:
         lock.acquire()
-        store.bind(study_settings(space, cfg, options))
+        store.bind(study_settings(space, cfg, options), label=setting_name)
         items = []
         for a in archs:
             spec = {**a.spec.to_dict(), "num_classes": classes, "name": None}

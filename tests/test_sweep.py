@@ -87,7 +87,7 @@ def test_sweep_four_architectures_then_a_rerun_trains_nothing(ray_local, tmp_pat
     # other training settings in the same study are refused, with nothing run
     capsys.readouterr()
     assert main(["sweep", *args[: -len(TINY)], *TINY[:-2], "--batch-size", "128", "--quiet"]) == 2
-    assert "batch_size: 256 then, 128 now" in capsys.readouterr().err
+    assert "--batch-size: 256 then, 128 now" in capsys.readouterr().err
 
 
 @pytest.mark.slow

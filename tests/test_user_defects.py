@@ -4,6 +4,7 @@ codes, files. Every error is one line on stderr with exit code 2."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +249,82 @@ def test_the_measured_rule_picks_by_validation_and_flags_a_test_metric(capsys, t
     assert err.count("\n") == 1 and "test metric" in err and "peeks at the test set" in err
     code, _, err = run(capsys, *args, "--metric", "val_pgd_lip")
     assert "lower-is-better" in one_line_error(code, err)
+
+
+# --------------------------------------------------------------------------- 6. results table, changed settings
+SPACE_YAML = "block: basic\ndepths: [[1], [1], [1, 2]]\nwidths: [[1, 2], [1], [1]]\n"
+
+
+def _study(path: Path) -> Path:
+    """A study of two trials as a sweep leaves it: one complete (tested clean, fgsm, pgd20, cw40), one failed."""
+    from studies.store import Store
+
+    with Store.create(path) as store:
+        store.bind({"space": "toy", "train": {"seed": 0}, "test": {"attacks": ["clean", "fgsm", "pgd20", "cw40"]}})
+        for arch_id, planes in ((1, [16, 32, 64]), (2, [32, 32, 64])):
+            spec = scaler.get_spec({"block": "basic", "depths": [1, 1, 1], "planes": planes}).to_dict()
+            cost = scaler.count(spec)
+            store.add(arch_id, spec, cost.params, cost.flops)
+        history = [
+            {"epoch": e, "train_loss": 1.0, "val_clean": 50.0, "val_pgd20": 20.0 + e, "val_cw40": 19.0}
+            for e in (1, 2, 3)
+        ]
+        test = {
+            a: {"accuracy": acc, "stable": 70.0, "lip": 4.0, "loss": 2.0, "n": 64}
+            for a, acc in (("clean", 61.0), ("fgsm", 36.5), ("pgd20", 31.0), ("cw40", 30.0))
+        }
+        store.record_attempt(1, 60.0, 0, 1)
+        store.complete(
+            1,
+            {
+                "device": "cpu",
+                "host": "h",
+                "finished": "2026-01-01T00:00:00",
+                "best_epoch": 3,
+                "history": history,
+                "test": test,
+            },
+        )
+        store.record_attempt(2, 6.0, 0, 1)
+        store.fail(2, "training diverged at epoch 2 (loss nan)")
+    return path
+
+
+def test_results_shows_whole_best_epochs_and_every_attack_tested(capsys, tmp_path):
+    study = _study(tmp_path / "study")
+    code, out, err = run(capsys, "results", study)
+    header, _, complete, failed = out.splitlines()[:4]
+    assert code == 0 and not err
+    assert "best ep" in header and "test fgsm" in header and "test aa" not in header  # aa was not tested
+    cells = dict(
+        zip(
+            header.replace("best ep", "best_ep").replace("test ", "test_").replace("val ", "val_").split(),
+            complete.split(),
+        )
+    )
+    assert cells["best_ep"] == "3" and cells["test_fgsm"] == "36.50"
+    assert failed.split()[1] == "failed"
+    code, out, _ = run(capsys, "results", study, "--json")
+    rows = json.loads(out)
+    assert [type(r["best_epoch"]) for r in rows] == [int, type(None)] and rows[0]["test_fgsm"] == 36.5
+    code, _, _ = run(capsys, "results", study, "--export", tmp_path / "s.csv")
+    assert code == 0 and ",3,3," in (tmp_path / "s.csv").read_text().splitlines()[1]  # best_epoch,epochs
+
+
+def test_a_changed_sweep_setting_is_named_by_its_flag(capsys, tmp_path):
+    from scaler_cli.options import TRAIN_OPTIONS, recipe_config
+    from studies.spaces import load_space
+    from studies.store import Store
+    from studies.sweep import SweepOptions, json_config, study_settings
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE_YAML)
+    study = tmp_path / "study"
+    cfg = recipe_config({o.name: None for o in TRAIN_OPTIONS} | {"dataset": "digits", "epochs": 1}, None)
+    with Store.create(study) as store:  # a study swept before with --test-n 32
+        store.bind(study_settings(load_space(str(space)), json_config(cfg), SweepOptions(test_n=32)))
+    args = ["sweep", space, "--dataset", "digits", "--out", study, "--quiet"]
+    code, _, err = run(capsys, *args, "--epochs", "1", "--test-n", "64")
+    assert "(--test-n: 32 then, 64 now)" in one_line_error(code, err)
+    code, _, err = run(capsys, *args, "--epochs", "2", "--test-n", "32", "--batch-size", "64")
+    assert "--batch-size: 128 then, 64 now; --epochs: 1 then, 2 now" in one_line_error(code, err)
