@@ -5,7 +5,8 @@
     export("study", "x.jsonl" | "x.csv" | "x.parquet")
 
 Only reads results.sqlite (never trial directories), so a study can be copied off a cluster as
-that one file. Readers may run while a sweep writes (WAL).
+that one file. Readers may run while a sweep writes (WAL; on a network filesystem, between its
+transactions: see studies.store).
 """
 
 from __future__ import annotations

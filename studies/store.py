@@ -1,7 +1,11 @@
 """The results store: STUDY_DIR/results.sqlite, one row per architecture tried.
 
-The sweep driver is the only writer (workers return their results to it); WAL lets `scaler results`
-read while a sweep writes.
+The sweep driver is the only writer (workers return their results to it). On a local disk the
+database runs in WAL mode, so `scaler results` reads while a sweep writes. WAL is unsafe on network
+filesystems (NFS, Lustre, GPFS, CIFS, ...: it needs memory shared by every process that opens the
+database, and its readers write too), so a study there keeps a rollback journal instead: only the
+driver's host writes the database, readers on any node take the filesystem's read locks
+(`filesystem_type` reads /proc/mounts).
 `meta` holds the schema version, the space and the training/test settings the study was started
 with: a rerun with other settings is refused rather than mixing recipes in one table.
 
@@ -21,6 +25,31 @@ from scaler.errors import ScalerError
 
 SCHEMA_VERSION = 1
 DB_NAME = "results.sqlite"
+MOUNTS = Path("/proc/mounts")
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "ceph",
+        "fuse.ceph",
+        "fuse.cephfs",
+        "glusterfs",
+        "fuse.glusterfs",
+        "fuse.sshfs",
+        "afs",
+        "ocfs2",
+        "gfs2",
+        "panfs",
+        "wekafs",
+    }
+)
+"""Filesystems where processes on several hosts open one file: SQLite's WAL mode is unsafe there."""
 STATUSES = ("pending", "complete", "failed")
 STUDY_ENTRIES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "trials", "errors", ".lock")
 """What a study directory holds; a directory with anything else is not taken for a new study."""
@@ -95,7 +124,7 @@ class Store:
         study.mkdir(parents=True, exist_ok=True)
         path = study / DB_NAME
         conn = _connect(path)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA journal_mode={journal_mode(study)}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, SCHEMA_VERSION):
             raise ScalerError(f"{path} has schema version {version}; this scaler reads version {SCHEMA_VERSION}")
@@ -230,6 +259,45 @@ class Store:
             self.conn.execute(
                 "UPDATE trials SET status = 'pending', updated = ? WHERE arch_id = ?", (time.time(), arch_id)
             )
+
+
+def journal_mode(study_dir: str | Path) -> str:
+    """WAL on a local disk; DELETE (a rollback journal) on a network filesystem, where WAL is unsafe."""
+    return "DELETE" if on_network_filesystem(study_dir) else "WAL"
+
+
+def on_network_filesystem(path: str | Path) -> bool:
+    fs = filesystem_type(path)
+    return fs is not None and (fs in NETWORK_FILESYSTEMS or fs.startswith("nfs"))
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """The type of the filesystem `path` (or its nearest existing parent) lives on, from MOUNTS
+    (the mount point that holds it longest, the last one mounted there); None where unknown."""
+    try:
+        lines = MOUNTS.read_text().splitlines()
+    except OSError:  # not Linux, or /proc not mounted
+        return None
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    where = where.resolve()
+    best, fs = -1, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = Path(_unescape(fields[1]))
+        if (mount == where or mount in where.parents) and len(mount.parts) >= best:
+            best, fs = len(mount.parts), fields[2]
+    return fs
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash in paths as octal escapes (\\040)."""
+    import re
+
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

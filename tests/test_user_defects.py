@@ -328,3 +328,30 @@ def test_a_changed_sweep_setting_is_named_by_its_flag(capsys, tmp_path):
     assert "(--test-n: 32 then, 64 now)" in one_line_error(code, err)
     code, _, err = run(capsys, *args, "--epochs", "2", "--test-n", "32", "--batch-size", "64")
     assert "--batch-size: 128 then, 64 now; --epochs: 1 then, 2 now" in one_line_error(code, err)
+
+
+# --------------------------------------------------------------------------- 9. no WAL on network filesystems
+def _mounts(tmp_path: Path, shared: Path, fs: str) -> Path:
+    mounts = tmp_path / "mounts"
+    escaped = str(shared).replace(" ", "\\040")
+    mounts.write_text(f"/dev/vda / ext4 rw,relatime 0 0\nserver:/export {escaped} {fs} rw,relatime 0 0\n")
+    return mounts
+
+
+@pytest.mark.parametrize("fs", ["nfs4", "lustre", "gpfs", "cifs", "fuse.sshfs"])
+def test_a_study_on_a_network_filesystem_keeps_a_rollback_journal(capsys, tmp_path, monkeypatch, fs):
+    from studies import store
+
+    shared = tmp_path / "shared dir"  # a mount point with a space, as /proc/mounts escapes it
+    shared.mkdir()
+    monkeypatch.setattr(store, "MOUNTS", _mounts(tmp_path, shared, fs), raising=False)
+    study = _study(shared / "study")
+    with store.Store.create(study) as s:
+        assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        s.fail(1, "again")
+        assert sorted(p.name for p in study.iterdir()) == ["results.sqlite"]  # no -wal, no -shm
+    code, out, _ = run(capsys, "results", study)
+    assert code == 0 and "failed" in out
+    local = _study(tmp_path / "local")  # a local disk keeps WAL (readers while the sweep writes)
+    with store.Store.create(local) as s:
+        assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
