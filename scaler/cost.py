@@ -8,14 +8,18 @@ Input normalisation (elementwise) and "same" padding (same output sizes) change 
 spec's `mean`/`std`/`padding` do not enter here.
 
 A residual stage costs its first block plus (depth - 1) identical identity blocks, so a network is
-six block evaluations: microseconds, with neither torch nor sympy imported. `continuous_cost`
-evaluates the same polynomials at real-valued depths and planes for the solver's continuous problem.
+six block evaluations, each stage cached: microseconds, with neither torch nor sympy imported.
+`count(spec)` is the one exact path: the solver, the spaces, sweeps and the synthetic benchmark
+call it, or `cost_at`, which it is made of, at other depths and planes of a spec. The continuous
+relaxation the solver needs (`cost_at(..., smooth=True)`, `continuous_cost`) is the same walk of
+the same closed forms at real-valued depths and planes, floors dropped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from operator import add
 
 from scaler import _closed_forms as cf
 from scaler.spec import (
@@ -126,18 +130,96 @@ def block_cost(knobs: StageKnobs, cin, planes, stride: int, res, *, smooth: bool
     return core + se_cost(knobs, cin, mid, cout, res, ho, smooth)
 
 
-_exact_block = lru_cache(maxsize=65536)(block_cost)
-
-
 def count(spec: ArchSpec) -> Cost:
-    """Exact params and fvcore FLOPs of the model the templates render for `spec`."""
-    if spec.family == "vgg":
-        return _vgg(spec.knobs, spec.depths, spec.planes, spec.resolution, spec.num_classes)
-    if spec.family == "densenet":
-        return _densenet(spec.knobs, spec.depths, spec.planes, spec.growth, spec.resolution, spec.num_classes)
-    return count_config(
-        spec.knobs, spec.depths, spec.planes, spec.stem, spec.strides, spec.resolution, spec.num_classes
+    """Exact params and fvcore FLOPs of the model the templates render for `spec`: the one exact
+    cost path (the CLI, the solver, the studies' spaces, sweeps and benchmarks all come here)."""
+    return cost_at(spec, spec.depths, spec.planes, spec.growth)
+
+
+def cost_at(base: ArchSpec, depths, planes, growth=None, *, smooth: bool = False) -> Cost:
+    """The cost of `base`'s network at these depths and planes (and DenseNet growth, default the
+    base's); every other field (knobs, stem, strides, resolution, classes) is the base's, and
+    nothing is validated. Exact: `count` of that spec (`count` is this at the spec's own depths and
+    planes), for the solver's inner loop, which checks its candidates with `check_stages` rather
+    than building thousands of specs. `smooth`: the continuous relaxation at real-valued depths and
+    planes (see `continuous_cost`), the same walk of the same closed forms."""
+    growth = base.growth if growth is None else growth
+    return _network(
+        base.knobs, depths, planes, growth, base.stem, base.strides, base.resolution, base.num_classes, smooth
     )
+
+
+def continuous_cost(
+    knobs,
+    depths: tuple[float, ...],
+    planes: tuple[float, ...],
+    *,
+    stem: int = 16,
+    strides: tuple[int, ...] = (1, 2, 2),
+    resolution: int = 32,
+    num_classes: int = 10,
+    growth: float | None = None,
+) -> Cost:
+    """The cost polynomial at real-valued depths and planes (floors dropped; in residual stages
+    every block after the first is an identity block, the first always has its projection).
+    Agrees with `count` on published configs up to the SE floor and stage-1 projections. `knobs`
+    is a block name, one StageKnobs or one per stage; VGG and DenseNet (the family is the block's)
+    take their own stage counts, DenseNet also a growth. The solver calls `cost_at(base, ...,
+    smooth=True)`, which takes every other field from its base spec."""
+    per_stage = tuple(_stage_knobs(knobs, i) for i in range(len(depths)))
+    return _network(per_stage, depths, planes, growth, stem, strides, resolution, num_classes, True)
+
+
+def _network(knobs, depths, planes, growth, stem, strides, resolution, num_classes, smooth: bool) -> Cost:
+    """The one walk of each family: exact (integers; residual stages and heads cached) or `smooth`."""
+    res = float(resolution) if smooth else resolution
+    if knobs[0].block == "vgg":
+        return _vgg(knobs, depths, planes, res, num_classes)
+    if knobs[0].block == "dense":
+        return _densenet(knobs, depths, planes, growth, res, num_classes)
+    # Summed kind by kind in network order (a float sum's last bits depend on it), spelled out: the
+    # solver and the spaces cost thousands of networks, and zip and sum take twice as long.
+    params, conv, linear, norm, pool = cf.stem_layer(stem, res)
+    cin, h = stem, res
+    for kn, depth, p, stride in zip(knobs, depths, planes, strides):
+        stage = _stage(kn, cin, p, stride, h, depth, True) if smooth else _exact_stage(kn, cin, p, stride, h, depth)
+        parts, cin, h = stage
+        for dp, dc, dl, dn, dq in parts:
+            params += dp
+            conv += dc
+            linear += dl
+            norm += dn
+            pool += dq
+    dp, dc, dl, dn, dq = (_head if smooth else _exact_head)(knobs[-1], cin, h, num_classes)
+    return Cost(params + dp, conv + dc, linear + dl, norm + dn, pool + dq)
+
+
+def _stage(knobs: StageKnobs, cin, planes, stride: int, res, depth, smooth: bool) -> tuple:
+    """((cost of the first block, of the depth - 1 identity blocks), channels out, resolution out)
+    of a residual stage; with `smooth`, the first block always has its projection."""
+    cout, ho = block_out_channels(knobs, planes), out_resolution(res, stride)
+    if smooth:
+        first = block_cost(knobs, cin, planes, stride, res, smooth=True, first=True)
+        rest = block_cost(knobs, cout, planes, 1, ho, smooth=True)
+    else:  # cached blocks: stages of other depths share them
+        first, rest = _exact_block(knobs, cin, planes, stride, res), _exact_block(knobs, cout, planes, 1, ho)
+    return (first._tuple(), rest.scaled(depth - 1)._tuple()), cout, ho
+
+
+@lru_cache(maxsize=65536)
+def _exact_stage(knobs: StageKnobs, cin: int, planes: int, stride: int, res: int, depth: int) -> tuple:
+    """`_stage`, exact, as one cost; cached, as spaces and the solver's neighbourhoods share stages."""
+    (first, rest), cout, ho = _stage(knobs, cin, planes, stride, res, depth, False)
+    return (tuple(map(add, first, rest)),), cout, ho
+
+
+def _head(knobs: StageKnobs, cin, res, num_classes: int) -> tuple:
+    """The head's cost (its norm is the last stage's)."""
+    return cf.head(cin, num_classes, res, *_units(knobs)[1:])
+
+
+_exact_block = lru_cache(maxsize=65536)(block_cost)
+_exact_head = lru_cache(maxsize=4096)(_head)
 
 
 def _vgg(knobs, depths, planes, resolution, num_classes) -> Cost:
@@ -191,76 +273,3 @@ def _stage_knobs(knobs, i: int) -> StageKnobs:
     """Stage i's knobs from one StageKnobs, one per stage, or a bare block name (its defaults)."""
     value = knobs[i] if isinstance(knobs, tuple) else knobs
     return StageKnobs(value) if isinstance(value, str) else value
-
-
-def count_config(knobs, depths, planes, stem=16, strides=(1, 2, 2), resolution=32, num_classes=10) -> Cost:
-    """`count` of a residual network without building a spec (no validation). `knobs` is one
-    StageKnobs or one per stage. Block costs are cached."""
-    total = Cost(*cf.stem_layer(stem, resolution))
-    cin, res = stem, resolution
-    for i, (depth, p, stride) in enumerate(zip(depths, planes, strides)):
-        kn = _stage_knobs(knobs, i)
-        first = _exact_block(kn, cin, p, stride, res)
-        res = out_resolution(res, stride)
-        cout = block_out_channels(kn, p)
-        total = total + first + _exact_block(kn, cout, p, 1, res).scaled(depth - 1)
-        cin = cout
-    return total + Cost(*cf.head(cin, num_classes, res, *_units(_stage_knobs(knobs, 2))[1:]))
-
-
-@lru_cache(maxsize=65536)
-def _stage_pf(knobs, cin, planes, stride, res, depth) -> tuple[int, int]:
-    first = _exact_block(knobs, cin, planes, stride, res)
-    rest = _exact_block(knobs, block_out_channels(knobs, planes), planes, 1, out_resolution(res, stride))
-    return (first.params + (depth - 1) * rest.params, first.flops + (depth - 1) * rest.flops)
-
-
-@lru_cache(maxsize=4096)
-def _ends_pf(knobs, stem, cout, res_out, num_classes, resolution) -> tuple[int, int]:
-    s = Cost(*cf.stem_layer(stem, resolution)) + Cost(*cf.head(cout, num_classes, res_out, *_units(knobs)[1:]))
-    return (s.params, s.flops)
-
-
-def params_flops(knobs, depths, planes, stem=16, strides=(1, 2, 2), resolution=32, num_classes=10) -> tuple[int, int]:
-    """(params, flops) of a residual network from cached per-stage sums: the solver's inner loop,
-    where thousands of neighbouring configurations share their stages."""
-    cin, res, params, flops = stem, resolution, 0, 0
-    for i, (depth, p, stride) in enumerate(zip(depths, planes, strides)):
-        kn = _stage_knobs(knobs, i)
-        sp, sf = _stage_pf(kn, cin, p, stride, res, depth)
-        params, flops = params + sp, flops + sf
-        cin, res = block_out_channels(kn, p), out_resolution(res, stride)
-    ep, ef = _ends_pf(_stage_knobs(knobs, 2), stem, cin, res, num_classes, resolution)
-    return params + ep, flops + ef
-
-
-def continuous_cost(
-    knobs,
-    depths: tuple[float, ...],
-    planes: tuple[float, ...],
-    *,
-    stem: int = 16,
-    resolution: int = 32,
-    num_classes: int = 10,
-    growth: float | None = None,
-) -> Cost:
-    """The cost polynomial at real-valued depths and planes (floors dropped; in residual stages
-    every block after the first is an identity block, the first always has its projection).
-    Agrees with `count` on published configs up to the SE floor and stage-1 projections. VGG and
-    DenseNet (the family is the block's) take their own stage counts; DenseNet also a growth."""
-    first_knobs = _stage_knobs(knobs, 0)
-    per_stage = tuple(_stage_knobs(knobs, i) for i in range(len(depths)))
-    if first_knobs.block == "vgg":
-        return _vgg(per_stage, depths, planes, float(resolution), num_classes)
-    if first_knobs.block == "dense":
-        return _densenet(per_stage, depths, planes, growth, float(resolution), num_classes)
-    res = float(resolution)
-    total, cin = Cost(*cf.stem_layer(stem, res)), stem
-    for i, (depth, p, stride) in enumerate(zip(depths, planes, (1, 2, 2))):
-        kn = _stage_knobs(knobs, i)
-        first = block_cost(kn, cin, p, stride, res, smooth=True, first=True)
-        res = res / stride
-        cout = block_out_channels(kn, p)
-        total = total + first + block_cost(kn, cout, p, 1, res, smooth=True).scaled(depth - 1)
-        cin = cout
-    return total + Cost(*cf.head(cin, num_classes, res, *_units(_stage_knobs(knobs, 2))[1:]))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from scaler.cost import Cost, continuous_cost, count, params_flops, payload
+from scaler.cost import Cost, cost_at, count, payload
 from scaler.errors import ScalerError
 from scaler.parsing import format_count
 from scaler.presets import PRESETS
@@ -232,19 +232,10 @@ def solve(
     elif depths is not None or round_to != 1 or arch is not None:
         raise ScalerError(f"--depths, --round-to and --arch apply to the robustwrn rule, not {rule.name}")
     base = base_spec(rule, block, num_classes, activation, resolution, knobs)
-    per_stage = base.knobs
 
     def metric_at(budget: Budget, t: float, growth: int | None = None) -> float:
         p = rule.continuous_at(t)
-        cost = continuous_cost(
-            per_stage,
-            p.depths,
-            p.planes,
-            resolution=resolution,
-            num_classes=num_classes,
-            growth=p.growth if growth is None else growth,
-        )
-        return budget.of(cost)
+        return budget.of(cost_at(base, p.depths, p.planes, p.growth if growth is None else growth, smooth=True))
 
     try:
         smallest = count(_spec_for(rule.smallest(base), base))
@@ -341,9 +332,8 @@ def _flops_params(base: ArchSpec, point: Point) -> tuple[int, int] | None:
         check_stages(base.knobs, base.stem, planes)
     except ScalerError:
         return None
-    return params_flops(base.knobs, point.depths, planes, base.stem, base.strides, base.resolution, base.num_classes)[
-        ::-1
-    ]
+    cost = cost_at(base, point.depths, planes)
+    return cost.flops, cost.params
 
 
 def _pf(cost: Cost) -> tuple[int, int]:

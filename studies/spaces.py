@@ -10,8 +10,8 @@ A space is a built-in name or a YAML file of choices over spec fields:
 
 Stage fields (depths, widths, channels, strides) take one entry per stage, or one scalar for all
 three. Fields holding a tuple (mean, std) take a flat list as a fixed value and a list of lists as
-choices. Every combination is costed exactly (the cached closed forms, no torch) and filtered by the
-constraints (bounds inclusive, null = open).
+choices. Every combination is costed exactly (`scaler.cost.count`: the cached closed forms, no
+torch) and filtered by the constraints (bounds inclusive, null = open).
 
 Ids: architectures are numbered 1..N in ascending exact FLOPs (= MACs), ties broken by ascending
 params, then by (D1, W1, D2, W2, D3, W3) in ascending order, then by block and activation name,
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 
-from scaler.cost import count, params_flops
+from scaler.cost import count
 from scaler.errors import ScalerError
 from scaler.parsing import parse_budget
 from scaler.spec import KNOBS, ArchSpec, widths_to_planes
@@ -128,14 +128,9 @@ class Space:
 
 # --------------------------------------------------------------------------- numbering
 def cost_of(spec: ArchSpec) -> tuple[int, int]:
-    """(params, FLOPs) exactly as `scaler count` gives them; residual networks (every built-in
-    space) from cached per-stage sums, with every block knob of the spec."""
-    if spec.family in ("vgg", "densenet"):
-        cost = count(spec)
-        return cost.params, cost.flops
-    return params_flops(
-        spec.knobs, spec.depths, spec.planes, spec.stem, spec.strides, spec.resolution, spec.num_classes
-    )
+    """(params, FLOPs) of `spec`: `count(spec)`'s, as `scaler count` gives them."""
+    cost = count(spec)
+    return cost.params, cost.flops
 
 
 _IDENTITY_FIELDS = tuple(f.name for f in fields(ArchSpec) if f.compare)

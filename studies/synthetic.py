@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from scaler.cost import params_flops
+from scaler.cost import cost_at
 from scaler.errors import ScalerError
 from scaler.fileio import atomic_write
-from scaler.spec import widths_to_planes
+from scaler.spec import ArchSpec, widths_to_planes
 
 DEPTHS = (4, 5, 7, 9, 11)
 WIDTHS = (8, 10, 12, 14, 16)
 KEYS = ("D1", "W1", "D2", "W2", "D3", "W3")
+WRN = ArchSpec("basic", (1, 1, 1), (16, 32, 64))
+"""NARes's networks: pre-activation basic-block WRNs for CIFAR-10 (each arch sets depths and widths)."""
 CORRUPTIONS = ("gaussian_noise", "fog", "contrast", "jpeg_compression")
 
 
@@ -40,10 +43,22 @@ def nares_archs(depths=DEPTHS, widths=WIDTHS) -> list[tuple[int, ...]]:
     return sorted(archs, key=lambda a: (cost[a][1], a))
 
 
+def wrn_spec(arch: tuple[int, ...]) -> ArchSpec:
+    """The network of an arch tuple (D1, W1, D2, W2, D3, W3): `WRN` with planes 16*W1, 32*W2, 64*W3."""
+    depths, planes = _depths_planes(arch)
+    return replace(WRN, depths=depths, planes=planes)
+
+
 def wrn_cost(arch: tuple[int, ...]) -> tuple[int, int]:
-    """(params, MACs) of a three-stage basic-block WRN with planes 16*W1, 32*W2, 64*W3."""
+    """(params, MACs) of `wrn_spec(arch)`, `count`'s: `cost_at` of `WRN`, the same walk without a
+    spec validated per arch (a grid holds 15,625, the measured rule's spaces up to millions)."""
+    cost = cost_at(WRN, *_depths_planes(arch))
+    return cost.params, cost.flops
+
+
+def _depths_planes(arch: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     d1, w1, d2, w2, d3, w3 = arch
-    return params_flops("basic", (int(d1), int(d2), int(d3)), widths_to_planes((w1, w2, w3)))
+    return (int(d1), int(d2), int(d3)), widths_to_planes((w1, w2, w3))  # refuses fractional channels
 
 
 def _scores(archs: np.ndarray, params: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from scaler import derive
 from scaler.builder import build_model
-from scaler.cost import continuous_cost, count, params_flops
+from scaler.cost import continuous_cost, count
 from scaler.errors import ScalerError
 from scaler.presets import PRESETS
 from scaler.spec import ACTIVATIONS, BOTTLENECK_BLOCKS, NORMS, SE_KINDS, ArchSpec
@@ -72,8 +72,6 @@ def test_preset_counts_match_reference(name):
     assert cost.params == params
     if flops_g is not None:
         assert round(cost.flops / 1e9, 3) == flops_g
-    if PRESETS[name].spec.family == "resnet":
-        assert params_flops(*_args(PRESETS[name].spec)) == (cost.params, cost.flops)
 
 
 def _rounds_to(ours: int, printed: float) -> bool:
@@ -95,10 +93,6 @@ def test_ablation_flops_reproduce_or_the_note_says_which_do_not(name):
     if preset.note:
         printed = f"{preset.published_flops / 1e9:.1f}G"
         assert printed in preset.note and f"{count(preset.spec).flops / 1e9:.3f}G" in preset.note
-
-
-def _args(spec):
-    return spec.knobs, spec.depths, spec.planes, spec.stem, spec.strides, spec.resolution, spec.num_classes
 
 
 @pytest.mark.parametrize("name", sorted(n for n, p in PRESETS.items() if p.published_flops is not None))
