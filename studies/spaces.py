@@ -142,16 +142,17 @@ def identity(spec: ArchSpec) -> tuple:
 
 
 def _order_key(spec: ArchSpec, params: int, flops: int) -> tuple:
-    dw = tuple(x for pair in zip(spec.depths, spec.planes) for x in pair)
+    dw = tuple(itertools.chain.from_iterable(zip(spec.depths, spec.planes)))
     rest = (spec.stem, spec.strides, spec.resolution, spec.num_classes, repr((spec.mean, spec.std)))
     return (flops, params, dw, spec.block, spec.activation, rest)
 
 
-def numbered(specs, *, tags=None) -> tuple[Arch, ...]:
-    """Arch ids 1..N by ascending (FLOPs, params, D1, W1, D2, W2, D3, W3, block, activation)."""
+def numbered(specs, *, tags=None, costs=None) -> tuple[Arch, ...]:
+    """Arch ids 1..N by ascending (FLOPs, params, D1, W1, D2, W2, D3, W3, block, activation);
+    `costs` maps specs already costed to their (params, FLOPs)."""
     costed = []
     for i, s in enumerate(specs):
-        p, f = cost_of(s)
+        p, f = costs[s] if costs else cost_of(s)
         costed.append((_order_key(s, p, f), s, p, f, (tags[i] if tags else {})))
     costed.sort(key=lambda c: c[0])
     return tuple(Arch(i + 1, s, p, f, t) for i, (_, s, p, f, t) in enumerate(costed))
@@ -267,17 +268,16 @@ def parse_space(data: dict, *, label: str = "space", name: str = "space") -> Spa
     if total > MAX_ARCHS:
         raise ScalerError(f"{label}: {total:,} combinations; a space holds at most {MAX_ARCHS:,}")
     lo_hi = _constraints(data.get("constraints"), label)
-    specs = []
+    kept: dict[ArchSpec, tuple[int, int]] = {}  # (params, FLOPs) of each spec kept (the first of equal ones)
     keys = list(axes)
     for combo in itertools.product(*(axes[k] for k in keys)):
         spec = _spec(dict(zip(keys, combo)), label)
         p, f = cost_of(spec)
         if all(_within(v, lo_hi.get(k)) for k, v in (("flops", f), ("params", p))):
-            specs.append(spec)
-    if not specs:
+            kept.setdefault(spec, (p, f))
+    if not kept:
         raise ScalerError(f"{label}: the constraints leave none of the {total:,} architectures")
-    unique = list(dict.fromkeys(specs))
-    return Space(str(data.get("name") or name), numbered(unique), str(data.get("description") or ""))
+    return Space(str(data.get("name") or name), numbered(kept.keys(), costs=kept), str(data.get("description") or ""))
 
 
 VECTOR_FIELDS = ("mean", "std")
