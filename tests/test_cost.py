@@ -6,10 +6,10 @@ from hypothesis import strategies as st
 
 from scaler import derive
 from scaler.builder import build_model
-from scaler.cost import continuous_cost, count
+from scaler.cost import continuous_cost, cost_at, count
 from scaler.errors import ScalerError
 from scaler.presets import PRESETS
-from scaler.spec import ACTIVATIONS, BOTTLENECK_BLOCKS, NORMS, SE_KINDS, ArchSpec
+from scaler.spec import ACTIVATIONS, BOTTLENECK_BLOCKS, KNOBS, NORMS, SE_KINDS, ArchSpec
 from scaler.verify import fvcore_flops, numel
 
 # name: (exact params, fvcore total in G from the reference table, 3 decimals)
@@ -267,3 +267,121 @@ def test_every_se_placement_equals_fvcore_and_numel(block, se):
         resolution=12,
     )
     _check_against_fvcore(spec)
+
+
+# ------------------------------------------------------------------ one cost path
+# Every caller that needs a cost (the solver, the spaces, sweeps, the synthetic benchmark) and the
+# continuous relaxation must agree with count(spec). The sample sets every field a separate walk
+# could get wrong: the stem, the strides, per-stage knobs (the head's norm is the last stage's),
+# the resolution and the classes.
+DRIFT_SPECS = [
+    ArchSpec("basic", (2, 1, 3), (24, 40, 72), stem=24, strides=(2, 1, 2), num_classes=100, resolution=40),
+    ArchSpec(
+        ("basic-post", "inverted", "basic"),
+        (1, 2, 2),
+        (24, 48, 64),
+        strides=(1, 1, 2),
+        norm=("batch", "layer", "group"),
+        activation=("relu", "prelu", "silu"),
+        kernel_size=(3, 5, 1),
+        resolution=24,
+    ),
+    ArchSpec("robust", (2, 2, 1), (32, 64, 128), norm=("batch", "batch", "instance"), num_classes=7),
+    ArchSpec(
+        ("robust-post", "robust", "basic"),
+        (1, 3, 2),
+        (32, 64, 96),
+        stem=32,
+        strides=(2, 2, 1),
+        scales=(1, 4, 8),
+        base_width=(20, 10, 10),
+        cardinality=(2, 4, 4),
+        se=("standard", "conv3x3", "none"),
+        se_reduction=(4, 16, 64),
+        resolution=36,
+    ),
+    *(PRESETS[n].spec for n in ("wrn-34-10", "robustresnet-a1", "robustwrn-g0.5", "vgg-11-r", "densenet-121-r")),
+]
+
+
+def _pair(spec):
+    cost = count(spec)
+    return cost.params, cost.flops
+
+
+@pytest.mark.parametrize("spec", DRIFT_SPECS, ids=lambda s: s.describe())
+def test_callers_cost_as_count(spec):
+    from studies.spaces import cost_of, parse_space
+    from studies.sweep import _cost
+
+    assert cost_of(spec) == _pair(spec)
+    assert _cost({**spec.to_dict(), "name": None}) == _pair(spec)
+    assert cost_at(spec, spec.depths, spec.planes, spec.growth) == count(spec)
+    if spec.family == "resnet":  # a space file of this one spec (a per-stage knob is one choice)
+        fields = {k: [v] if isinstance(v, list) and k in KNOBS else v for k, v in spec.to_dict().items()}
+        fields["channels"] = fields.pop("planes")
+        space = parse_space(fields)
+        assert [(a.spec, a.params, a.flops) for a in space.archs] == [(spec, *_pair(spec))]
+
+
+def test_space_and_synthetic_costs_are_count():
+    from studies.spaces import load_space
+    from studies.synthetic import nares_archs, wrn_cost, wrn_spec
+
+    for name in ("nares", "rrn-depth", "rrn-width", "rd-2G-robust"):
+        archs = load_space(name).archs
+        for a in archs[:: max(1, len(archs) // 40)]:
+            assert (a.params, a.flops) == _pair(a.spec), (name, a.arch_id)
+    for arch in nares_archs()[::401]:
+        d1, w1, d2, w2, d3, w3 = arch
+        spec = ArchSpec("basic", (d1, d2, d3), (16 * w1, 32 * w2, 64 * w3))
+        assert wrn_spec(arch) == spec and wrn_cost(arch) == _pair(spec)
+
+
+@pytest.mark.parametrize("spec", DRIFT_SPECS[:4], ids=lambda s: s.describe())
+def test_solver_candidates_cost_as_count(spec):
+    """The solver's inner loop prices candidates on its base spec without building them."""
+    from dataclasses import replace
+
+    from scaler.rules import ROBUSTSCALING, UNIFORM, Point
+    from scaler.solver import _flops_params, _spec_for
+
+    base = replace(spec, depths=(1, 1, 1), planes=(256, 512, 1024))
+    points = [c for rule in (ROBUSTSCALING, UNIFORM) for c, _ in rule.candidates(rule.continuous_at(6.5), base)]
+    points.append(Point(spec.depths, spec.widths))
+    for point in points[::7]:
+        try:
+            expected = _pair(_spec_for(point, base))[::-1]
+        except ScalerError:
+            expected = None
+        assert _flops_params(base, point) == expected, point
+
+
+@pytest.mark.parametrize(
+    "rule, flops, knobs",
+    [("robustscaling", "3G", {}), ("uniform", "5G", {"block": "basic-post", "norm": "group"}), ("robustwrn", "1G", {})],
+)
+def test_solutions_cost_as_count(rule, flops, knobs):
+    import scaler
+
+    sol = scaler.solve(flops=flops, rule=rule, stem=24, num_classes=100, resolution=40, **knobs)
+    assert sol.spec.stem == 24 and sol.cost == count(sol.spec)
+    # the continuous problem prices the base spec's own stem, resolution and classes
+    point = sol.continuous
+    relaxed = continuous_cost(sol.spec.knobs, point.depths, point.planes, stem=24, resolution=40, num_classes=100)
+    assert relaxed == cost_at(sol.spec, point.depths, point.planes, smooth=True)
+    assert relaxed.flops == pytest.approx(sol.target.value, rel=1e-9)
+
+
+ROUNDING = (DRIFT_SPECS[3], PRESETS["robustresnet-a1"].spec)
+"""The specs of the sample whose bottlenecks round (split widths, SE hidden units)."""
+
+
+@pytest.mark.parametrize("spec", [s for s in DRIFT_SPECS if s not in ROUNDING], ids=lambda s: s.describe())
+def test_continuous_relaxation_is_count_where_nothing_rounds(spec):
+    """At integer depths and planes that no floor rounds (resolutions that halve evenly, whole split
+    widths and SE hidden units, a projection on every stage's first block), the relaxation is count."""
+    relaxed = cost_at(spec, spec.depths, spec.planes, smooth=True)
+    assert relaxed == count(spec)
+    fields = {k: getattr(spec, k) for k in ("stem", "strides", "resolution", "num_classes", "growth")}
+    assert relaxed == continuous_cost(spec.knobs, spec.depths, spec.planes, **fields)
