@@ -329,6 +329,7 @@ def plot(
     n: int = typer.Option(256, help="lipschitz on a run: test points attacked."),
     device: str = typer.Option("auto", help="lipschitz on a run: auto, cpu or cuda."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing image."),
+    quiet: bool = typer.Option(False, "--quiet", help="lipschitz on a run: no progress bar or checkpoint line."),
 ) -> None:
     """Draw one of the seeds' figures from a benchmark, a study or a run."""
     from studies import plots
@@ -344,7 +345,10 @@ def plot(
     if kind == "curves" and plots.is_run(source):
         fig = plots.curves(source, metric, _arch_list(arch))
     elif kind == "lipschitz":
-        fig = plots.lipschitz(source, n, device)
+        import sys
+
+        announce = None if quiet else (lambda line: print(line, file=sys.stderr))
+        fig = plots.lipschitz(source, n, device, progress=not quiet, announce=announce)
     else:
         from studies.benchmark import load
 

@@ -12,6 +12,7 @@ lipschitz  per-block Lipschitz of a trained run, one bar per residual block (see
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +82,44 @@ def _label(metric: str) -> str:
     return names.get(metric, metric.replace("_", " "))
 
 
-def _plain_ticks(ax) -> None:
-    """Log-axis ticks as plain numbers (5, 10, 20), not 5x10^0."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
+UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
 
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+
+def _unit(values: np.ndarray) -> tuple[float, str]:
+    """(scale, prefix) that shows `values` as plain numbers of at least 1: 12.7M, not 0.0127G."""
+    top = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+    return next(((scale, prefix) for scale, prefix in UNITS if top >= scale), (1.0, ""))
+
+
+def log_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
+    """Readable ticks for a log axis from `lo` to `hi`: the coarsest of 1-, 1-2-5-, 1-2-3-5- and
+    finer decade patterns that gives at least 4 ticks (thinned to `most`), else the finest if it
+    gives 3, else, on a range too narrow for them, evenly spaced round numbers."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
+        return []
+    decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    ticks = []
+    for mantissas in ((1,), (1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
+        ticks = [float(f"{m * 10.0**e:.6g}") for e in decades for m in mantissas if lo <= m * 10.0**e <= hi]
+        if len(ticks) >= 4:
+            break
+    if len(ticks) >= 3:
+        return ticks[:: math.ceil(len(ticks) / most)]
+    linear = MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+    return [float(f"{t:.6g}") for t in linear if lo <= t <= hi]
+
+
+def _plain_ticks(ax) -> None:
+    """Log-axis ticks as plain numbers (5, 10, 20), not 5x10^0, and few enough not to overlap."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    lo, hi = ax.get_xlim()
+    ax.xaxis.set_major_locator(FixedLocator(log_ticks(lo, hi)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(lo, hi)
 
 
 # ---------------------------------------------------------------------- pareto
@@ -98,18 +130,25 @@ def pareto(bench, metric: str | None = None, budgets=None):
     metric = robust_metric(bench, metric)
     acc = bench.metric(metric)
     checks = rule_check(bench, acc, budgets)
+    n = int(np.isfinite(acc).sum())
+    # many points: small and faint, so the front stands out; a few: each one plainly visible
+    size, shade, alpha = (4, "0.7", 0.5) if n > 2000 else (12, "0.55", 0.7) if n > 200 else (40, "0.4", 1.0)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
-    for ax, key, scale, unit in (
-        (axes[0], "macs", 1e9, "FLOPs (G, multiply-adds)"),
-        (axes[1], "params", 1e6, "parameters (M)"),
+    fronts = []
+    flops_scale, flops_prefix = _unit(bench.metric("macs"))
+    for ax, key, (scale, prefix), unit in (
+        (axes[0], "macs", (flops_scale, flops_prefix), "FLOPs ({}, multiply-adds)"),
+        (axes[1], "params", _unit(bench.metric("params")), "parameters ({})"),
     ):
         cost = bench.metric(key) / scale
         ax.scatter(
-            cost, acc, s=4, c="0.7", alpha=0.5, linewidths=0, label=f"all {len(bench)} architectures", rasterized=True
+            cost, acc, s=size, c=shade, alpha=alpha, linewidths=0, label=f"all {n} architectures", rasterized=n > 2000
         )
         front = pareto_front(cost, acc)
         ax.step(cost[front], acc[front], where="post", c="tab:red", lw=1.5)
-        ax.scatter(cost[front], acc[front], s=22, c="tab:red", zorder=3, label=f"Pareto front ({len(front)})")
+        ax.scatter(
+            cost[front], acc[front], s=max(22, size), c="tab:red", zorder=3, label=f"Pareto front ({len(front)})"
+        )
         best = int(np.nanargmax(acc))
         ax.scatter(cost[best], acc[best], marker="*", s=220, c="gold", edgecolors="k", zorder=5, label="best")
         shown = set()
@@ -117,7 +156,7 @@ def pareto(bench, metric: str | None = None, budgets=None):
             if key == "macs":
                 ax.axvline(check["budget"] / scale, ls=":", c="0.4", lw=0.8)
                 ax.annotate(
-                    f"{check['budget'] / scale:g}G",
+                    f"{check['budget'] / scale:g}{prefix}",
                     (check["budget"] / scale, 0.01),
                     xycoords=("data", "axes fraction"),
                     fontsize=8,
@@ -144,13 +183,28 @@ def pareto(bench, metric: str | None = None, budgets=None):
                 )
         ax.set_xscale("log")
         _plain_ticks(ax)
-        ax.set_xlabel(unit)
-        ax.grid(alpha=0.3, which="both")
+        ax.set_xlabel(unit.format(prefix or "count"))
+        ax.grid(alpha=0.3, which="major")
+        fronts.append(len(front))
     axes[0].set_ylabel(_label(metric))
-    axes[0].set_title("robust accuracy vs FLOPs (dotted: rule-check budgets)")
-    axes[1].set_title("robust accuracy vs parameters")
-    axes[1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{Path(bench.source).name}: {len(bench)} architectures")
+    budgets_drawn = "; dotted: rule-check budgets" if checks else ""
+    axes[0].set_title(f"robust accuracy vs FLOPs (front: {fronts[0]}{budgets_drawn})")
+    axes[1].set_title(f"robust accuracy vs parameters (front: {fronts[1]})")
+    # one key for both panels, below them: it names only what is drawn, and hides no point or label
+    keys = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            keys.setdefault(label.split(" (")[0] if label.startswith("Pareto") else label, handle)
+    fig.legend(
+        keys.values(),
+        keys.keys(),
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.02),
+        ncol=min(len(keys), 6),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.suptitle(f"{Path(bench.source).name}: {n} architectures")
     mark_synthetic(fig, bench)
     return fig
 
@@ -169,8 +223,25 @@ def _run_history(run_dir: Path) -> dict:
         "val_acc": [r["val_clean"] for r in val],
         "pgd": [r["val_pgd20"] for r in val],
         "cw": [r["val_cw40"] for r in val],
-        "best_epoch": None,
+        "best_epoch": run_best_epoch(run_dir, rows),
     }
+
+
+def run_best_epoch(run_dir: Path, rows: list[dict]) -> int | None:
+    """The epoch best.pt holds, by the trainer's rule (trainers.loop): the first validated epoch
+    from `best_from` of the run on with the highest val_{best_metric}; None before any."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    metric = f"val_{config.get('best_metric') or 'pgd20'}"
+    start = round((config.get("best_from") or 0.5) * (config.get("epochs") or 0))
+    best, epoch = -1.0, None
+    for r in rows:
+        score = r.get(metric)
+        if score is not None and r["epoch"] >= start and score > best:
+            best, epoch = score, r["epoch"]
+    return epoch
 
 
 def _record_history(rec: dict, label: str) -> dict:
@@ -214,7 +285,10 @@ def histories(source, metric: str | None = None, archs=None) -> list[dict]:
 
 
 def curves(source, metric: str | None = None, archs=None):
-    """Histories (see `histories`) of a run directory or of a benchmark (loaded, a file or a study)."""
+    """Histories (see `histories`) of a run directory or of a benchmark (loaded, a file or a study),
+    with each one's best epoch (the checkpoint kept) as a thin vertical line where it has one."""
+    from matplotlib.ticker import MaxNLocator
+
     from studies.benchmark import load
 
     plt = _pyplot()
@@ -230,18 +304,25 @@ def curves(source, metric: str | None = None, archs=None):
             if len(h[key]):
                 ax_acc.plot(h["val_epochs"][: len(h[key])], h[key], ls=ls, c=color)
         if h["best_epoch"] is not None:
-            ax_acc.axvline(h["best_epoch"], c=color, lw=0.8, alpha=0.5)
+            ax_acc.axvline(h["best_epoch"], c=color, ls="-.", lw=1.5, alpha=0.9)
+    marked = [h for h in runs if h["best_epoch"] is not None]
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss")
     ax_loss.set_title("training loss (colour: architecture or run)")
     ax_loss.legend(fontsize=8)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("validation accuracy (%)")
-    ax_acc.set_title("validation accuracy (thin vertical line: best epoch)")
+    if len(marked) == 1 == len(runs):
+        ax_acc.set_title(f"validation accuracy (vertical line: best epoch, {marked[0]['best_epoch']})")
+    else:
+        ax_acc.set_title("validation accuracy" + (" (thin vertical lines: best epochs)" if marked else ""))
     keys = [plt.Line2D([], [], c="k", ls=ls, label=name) for ls, name in styles.values()]
+    if marked:
+        keys.append(plt.Line2D([], [], c="0.4", ls="-.", lw=1.5, label="best epoch"))
     ax_acc.legend(handles=keys, fontsize=8, loc="lower right")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if hasattr(source, "record"):
         mark_synthetic(fig, source)
     return fig
@@ -311,9 +392,12 @@ def stages(bench, metric: str | None = None, fraction: float = 0.1):
 
 
 # ---------------------------------------------------------------------- per-block Lipschitz
-def block_lipschitz(source: str | Path, n: int = 256, device: str = "auto") -> tuple[dict, str]:
+def block_lipschitz(
+    source: str | Path, n: int = 256, device: str = "auto", progress: bool = False, announce=None
+) -> tuple[dict, str]:
     """{block: LIP} from a `scaler eval --json --per-block-lipschitz` file, or measured on a run
-    directory's best checkpoint with PGD-20 on `n` test points."""
+    directory's best checkpoint with PGD-20 on `n` test points (`progress`: a bar on stderr;
+    `announce(line)` hears which checkpoint is attacked first)."""
     path = Path(source)
     if path.is_file():
         try:
@@ -330,15 +414,17 @@ def block_lipschitz(source: str | Path, n: int = 256, device: str = "auto") -> t
         raise ScalerError(f"{path} not found: give a run directory or an eval JSON file")
     import trainers
 
-    results, info = trainers.evaluate(path, attacks=["pgd20"], n=n, per_block=True, device=device)
+    results, info = trainers.evaluate(
+        path, attacks=["pgd20"], n=n, per_block=True, device=device, progress=progress, announce=announce
+    )
     return results["pgd20"][
         "per_block_lip"
     ], f"{path.name}, epoch {info['epoch']}, {info['n']} {info['dataset']} points"
 
 
-def lipschitz(source, n: int = 256, device: str = "auto"):
+def lipschitz(source, n: int = 256, device: str = "auto", progress: bool = False, announce=None):
     plt = _pyplot()
-    lips, what = block_lipschitz(source, n, device)
+    lips, what = block_lipschitz(source, n, device, progress, announce)
     names = list(lips)
     stage_of = [int(k.split(".")[0].removeprefix("stage")) if k.startswith("stage") else 0 for k in names]
     fig, ax = plt.subplots(figsize=(max(7.0, 0.28 * len(names) + 2), 4.8))

@@ -355,3 +355,96 @@ def test_a_study_on_a_network_filesystem_keeps_a_rollback_journal(capsys, tmp_pa
     local = _study(tmp_path / "local")  # a local disk keeps WAL (readers while the sweep writes)
     with store.Store.create(local) as s:
         assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+# --------------------------------------------------------------------------- 7. plots: progress, best epoch, small studies
+@pytest.mark.slow
+def test_plot_lipschitz_on_a_run_shows_progress_unless_quiet(capsys, tmp_path):
+    import torch
+
+    from scaler.builder import build_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ours.pt"
+    torch.save(build_model(scaler.ArchSpec("basic", (1, 1, 1), (16, 32, 64))).state_dict(), ckpt)
+    assert run(capsys, "import", ckpt, *TINY, "-o", tmp_path / "run", "--dataset", "digits")[0] == 0
+    args = ["plot", "lipschitz", tmp_path / "run", "--n", "8", "-o", tmp_path / "lip.png"]
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "evaluating" in err and "pgd20: " in err and "batch" in err  # the bar, on stderr
+    code, out, err = run(capsys, *args, "--force", "--quiet")
+    assert code == 0 and not err and out.startswith("wrote")
+
+
+def _run_dir(path: Path, pgd: list[float], best_metric: str = "pgd20") -> Path:
+    path.mkdir()
+    rows = [
+        {"epoch": e, "train_loss": 2.0 / e, "val_clean": 50.0 + e, "val_pgd20": p, "val_cw40": p - 1}
+        for e, p in enumerate(pgd, 1)
+    ]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"epochs": len(pgd), "best_from": 0.5, "best_metric": best_metric}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "pgd, best",
+    [([10.0, 30.0, 25.0, 20.0, 18.0, 17.0], 3), ([40.0, 10.0, 12.0, 11.0], 3), ([5.0, 6.0, 7.0, 8.0, 9.0], 5)],
+)
+def test_plot_curves_of_a_run_draws_the_best_epoch_it_promises(capsys, tmp_path, pgd, best):
+    from studies import plots
+
+    fig = plots.curves(_run_dir(tmp_path / "run", pgd))
+    ax_acc = fig.axes[1]
+    vertical = [line.get_xdata()[0] for line in ax_acc.lines if len(set(line.get_xdata())) == 1]
+    assert vertical == [best]  # epoch 1 of [40, 10, ...] is before best_from: the trainer skips it too
+    assert f"best epoch, {best}" in ax_acc.get_title()
+    assert all(float(t).is_integer() for t in ax_acc.get_xticks())  # epochs, not 1.5
+    plots.save(fig, tmp_path / "c.png")
+    code, out, _ = run(capsys, "plot", "curves", tmp_path / "run", "-o", tmp_path / "c2.png")
+    assert code == 0 and (tmp_path / "c2.png").stat().st_size > 0
+
+
+def _four_archs(path: Path) -> Path:
+    from nares_files import record
+
+    lines = []
+    for i, (d3, w1, macs, params) in enumerate(
+        ((1, 1, 12.65e6, 77_850), (1, 2, 23.99e6, 92_762), (2, 1, 17.39e6, 151_834), (2, 2, 28.73e6, 166_746)), 1
+    ):
+        arch = {"D1": 1, "W1": w1, "D2": 1, "W2": 1, "D3": d3, "W3": 1}
+        lines.append(
+            json.dumps({**record(arch, 20.0 + i, test=31.0 + i - (i == 2) * 2, macs=macs, params=params), "arch_id": i})
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_plot_pareto_of_a_small_study_is_readable(capsys, tmp_path):
+    from studies import plots
+    from studies.benchmark import load
+
+    fig = plots.pareto(load(_four_archs(tmp_path / "four.jsonl")))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
+        lo, hi = ax.get_xlim()
+        assert len(labels) >= 2 and all(lo <= t.get_position()[0] <= hi for t in labels)
+        boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+        assert all(a.x1 + 2 < b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
+        points = ax.collections[0]  # every architecture, under the front
+        assert min(points.get_sizes()) >= 20 and (points.get_alpha() or 1.0) >= 0.9
+        assert "dotted" not in ax.get_title()  # no budget falls in a 13-29M FLOPs study: no dotted lines
+    named = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert named == ["all 4 architectures", "Pareto front", "best"]  # nothing the figure does not draw
+    assert "(M, multiply-adds)" in fig.axes[0].get_xlabel() and "(K)" in fig.axes[1].get_xlabel()
+    plots.save(fig, tmp_path / "p.png")
+
+
+def test_log_ticks_are_few_and_inside_the_range():
+    from studies.plots import log_ticks
+
+    for lo, hi in ((12.1, 29.9), (3.3, 9.3), (23.0, 270.0), (0.5, 5000.0), (99.0, 101.0)):
+        ticks = log_ticks(lo, hi)
+        assert 2 <= len(ticks) <= 7 and all(lo <= t <= hi for t in ticks), (lo, hi, ticks)
