@@ -313,9 +313,9 @@ def curves(source, metric: str | None = None, archs=None):
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("validation accuracy (%)")
     if len(marked) == 1 == len(runs):
-        ax_acc.set_title(f"validation accuracy (vertical line: best epoch, {marked[0]['best_epoch']})")
+        ax_acc.set_title(f"validation accuracy (dash-dot line: best epoch, {marked[0]['best_epoch']})")
     else:
-        ax_acc.set_title("validation accuracy" + (" (thin vertical lines: best epochs)" if marked else ""))
+        ax_acc.set_title("validation accuracy" + (" (dash-dot vertical lines: best epochs)" if marked else ""))
     keys = [plt.Line2D([], [], c="k", ls=ls, label=name) for ls, name in styles.values()]
     if marked:
         keys.append(plt.Line2D([], [], c="0.4", ls="-.", lw=1.5, label="best epoch"))
