@@ -86,7 +86,7 @@ def zoo(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")
 @with_options(SPEC_OPTIONS, into="spec_opts")
 def count_cmd(
     name: Optional[str] = typer.Argument(
-        None, metavar="[MODEL]", help="Preset name (see `scaler zoo`) or model file (.py with build_model())."
+        None, metavar="MODEL", help="Preset name (see `scaler zoo`) or model file (.py with build_model())."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     spec_opts: dict = None,
