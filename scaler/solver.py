@@ -332,8 +332,7 @@ def _flops_params(base: ArchSpec, point: Point) -> tuple[int, int] | None:
         check_stages(base.knobs, base.stem, planes)
     except ScalerError:
         return None
-    cost = cost_at(base, point.depths, planes)
-    return cost.flops, cost.params
+    return _pf(cost_at(base, point.depths, planes))
 
 
 def _pf(cost: Cost) -> tuple[int, int]:
