@@ -386,7 +386,7 @@ TRAIN_OPTIONS = _train_opts()
 def _init_model(init: str):
     """(label, spec) of the model in the --init-from run: its spec, or its model.py."""
     from scaler.spec import ArchSpec
-    from trainers.run_eval import run_model
+    from trainers.checkpoint import run_model
 
     _, spec = run_model(init)
     if spec is not None:

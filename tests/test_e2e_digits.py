@@ -98,8 +98,8 @@ def test_trades_and_mart_train(tmp_path, capsys, method):
 def test_eval_aa_equals_pyautoattack_directly(runs, capsys):
     from pyautoattack import AutoAttack
 
+    from trainers.checkpoint import load_trained
     from trainers.data import load_split
-    from trainers.run_eval import load_trained
 
     n, eps = 4, 32 / 255  # FAB-T and Square dominate: each still-robust point costs ~8 s on a 2-core CPU
     res = evaluate(capsys, runs["pgd-at"], "clean", "aa", n=n)

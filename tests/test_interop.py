@@ -21,8 +21,8 @@ from scaler.layouts import LAYOUTS, check_spec, detect, export_target, plan_impo
 from scaler.presets import PRESETS
 from scaler.spec import NORMALIZATIONS, ArchSpec
 from scaler_cli.app import main
+from trainers.checkpoint import load_trained
 from trainers.interop import export_run, import_checkpoint, meta_model, strip_prefixes
-from trainers.run_eval import load_trained
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream-state-dicts"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream-state-dicts"

@@ -388,3 +388,46 @@ def test_resume_with_the_runs_own_command_continues_and_names_each_differing_fla
     code, _, err = run(capsys, "train", *TINY_ARGS, "--lr", "0.05", "--resume", "--epochs", "2", "--quiet", "--out", out)
     assert code == 0, err
     assert checkpoint.last_epoch(out) == 2
+
+
+def test_trainers_modules_import_one_way():
+    """No trainers module imports one that imports it (at the top or inside a function): one module
+    owns a run directory, and interop/run_eval, run/war_calibration no longer import each other."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "trainers"
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("trainers", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trainers"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+        graph[name] = deps
+    del graph["trainers"]  # the package's lazy API facade, which every module's `from trainers import` names
+    modules = set(graph)
+    graph = {k: {d for d in v if d in modules and d != k} for k, v in graph.items()}
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in graph[start])
+
+    cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if reaches(b, a) and a < b)
+    assert cycles == []
+
+
+def test_one_rule_picks_a_runs_model_source_everywhere(tmp_path):
+    """The checkpoint's own source wins over the directory's model.py (its weights were trained
+    with it), for evaluation, fine-tuning's model and export alike."""
+    from trainers.interop import export_run
+
+    out = tmp_path / "r"
+    train(tiny_config(epochs=1), out, progress=False)
+    carried = torch.load(out / "last.pt", weights_only=True)["source"]
+    (out / "model.py").write_text("this model.py was edited after training and no longer builds")
+    model, _, _ = checkpoint.load_trained(out)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    source, spec = checkpoint.run_model(out)
+    assert source == carried and spec is not None
+    assert export_run(out, tmp_path / "wrn.pt", to="robustbench")["tensors"] > 0

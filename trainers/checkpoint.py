@@ -11,6 +11,10 @@
 A checkpoint is a dict: version, model (state dict), optimizer, epoch, iteration, best, rng, war,
 ema, lr and the model source, so one file is enough to rebuild and evaluate the model.
 
+This module owns a run directory, writing and reading: `find_checkpoint` (best.pt, else last.pt,
+or a file), `model_source` (one rule: the source the checkpoint carries, which its weights were
+trained with, else the directory's model.py), `run_spec`, `load_weights` and `load_trained`.
+
 An imported run (`scaler import`, trainers/interop.py) holds model.py, config.json (its
 `extra.imported` says from where) and a best.pt with version, model, epoch 0, iteration 0, source
 and `imported`: it evaluates and seeds fine-tuning (`--init-from`), it does not resume.
@@ -28,8 +32,12 @@ from pathlib import Path
 
 import torch
 
+from scaler.builder import build_from_source
+from scaler.codegen import embedded_spec
 from scaler.errors import ScalerError
 from scaler.fileio import atomic_write, write_text_atomic
+from scaler.spec import ArchSpec
+from trainers.data import NUM_CLASSES
 
 CHECKPOINT_VERSION = 1
 LOCK_NAME = ".lock"
@@ -190,3 +198,101 @@ class RunLock:
         except PermissionError:
             return True
         return True
+
+
+# --------------------------------------------------------------------------- reading a run
+def find_checkpoint(target: str | Path) -> Path:
+    """best.pt of a run directory (last.pt while it has none), or the checkpoint file given."""
+    path = Path(target)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise ScalerError(f"{path} holds no checkpoint yet (no best.pt or last.pt)")
+    if not path.is_file():
+        raise ScalerError(f"no checkpoint at {path} (expected a run directory with best.pt, or a .pt file)")
+    return path
+
+
+def model_source(ckpt: dict, run_dir: Path) -> str | None:
+    """The model source of a checkpoint: the one it carries (its weights were trained with it),
+    else its run directory's model.py; None where neither is there."""
+    if ckpt.get("source"):
+        return ckpt["source"]
+    path = Path(run_dir) / "model.py"
+    return path.read_text() if path.is_file() else None
+
+
+def run_config(run_dir: Path) -> dict:
+    """A run directory's config.json as a dict; {} where there is none (a bare checkpoint)."""
+    return read_config(Path(run_dir)) if (Path(run_dir) / "config.json").is_file() else {}
+
+
+def run_spec(run_dir: Path, source: str) -> ArchSpec | None:
+    """The spec of a run's model: the one its source records, else its config's."""
+    spec = embedded_spec(source)
+    if spec is None:
+        data = run_config(run_dir).get("spec")
+        spec = ArchSpec.from_dict(data) if data else None
+    return spec
+
+
+def run_model(target: str | Path) -> tuple[str, dict | None]:
+    """(model source, spec dict or None) of a run directory or checkpoint (`model_source`'s rule;
+    the checkpoint is memory-mapped, its weights not read)."""
+    path = find_checkpoint(target)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        ckpt = restore_model_state(path)  # its one-line error
+    source = model_source(ckpt if isinstance(ckpt, dict) else {}, path.parent)
+    if source is None:
+        raise ScalerError(f"{path} carries no model source and {path.parent / 'model.py'} is missing")
+    spec = run_spec(path.parent, source)
+    return source, spec.to_dict() if spec is not None else None
+
+
+def load_weights(model: torch.nn.Module, target: str | Path) -> Path:
+    """Load the weights of a run directory (best.pt, else last.pt) or checkpoint strictly into
+    `model`: `scaler train --init-from` fine-tunes from them."""
+    path = find_checkpoint(target)
+    ckpt = restore_model_state(path)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:240]
+        raise ScalerError(f"--init-from {path} does not fit the model to train: {first}") from None
+    return path
+
+
+def load_trained(target: str | Path, device="cpu"):
+    """(model in eval mode, run config dict, checkpoint info) from a run directory or checkpoint."""
+    ckpt_path = find_checkpoint(target)
+    ckpt = restore_model_state(ckpt_path)
+    run_dir = ckpt_path.parent
+    config = run_config(run_dir)
+    source = model_source(ckpt, run_dir)
+    if source is None:
+        raise ScalerError(f"{ckpt_path} carries no model source and {run_dir / 'model.py'} is missing")
+    weights = ckpt["model"]
+    fc = weights.get("fc.weight")
+    classes = fc.shape[0] if fc is not None else NUM_CLASSES.get(config.get("dataset", "cifar10"), 10)
+    model = build_from_source(source, classes, str(run_dir / "model.py"))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:240]
+        raise ScalerError(f"{ckpt_path} does not fit its model: {first}") from None
+    imported = ckpt.get("imported")
+    epochs = None if imported else config.get("epochs")
+    # unfinished: the run's last.pt (not the evaluated checkpoint: best.pt is usually an earlier epoch)
+    trained = last_epoch(run_dir) if ckpt_path.name != "last.pt" else ckpt.get("epoch")
+    info = {
+        "checkpoint": str(ckpt_path),
+        "epoch": ckpt.get("epoch"),
+        "epochs": epochs,
+        "unfinished": bool(epochs and trained is not None and trained < epochs),
+    }
+    if imported:
+        info["imported"] = imported
+    return model.to(device).eval(), config, info

@@ -9,7 +9,6 @@ the trainer's checkpoint format) in one rename, so a refused import writes nothi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -18,7 +17,6 @@ from pathlib import Path
 import torch
 
 from scaler.builder import build_from_source
-from scaler.codegen import embedded_spec
 from scaler.errors import ScalerError
 from scaler.fileio import atomic_write
 from scaler.layouts import NORM_BUFFERS, check_spec, detect, export_target, get_layout, plan_import
@@ -240,28 +238,15 @@ def _fresh_dir(parent: Path, prefix: str, suffix: str) -> Path:
     raise FileExistsError(f"no free temporary name in {parent}")
 
 
-def run_spec(run_dir: Path, source: str) -> ArchSpec | None:
-    """The spec of a run's model: the one its model.py records, else its config's."""
-    spec = embedded_spec(source)
-    config_path = run_dir / "config.json"
-    if spec is None and config_path.is_file():
-        data = json.loads(config_path.read_text()).get("spec")
-        spec = ArchSpec.from_dict(data) if data else None
-    return spec
-
-
 def export_run(
     target: str | Path, out: str | Path, *, to: str = "robustbench", force: bool = False, parents: bool = False
 ) -> dict:
     """Write the weights of a run (its best.pt, else last.pt) or checkpoint file in layout `to`, as a
     raw state dict that the matching class loads strictly."""
-    from trainers.run_eval import find_checkpoint
-
-    ckpt_path = find_checkpoint(target)
+    ckpt_path = checkpoint.find_checkpoint(target)
     ckpt = checkpoint.restore_model_state(ckpt_path)
-    run_dir = ckpt_path.parent
-    source = ckpt.get("source") or ((run_dir / "model.py").read_text() if (run_dir / "model.py").is_file() else None)
-    spec = run_spec(run_dir, source) if source else None
+    source = checkpoint.model_source(ckpt, ckpt_path.parent)
+    spec = checkpoint.run_spec(ckpt_path.parent, source) if source else None
     if spec is None:
         raise ScalerError(f"{ckpt_path}: its model is not a scaler spec, so its layout elsewhere is unknown")
     goal = export_target(spec, to)

@@ -14,7 +14,7 @@ import torch
 
 from scaler.builder import build_from_source
 from scaler.errors import Interrupted, ScalerError
-from trainers import checkpoint
+from trainers import checkpoint, war_calibration
 from trainers.config import TrainConfig
 from trainers.data import NUM_CLASSES, check_split, holdout, load_cifar101, load_split
 from trainers.distributed import barrier, dist_info, init_distributed
@@ -22,7 +22,6 @@ from trainers.evaluation import EvaluationStopped
 from trainers.fused import fused_blocks, resolve_fused
 from trainers.loop import RunState, run_epochs
 from trainers.losses import WarLambda
-from trainers.run_eval import load_weights
 from trainers.schedule import steps_per_epoch
 from trainers.step import (
     Ema,
@@ -171,10 +170,8 @@ def _run(cfg, out: Path, *, resuming: bool, progress, stop_after, distributed, e
             if not resuming:
                 _check_new_dir(out)  # again, now that we own it: a concurrent run may have filled it
                 if cfg.war_calibrate and cfg.war_zeta is None:
-                    from trainers.war_calibration import calibrate_war
-
                     lock.release()  # the calibration run locks its own sub-directory
-                    cfg.war_zeta = calibrate_war(cfg, out, progress=progress)
+                    cfg.war_zeta = _calibrate_war(cfg, out, device, progress)
                     lock.acquire()
             if resuming:
                 source = (out / "model.py").read_text()
@@ -186,6 +183,14 @@ def _run(cfg, out: Path, *, resuming: bool, progress, stop_after, distributed, e
         # fails to build): remove the directories this call created, if nothing was written there.
         _remove_empty(created)
         raise
+
+
+def _calibrate_war(cfg: TrainConfig, out: Path, device, progress: bool) -> float:
+    """WAR's zeta: train a half-width copy inside OUT/war-calibration, measure its loss ratio."""
+    thin = war_calibration.thin_config(cfg)
+    cal_dir = out / "war-calibration"
+    train(thin, cal_dir, progress=progress)
+    return war_calibration.measure_ratio(thin, cal_dir, load_data(thin, device)[0], device)
 
 
 def _missing_dirs(out: Path) -> list[Path]:
@@ -213,7 +218,7 @@ def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, devic
     label = cfg.model if (cfg.spec is None and not resuming) else str(out / "model.py")  # where errors point
     model = build_from_source(source, NUM_CLASSES.get(cfg.dataset, 10), label).to(device)
     if cfg.init_from is not None and not has_ckpt:  # fine-tuning: start from those weights
-        load_weights(model, cfg.init_from)
+        checkpoint.load_weights(model, cfg.init_from)
     cfg.channels_last = training_layout(model, device, cfg.channels_last)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

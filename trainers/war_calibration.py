@@ -14,36 +14,30 @@ from scaler.errors import ScalerError
 from trainers import checkpoint
 from trainers.config import TrainConfig
 from trainers.data import NUM_CLASSES, batches
-from trainers.step import Stepper, make_optimizer, resolve_device
+from trainers.step import Stepper, make_optimizer
 
 MEASURE_BATCHES = 8
 
 
-def calibrate_war(cfg: TrainConfig, out: Path, progress: bool = True) -> float:
-    """Train the model with planes halved and the tuned beta inside OUT/war-calibration; return zeta."""
+def thin_config(cfg: TrainConfig) -> TrainConfig:
+    """The calibration run's config: the model with planes halved (no lower than each stage's
+    minimum), the tuned beta, no WAR of its own."""
     from scaler.spec import ArchSpec, min_planes
-    from trainers.run import train
 
     if cfg.spec is None:
         raise ScalerError("--war-calibrate needs a preset or spec model (it trains a thinner copy)")
     spec = ArchSpec.from_dict(cfg.spec)
     lows = [min_planes(k) for k in spec.knobs]
     thin = replace(spec, planes=tuple(max(low, p // 2) for low, p in zip(lows, spec.planes)), name=None)
-    thin_cfg = replace(cfg, spec=thin.to_dict(), war_calibrate=False, war_zeta=None, save_epochs=(), extra={})
-    cal_dir = out / "war-calibration"
-    train(thin_cfg, cal_dir, progress=progress)
-    return measure_ratio(thin_cfg, cal_dir)
+    return replace(cfg, spec=thin.to_dict(), war_calibrate=False, war_zeta=None, save_epochs=(), extra={})
 
 
-def measure_ratio(cfg: TrainConfig, run_dir: Path) -> float:
-    """l_nat / l_rob of a trained run's last.pt, summed over the first training batches."""
-    from trainers.run import load_data
-
-    device = resolve_device(cfg.device)
+def measure_ratio(cfg: TrainConfig, run_dir: Path, train_data, device) -> float:
+    """l_nat / l_rob of a trained run's last.pt, summed over the first batches of `train_data`."""
     source = (run_dir / "model.py").read_text()
     model = build_from_source(source, NUM_CLASSES.get(cfg.dataset, 10)).to(device)
     model.load_state_dict(checkpoint.restore_model_state(run_dir / "last.pt")["model"])
-    (x, y), _ = load_data(cfg, device)
+    x, y = train_data
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     stepper = Stepper(
         model, make_optimizer(model, cfg), cfg, device=device, autocast_dtype=None, attack_generator=gen, war=None
