@@ -99,7 +99,10 @@ def eval_cmd(
     batch_size: Optional[int] = typer.Option(
         None, help="Evaluation batch size [default: 32 on a CPU, 256 on a GPU and for AutoAttack]."
     ),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast of the attacks and logits; faster)."),
+    precision: str = typer.Option(
+        "fp32",
+        help="fp32 (exact), bf16 (autocast of the attacks and logits; faster) or auto (bf16 where the device has it).",
+    ),
     per_block_lipschitz: bool = typer.Option(False, "--per-block-lipschitz", help="LIP at every block output."),
     compile_model: bool = typer.Option(
         False,
@@ -144,19 +147,19 @@ def eval_cmd(
         )
     except EvaluationStopped as exc:  # print what finished, then the stop's own line
         stopped, results, info = exc, exc.results, exc.info
-    _print_evaluation(results, info, precision, as_json)
+    _print_evaluation(results, info, as_json)
     if stopped is not None:
         raise stopped
 
 
-def _print_evaluation(results: dict, info: dict, precision: str, as_json: bool) -> None:
+def _print_evaluation(results: dict, info: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**results, "checkpoint": info}, indent=2))
         return
     when = f"imported, {info['imported']['format']}" if "imported" in info else f"epoch {info['epoch']}"
     print(
         f"{info['checkpoint']} ({when}{', unfinished run' if info.get('unfinished') else ''}; "
-        f"{info['dataset']}, {info['n']} points, eps {info['eps']:.5f}{', bf16' if precision == 'bf16' else ''})"
+        f"{info['dataset']}, {info['n']} points, eps {info['eps']:.5f}{', bf16' if info.get('precision') == 'bf16' else ''})"
     )
     rows = [
         [name, f"{r['accuracy']:.2f}", f"{r['stable']:.2f}", f"{r['lip']:.3f}"]
@@ -192,8 +195,6 @@ def bench_train_cmd(
     import scaler
     from trainers.bench import bench_train
 
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ScalerError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
     label, spec = model_from_options(model, spec_opts)
     net = scaler.create_model(spec if spec is not None else label)
     flops = scaler.count(spec).flops if spec is not None else None
@@ -262,7 +263,7 @@ def bench_eval_cmd(
     batch_size: Optional[int] = typer.Option(
         None, help="Batch size [default: scaler eval's: 32 on a CPU, 256 on a GPU]."
     ),
-    precision: str = typer.Option("fp32", help="fp32 or bf16."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or auto (bf16 where the device has it)."),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="channels_last tensors."),
     compile_model: bool = typer.Option(
         False, "--compile", help="torch.compile ours; its compiling warm-up is reported, not timed."

@@ -478,3 +478,19 @@ def test_bench_reports_page_faults_per_image_of_the_timed_work(monkeypatch, benc
     else:
         result = tb.bench_train(model, batch_size=2, steps=1, warmup=0, precision="fp32")
     assert result["page_faults_per_image"] is None and result["reference_page_faults_per_image"] is None
+
+
+def test_precision_means_one_thing_in_train_eval_and_bench(monkeypatch):
+    """--precision auto is bf16 where the device has it in every command (eval and bench eval took
+    only fp32 or bf16), and an unknown one is refused alike."""
+    import trainers.step as step
+    from trainers.evaluation import precision_dtype
+
+    for has_bf16, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(step, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        assert step.resolve_precision("auto", torch.device("cpu")) is expected
+        assert precision_dtype("auto", "cpu") is expected
+    assert precision_dtype("fp32") is None and precision_dtype("bf16") is torch.bfloat16
+    for resolve in (lambda p: step.resolve_precision(p, torch.device("cpu")), precision_dtype):
+        with pytest.raises(ScalerError, match="unknown precision 'fp16'; choose auto, fp32, bf16"):
+            resolve("fp16")

@@ -302,12 +302,12 @@ def bench_eval(
     warm-up, which compiles each batch shape, is reported as `warmup_seconds` and not timed.
     Minor page faults per image are the mean over the timed rounds (`page_faults_per_image`,
     `reference_page_faults_per_image`; None where not counted)."""
-    dtype = precision_dtype(precision)
     if attack not in STEP_ATTACKS:
         raise ScalerError(f"unknown attack {attack!r}; bench eval takes {', '.join(STEP_ATTACKS)}")
     if n < 1 or rounds < 1:
         raise ScalerError("--n and --rounds must be >= 1")
     dev = _bench_device(device, compile)
+    dtype = precision_dtype(precision, dev)
     batch_size = default_batch_size(dev) if batch_size is None else batch_size
     reference_batch_size = batch_size if reference_batch_size is None else reference_batch_size
     if min(batch_size, reference_batch_size) < 1:

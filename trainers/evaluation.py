@@ -64,13 +64,12 @@ def parse_attacks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def precision_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of an evaluation precision (None = fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    raise ScalerError(f"unknown precision {precision!r}; choose fp32 or bf16")
+def precision_dtype(precision: str, device="cpu") -> torch.dtype | None:
+    """The autocast dtype of an evaluation precision on a device (None = fp32): --precision means
+    what it means in training (`trainers.step.resolve_precision`); evaluation defaults to fp32."""
+    from trainers.step import resolve_precision
+
+    return resolve_precision(precision, torch.device(device))
 
 
 def resolve_val_precision(val_precision: str, precision: str, device) -> str:
@@ -237,7 +236,7 @@ def evaluate(
     with BatchNorm left to the compiler (not folded) as in compiled training. `fused` runs the
     blocks through the fast runtime (`trainers.fused`): None where it measured faster, or as an
     enclosing span (a training run) chose."""
-    dtype = precision_dtype(precision)
+    dtype = precision_dtype(precision, x.device)
     aa_batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     batch_size = default_batch_size(x.device) if batch_size is None else batch_size
     if batch_size < 1:

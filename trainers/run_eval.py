@@ -46,7 +46,8 @@ def evaluate_run(
     x, y = load_split(dataset, "test", data_dir)
     if n is not None:
         x, y = x[:n], y[:n]
-    info.update(dataset=dataset, n=len(y), eps=eps, precision=precision, compile=bool(compile))
+    resolved = "bf16" if precision_dtype(precision, dev) is not None else "fp32"
+    info.update(dataset=dataset, n=len(y), eps=eps, precision=resolved, compile=bool(compile))
     info["fused"] = resolve_fused(fused, dev, compiled=bool(compile))
     if announce is not None:
         _announce(announce, info, model, dev)

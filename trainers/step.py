@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.attacks import pgd, trades_attack
+from trainers.config import PRECISIONS
 from trainers.losses import LOSSES, WarLambda
 
 
@@ -25,7 +26,12 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for training (None = fp32)."""
+    """The autocast dtype of a precision on a device (None = fp32): --precision means this in train,
+    eval and bench alike, auto being bf16 where the device has it."""
+    if precision not in PRECISIONS:
+        from scaler.errors import ScalerError
+
+        raise ScalerError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
     if precision == "bf16":
