@@ -385,7 +385,9 @@ def test_resume_with_the_runs_own_command_continues_and_names_each_differing_fla
     code, _, err = run(capsys, "train", *TINY_ARGS, "--widths", "2,2,2", "--resume", "--out", out)
     assert code == 2 and "the architecture flags basic d1-1-1 w1-1-1 vs basic d1-1-1 w2-2-2" in err
     assert (out / "config.json").read_text() == config
-    code, _, err = run(capsys, "train", *TINY_ARGS, "--lr", "0.05", "--resume", "--epochs", "2", "--quiet", "--out", out)
+    code, _, err = run(
+        capsys, "train", *TINY_ARGS, "--lr", "0.05", "--resume", "--epochs", "2", "--quiet", "--out", out
+    )
     assert code == 0, err
     assert checkpoint.last_epoch(out) == 2
 
@@ -431,3 +433,26 @@ def test_one_rule_picks_a_runs_model_source_everywhere(tmp_path):
     source, spec = checkpoint.run_model(out)
     assert source == carried and spec is not None
     assert export_run(out, tmp_path / "wrn.pt", to="robustbench")["tensors"] > 0
+
+
+@pytest.mark.parametrize("name", ["basic_small_v0.py", "robust_small_v0.py"])
+def test_runs_of_model_files_with_their_own_fused_code_still_train_resume_and_evaluate(tmp_path, capsys, name):
+    """Run directories made before the runtime hold a model.py that carries its fused code behind a
+    `fused` flag per block: they resume and evaluate as before, --no-fused runs their plain blocks."""
+    from pathlib import Path
+
+    legacy = Path(__file__).parent / "fixtures" / "legacy" / name
+    out = tmp_path / "r"
+    args = TINY_ARGS[TINY_ARGS.index("--dataset") :]  # the data and recipe flags, not the spec
+    code, _, err = run(capsys, "train", legacy, *args, "--epochs", "2", "--stop-after", "1", "--quiet", "--out", out)
+    assert code == 0, err
+    assert "class PreactBlock" in (out / "model.py").read_text() or "forward_plain" in (out / "model.py").read_text()
+    assert run(capsys, "train", "--resume", "--quiet", "--out", out)[0] == 0
+    assert checkpoint.last_epoch(out) == 2
+    outputs = {}
+    for flag in ("--fused", "--no-fused"):
+        code, text, err = run(capsys, "eval", out, "--attacks", "clean,fgsm", "--n", "16", "--quiet", "--json", flag)
+        assert code == 0, err
+        outputs[flag] = json.loads(text)
+    for attack in ("clean", "fgsm"):
+        assert outputs["--fused"][attack]["accuracy"] == outputs["--no-fused"][attack]["accuracy"]
