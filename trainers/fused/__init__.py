@@ -25,12 +25,13 @@ from trainers.fused.bottleneck import robust_forward
 from trainers.fused.folds import constant_folds
 from trainers.fused.preact import basic_forward
 
-# Measured speed of the fused blocks over the emitted forward, per device type (a PGD-10 training
-# step, bf16, channels_last). CPU (2 cores, this project's CI machine): 2.7x the plain fp32
-# reference loop on the small robust model against 1.4x plain, see benchmarks/test_bench_train.py.
-# CUDA (one H100, torch 2.11): WRN-34-10 810 img/s fused against 1,005 plain, RobustResNet-A1 82.7
-# against 83.7: the fused routes are CPU routes, on CUDA they only add folding work.
-FUSED_SPEEDUP = {"cpu": 1.9, "cuda": 0.8}
+# Measured speed of the fused blocks over the emitted forward (--no-fused), per device type, in a
+# PGD-10 training step (bf16, channels_last, batch 64; benchmarks/test_bench_train.py, ours against
+# ours-plain). CPU (2 cores, this project's CI machine): 1.90x on the small robust model, 1.08x on
+# the basic bar model. CUDA (one H100, torch 2.11, batch 128): WRN-34-10 810 img/s fused against
+# 1,005 plain, RobustResNet-A1 82.7 against 83.7: the fused routes are CPU routes, on CUDA they
+# only add folding work. The smaller of each device's figures.
+FUSED_SPEEDUP = {"cpu": 1.08, "cuda": 0.81}
 
 _CHOICE: ContextVar[bool | None] = ContextVar("scaler_fused_choice", default=None)
 
