@@ -109,11 +109,12 @@ def _tabular(benchmark, algo, queries, runs, seed, metric, workers, progress: bo
 def _live(space_ref, out, algo, queries, runs, seed, metric, recipe, train_opts, o) -> dict:
     import sys
 
+    from scaler.interrupts import stop_on_sigterm
     from studies.benchmark import load
     from studies.live import live_search, remap
     from studies.search import summarize
     from studies.spaces import load_space
-    from studies.sweep import SweepOptions, stop_on_sigterm
+    from studies.sweep import SweepOptions
     from trainers.evaluation import parse_attacks
 
     if not out:

@@ -96,7 +96,8 @@ def sweep(
     train_opts: dict = None,
 ) -> None:
     """Train and test every architecture of a space on Ray; results go to STUDY/results.sqlite."""
-    from studies.sweep import SweepOptions, stop_on_sigterm
+    from scaler.interrupts import stop_on_sigterm
+    from studies.sweep import SweepOptions
     from studies.sweep import sweep as run_sweep
     from trainers.evaluation import parse_attacks
 

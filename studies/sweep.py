@@ -19,7 +19,6 @@ are refused before the study directory is written or Ray started.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -195,24 +194,6 @@ def preflight(config, options: SweepOptions) -> None:
     # (on a cluster the trials read --data-dir on their nodes: only what holds everywhere is checked here)
     if options.address:
         check_reachable(options.address)
-
-
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """SIGTERM (SLURM's and other schedulers' stop) raises KeyboardInterrupt, as Ctrl-C does, while
-    the block runs; the previous handler comes back after it. `_ray_session` keeps it across ray.init."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def json_config(config) -> dict:
