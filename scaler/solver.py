@@ -213,70 +213,28 @@ def solve(
 ) -> Solution:
     """The architecture `rule_name` prescribes for `target` (exact costs; see module docstring).
     `knobs` holds further block knobs (norm, kernel_size, scales, ...): the rule scales any block."""
-    rule = get_rule(rule_name)
+    rule = _configured(get_rule(rule_name), depths, round_to, arch)
     if target.metric not in METRICS:
         raise ScalerError(f"unknown budget metric {target.metric!r}")
     if cap is not None and cap.metric == target.metric:
         raise ScalerError(f"a {target.metric} cap next to a {target.metric} target makes no sense; give one")
-    if isinstance(rule, GammaRule):
-        if arch is not None:
-            if arch not in GAMMA_ARCHS:
-                raise ScalerError(f"unknown --arch {arch!r}; choose one of {', '.join(GAMMA_ARCHS)}")
-            rule = replace(rule, arch=GAMMA_ARCHS[arch])
-        if depths is not None:
-            rule = replace(rule, depths=depths)
-        if round_to != 1:
-            if round_to < 1:
-                raise ScalerError("--round-to must be >= 1")
-            rule = replace(rule, round_to=round_to)
-    elif depths is not None or round_to != 1 or arch is not None:
-        raise ScalerError(f"--depths, --round-to and --arch apply to the robustwrn rule, not {rule.name}")
     base = base_spec(rule, block, num_classes, activation, resolution, knobs)
 
     def metric_at(budget: Budget, t: float, growth: int | None = None) -> float:
         p = rule.continuous_at(t)
         return budget.of(cost_at(base, p.depths, p.planes, p.growth if growth is None else growth, smooth=True))
 
-    try:
-        smallest = count(_spec_for(rule.smallest(base), base))
-    except ScalerError:  # the knobs refuse the narrowest planes (a GroupNorm on 4 channels): no floor to state
-        smallest = None
-    label = base.block if isinstance(base.block, str) else ",".join(base.block)
-    if smallest is not None and target.value < target.of(smallest) * (1 - TOLERANCE):
-        raise ScalerError(
-            f"budget {target} is too small for the {rule.name} rule with the {label} block; "
-            f"its smallest network costs {format_count(target.of(smallest))} {target.metric}"
-        )
-    if smallest is not None and cap is not None and cap.value < cap.of(smallest):
-        raise ScalerError(
-            f"cap {cap} is below the smallest {rule.name} network ({format_count(cap.of(smallest))} {cap.metric})"
-        )
-
+    smallest = _smallest(rule, base, target, cap)
     goal, capped = target, False
     t = _solve_scale(lambda x: metric_at(target, x), target.value)
     if cap is not None:
         t_cap = _solve_scale(lambda x: metric_at(cap, x), cap.value)
         if t_cap < t:
             t, goal, capped = t_cap, cap, True
-    poly = _poly_fit(lambda x: metric_at(goal, x))
     point = rule.continuous_at(t)
-
-    best, best_key, n = None, None, 0
-    goal_index, cap_index = METRICS.index(goal.metric), cap and METRICS.index(cap.metric)
-    for cand, dist in _neighbourhood(
-        rule, point, base, lambda g: _solve_scale(lambda x: metric_at(goal, x, g), goal.value)
-    ):
-        flops_params = _flops_params(base, cand)
-        if flops_params is None or (cap is not None and flops_params[cap_index] > cap.value):
-            continue
-        n += 1
-        rel = abs(flops_params[goal_index] / goal.value - 1)
-        key = (max(0.0, rel - TOLERANCE), dist, rel)
-        if best_key is None or key < best_key:
-            best, best_key = cand, key
-    if best is None:
-        why = f"fits under the cap {cap}" if cap is not None else "can be built with these knobs"
-        raise ScalerError(f"no {rule.name} network near the budget {why}")
+    best, best_key, n = _nearest(
+        rule, point, base, goal, cap, lambda g: _solve_scale(lambda x: metric_at(goal, x, g), goal.value)
+    )
     if smallest is None and best_key[0] > 0 and target.of(count(_spec_for(best, base))) > goal.value:
         raise ScalerError(
             f"budget {target} is too small for the {rule.name} rule with these knobs; the smallest network they "
@@ -296,12 +254,71 @@ def solve(
         cap=cap,
         scale=t,
         continuous=point,
-        polynomial=poly,
+        polynomial=_poly_fit(lambda x: metric_at(goal, x)),
         capped=capped,
         objective=best_key,
         published=nearest_published(family_key(rule, base), target, base),
         candidates=n,
     )
+
+
+def _configured(rule: Rule, depths, round_to: int, arch: str | None) -> Rule:
+    """The rule with the robustwrn rule's own settings applied (refused for other rules)."""
+    if not isinstance(rule, GammaRule):
+        if depths is not None or round_to != 1 or arch is not None:
+            raise ScalerError(f"--depths, --round-to and --arch apply to the robustwrn rule, not {rule.name}")
+        return rule
+    if arch is not None:
+        if arch not in GAMMA_ARCHS:
+            raise ScalerError(f"unknown --arch {arch!r}; choose one of {', '.join(GAMMA_ARCHS)}")
+        rule = replace(rule, arch=GAMMA_ARCHS[arch])
+    if depths is not None:
+        rule = replace(rule, depths=depths)
+    if round_to != 1:
+        if round_to < 1:
+            raise ScalerError("--round-to must be >= 1")
+        rule = replace(rule, round_to=round_to)
+    return rule
+
+
+def _smallest(rule: Rule, base: ArchSpec, target: Budget, cap: Budget | None):
+    """The cost of the rule's smallest network (None where the knobs refuse its planes); a target
+    or cap below it is refused."""
+    try:
+        smallest = count(_spec_for(rule.smallest(base), base))
+    except ScalerError:  # the knobs refuse the narrowest planes (a GroupNorm on 4 channels): no floor to state
+        return None
+    label = base.block if isinstance(base.block, str) else ",".join(base.block)
+    if target.value < target.of(smallest) * (1 - TOLERANCE):
+        raise ScalerError(
+            f"budget {target} is too small for the {rule.name} rule with the {label} block; "
+            f"its smallest network costs {format_count(target.of(smallest))} {target.metric}"
+        )
+    if cap is not None and cap.value < cap.of(smallest):
+        raise ScalerError(
+            f"cap {cap} is below the smallest {rule.name} network ({format_count(cap.of(smallest))} {cap.metric})"
+        )
+    return smallest
+
+
+def _nearest(rule: Rule, point: Point, base: ArchSpec, goal: Budget, cap: Budget | None, scale_at_growth):
+    """(best candidate, its objective key, candidates within the cap) of the integer networks
+    around the continuous point: within tolerance of the goal first, then nearest the point."""
+    best, best_key, n = None, None, 0
+    goal_index, cap_index = METRICS.index(goal.metric), cap and METRICS.index(cap.metric)
+    for cand, dist in _neighbourhood(rule, point, base, scale_at_growth):
+        flops_params = _flops_params(base, cand)
+        if flops_params is None or (cap is not None and flops_params[cap_index] > cap.value):
+            continue
+        n += 1
+        rel = abs(flops_params[goal_index] / goal.value - 1)
+        key = (max(0.0, rel - TOLERANCE), dist, rel)
+        if best_key is None or key < best_key:
+            best, best_key = cand, key
+    if best is None:
+        why = f"fits under the cap {cap}" if cap is not None else "can be built with these knobs"
+        raise ScalerError(f"no {rule.name} network near the budget {why}")
+    return best, best_key, n
 
 
 def _neighbourhood(rule: Rule, point: Point, base: ArchSpec, scale_at_growth) -> list[tuple[Point, float]]:

@@ -245,21 +245,10 @@ def evaluate(
         if name not in ATTACKS:
             raise ScalerError(f"unknown attack {name!r}; choose from {','.join(ATTACKS)}")
     layout = eval_layout(model, x, channels_last)
-    run = _Evaluation(
-        model=model,
-        ours=torch.compile(model, dynamic=False) if compile else model,  # shares model's parameters
-        x=x,
-        xs=x.contiguous(memory_format=torch.channels_last) if layout else x,
-        y=y,
-        layout=layout,
-        dtype=dtype,
-        fold_bn=fold_bn,
-        compiled=compile,
-        eps=eps,
-        seed=seed,
-        batch_sizes=(batch_size, aa_batch_size),
-        progress=progress,
-    )
+    xs = x.contiguous(memory_format=torch.channels_last) if layout else x
+    ours = torch.compile(model, dynamic=False) if compile else model  # shares model's parameters
+    settings = dict(layout=layout, dtype=dtype, fold_bn=fold_bn, compiled=compile, eps=eps, seed=seed)
+    run = _Evaluation(model, ours, x, xs, y, batch_sizes=(batch_size, aa_batch_size), progress=progress, **settings)
     chosen = None if fused is None and not compile else resolve_fused(fused, x.device, compiled=compile)
     results: dict = {}
     with fused_blocks(model, chosen):
