@@ -269,12 +269,6 @@ def model_from_options(model: str | None, opts: dict) -> tuple[str, object]:
 
 
 # --------------------------------------------------------------------------- training
-def _defaults():
-    from trainers.config import TrainConfig
-
-    return TrainConfig()
-
-
 def _eps(text: str) -> float:
     from trainers.config import parse_eps
 
@@ -285,99 +279,40 @@ def _int_list(what: str):
     return lambda t: tuple(parse_list(t, what, n=len(t.split(","))))
 
 
-FUSED_HELP = (
-    "Run the blocks through the fast runtime's fused formulations (the same function) "
-    "[default: auto, on where it measured faster: a CPU without --compile]."
-)
+def _field_help(name: str) -> str:
+    from dataclasses import fields
+
+    from trainers.config import TrainConfig
+
+    return next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)
+
+
+FUSED_HELP = _field_help("fused")
 """--fused/--no-fused: one meaning in train, eval and bench (trainers.fused.resolve_fused)."""
 
 
 def _train_opts() -> list[Opt]:
-    d = _defaults()
+    """An option for every TrainConfig field that declares one (`trainers.config.option`): its
+    help and default, the flag, its type from the field's."""
+    from dataclasses import fields
 
-    def o(name, typ, help, decls=(), parse=None, show=True):
-        shown = getattr(d, name, None)
-        if show and shown is not None:
-            shown = f"{shown:.5g}" if isinstance(shown, float) else shown
-            help = f"{help} [default: {shown}]"
-        return Opt(name, typ, help, decls, parse)
+    from trainers.config import TrainConfig
 
-    return [
-        o(
-            "dataset",
-            Optional[str],
-            "cifar10, cifar100, tinyimagenet (64x64, 200 classes), digits (scikit-learn, offline) or synthetic.",
-        ),
-        o("data_dir", Optional[str], "Directory with the dataset archives (never downloaded).", show=False),
-        o("val", Optional[str], "Validation set: holdout (taken from train) or cifar10.1."),
-        o("val_size", Optional[int], "Held-out training points [default: 1000, or 10% of small sets].", show=False),
-        o("val_n", Optional[int], "Validation points attacked after each validated epoch."),
-        o("method", Optional[str], "standard, pgd-at, trades or mart."),
-        o("beta", Optional[float], "TRADES/MART robust-loss weight."),
-        o("epochs", Optional[int], "Training epochs."),
-        o("batch_size", Optional[int], "Global batch size."),
-        o("lr", Optional[float], "Peak SGD learning rate."),
-        o("momentum", Optional[float], "SGD momentum."),
-        o("nesterov", Optional[bool], "Nesterov momentum.", ("--nesterov/--no-nesterov",)),
-        o("weight_decay", Optional[float], "L2 weight decay."),
-        o(
-            "wd_exclude_bn_bias",
-            Optional[bool],
-            "Exclude BN weights and biases from weight decay.",
-            ("--wd-exclude-bn-bias/--wd-all",),
-        ),
-        o("schedule", Optional[str], "Learning-rate schedule: step, cosine or onecycle."),
-        o(
-            "milestones",
-            Optional[str],
-            "Step schedule: epochs where the LR drops 10x, e.g. 75,90 [default: 75% and 90% of --epochs].",
-            parse=_int_list("--milestones"),
-            show=False,
-        ),
-        o("warmup_epochs", Optional[float], "onecycle: warm-up epochs."),
-        o("grad_clip", Optional[float], "Max gradient norm (0: off)."),
-        o("ema", Optional[float], "Weight EMA decay, e.g. 0.995 (0: off)."),
-        o("label_smoothing", Optional[float], "Label smoothing of the clean CE loss."),
-        o("eps", Optional[str], "L-inf radius [default: 8/255].", parse=_eps, show=False),
-        o("attack_steps", Optional[int], "Training attack steps (0: no attack)."),
-        o("attack_step", Optional[str], "Training attack step size [default: 2/255].", parse=_eps, show=False),
-        o("attack_start", Optional[str], "Attack start: normal, uniform or none."),
-        o("war_zeta", Optional[float], "WAR: target l_nat/l_rob ratio (turns WAR on).", show=False),
-        o("augment", Optional[str], "crop-flip, crop or none [default: crop-flip; crop on digits].", show=False),
-        o("best_metric", Optional[str], "Validation metric that picks best.pt: pgd20 or cw40."),
-        o(
-            "save_epochs",
-            Optional[str],
-            "Also keep checkpoints after these epochs, e.g. 75,90.",
-            parse=_int_list("--save-epochs"),
-            show=False,
-        ),
-        o("eval_every", Optional[int], "Validate every N epochs (and always after the last)."),
-        o("seed", Optional[int], "Seed of data order, augmentation, attacks and init."),
-        o("device", Optional[str], "auto, cpu or cuda."),
-        o("precision", Optional[str], "auto, fp32 or bf16 (autocast for training; see --val-precision)."),
-        o(
-            "val_precision",
-            Optional[str],
-            "Per-epoch validation precision: auto (bf16 when training runs in bf16), fp32 or bf16.",
-        ),
-        o("channels_last", Optional[bool], "channels_last tensors.", ("--channels-last/--no-channels-last",)),
-        o(
-            "compile",
-            Optional[bool],
-            "torch.compile the model and attack model [default: auto, on where it measured faster: "
-            "basic-block networks on a CPU, runs of >= 2000 steps].",
-            ("--compile/--no-compile",),
-        ),
-        o("fused", Optional[bool], FUSED_HELP, ("--fused/--no-fused",)),
-        o(
-            "init_from",
-            Optional[str],
-            "Fine-tune: start from the weights of this run directory or checkpoint (e.g. `scaler import`'s); "
-            "the model is its own unless MODEL is given.",
-            show=False,
-        ),
-    ]
+    defaults, opts = TrainConfig(), []
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        parse = {"eps": _eps, "int_list": _int_list("--" + f.name.replace("_", "-"))}.get(meta["parse"])
+        kind = str if parse else next(t for t in (bool, int, float, str) if f.type.startswith(t.__name__))
+        help = meta["help"]
+        shown = getattr(defaults, f.name)
+        if meta["shown"] and shown is not None:
+            help = f"{help} [default: {f'{shown:.5g}' if isinstance(shown, float) else shown}]"
+        flag = "--" + f.name.replace("_", "-")
+        decls = (meta["flag"] or f"{flag}/--no-{flag[2:]}",) if kind is bool else ()
+        opts.append(Opt(f.name, Optional[kind], help, decls, parse))
+    return opts
 
 
 TRAIN_OPTIONS = _train_opts()

@@ -256,3 +256,22 @@ def test_every_option_is_described(name):
     if name == "train":  # defaults come from TrainConfig, shown in the help
         helps = {p.name: p.help for p in command.params}
         assert "[default: 100]" in helps["epochs"] and "[default: 8/255]" in helps["eps"]
+
+
+def test_every_training_option_is_a_trainconfig_field_declared_once():
+    """The train options are made from TrainConfig's fields (their help, default and flag live
+    beside the field): a field that declares an option is a flag of `scaler train` and `sweep`,
+    with its default in the help where shown, and none is declared twice."""
+    from dataclasses import fields
+
+    from scaler_cli.options import TRAIN_OPTIONS
+    from trainers.config import TrainConfig
+
+    declared = [f.name for f in fields(TrainConfig) if "help" in f.metadata]
+    assert [o.name for o in TRAIN_OPTIONS] == declared and len(set(declared)) == len(declared)
+    by_name = {o.name: o for o in TRAIN_OPTIONS}
+    assert by_name["lr"].help.endswith("[default: 0.1]")
+    assert by_name["fused"].decls == ("--fused/--no-fused",)
+    assert by_name["wd_exclude_bn_bias"].decls == ("--wd-exclude-bn-bias/--wd-all",)
+    assert by_name["eps"].parse("8/255") == pytest.approx(8 / 255)
+    assert by_name["milestones"].parse("75,90") == (75, 90)

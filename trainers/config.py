@@ -67,52 +67,85 @@ def _describe_range(low: float, high: float, closed: tuple[bool, bool]) -> str:
     return f"in {'[' if closed[0] else '('}{low:g}, {high:g}{']' if closed[1] else ')'}"
 
 
+def option(default, help: str, *, flag: str | None = None, parse: str | None = None, shown: bool = True):
+    """A TrainConfig field that is also a command-line option (scaler_cli.options makes the flag from
+    it): its help, its typer declaration where not --name[/--no-name], how its text is parsed
+    ("eps": a size such as 8/255, "int_list": e.g. 75,90) and whether help shows the default."""
+    return field(default=default, metadata={"help": help, "flag": flag, "parse": parse, "shown": shown})
+
+
 @dataclass
 class TrainConfig:
     model: str = ""  # preset name, path to a model file, or "spec"
     spec: dict | None = None
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    val: str = "holdout"  # holdout (from train) or cifar10.1
-    val_size: int | None = None  # held-out training points (default: 1000, or 10% of small sets)
-    val_n: int = 500  # validation points attacked each epoch
-    method: str = "pgd-at"
-    beta: float = 6.0
-    epochs: int = 100
-    batch_size: int = 128
+    dataset: str = option(
+        "cifar10", "cifar10, cifar100, tinyimagenet (64x64, 200 classes), digits (scikit-learn, offline) or synthetic."
+    )
+    data_dir: str | None = option(None, "Directory with the dataset archives (never downloaded).", shown=False)
+    val: str = option("holdout", "Validation set: holdout (taken from train) or cifar10.1.")
+    val_size: int | None = option(None, "Held-out training points [default: 1000, or 10% of small sets].", shown=False)
+    val_n: int = option(500, "Validation points attacked after each validated epoch.")
+    method: str = option("pgd-at", "standard, pgd-at, trades or mart.")
+    beta: float = option(6.0, "TRADES/MART robust-loss weight.")
+    epochs: int = option(100, "Training epochs.")
+    batch_size: int = option(128, "Global batch size.")
     drop_last: bool = False
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 2e-4
-    wd_exclude_bn_bias: bool = False
-    schedule: str = "step"
-    milestones: tuple[float, ...] = (0.75, 0.9)  # fractions of epochs (step schedule)
-    warmup_epochs: float = 0.0  # onecycle warm-up
-    grad_clip: float = 5.0  # max grad norm; 0 disables
-    ema: float = 0.0  # EMA decay tau (0 = off)
-    label_smoothing: float = 0.0
-    eps: float = 8 / 255
-    attack_steps: int = 10
-    attack_step: float = 2 / 255
-    attack_start: str = "normal"  # normal (x + step N(0, I)), uniform, none
-    war_zeta: float | None = None
+    lr: float = option(0.1, "Peak SGD learning rate.")
+    momentum: float = option(0.9, "SGD momentum.")
+    nesterov: bool = option(False, "Nesterov momentum.")
+    weight_decay: float = option(2e-4, "L2 weight decay.")
+    wd_exclude_bn_bias: bool = option(
+        False, "Exclude BN weights and biases from weight decay.", flag="--wd-exclude-bn-bias/--wd-all"
+    )
+    schedule: str = option("step", "Learning-rate schedule: step, cosine or onecycle.")
+    milestones: tuple[float, ...] = option(  # fractions of epochs; the flag takes epochs
+        (0.75, 0.9),
+        "Step schedule: epochs where the LR drops 10x, e.g. 75,90 [default: 75% and 90% of --epochs].",
+        parse="int_list",
+        shown=False,
+    )
+    warmup_epochs: float = option(0.0, "onecycle: warm-up epochs.")
+    grad_clip: float = option(5.0, "Max gradient norm (0: off).")
+    ema: float = option(0.0, "Weight EMA decay, e.g. 0.995 (0: off).")
+    label_smoothing: float = option(0.0, "Label smoothing of the clean CE loss.")
+    eps: float = option(8 / 255, "L-inf radius [default: 8/255].", parse="eps", shown=False)
+    attack_steps: int = option(10, "Training attack steps (0: no attack).")
+    attack_step: float = option(2 / 255, "Training attack step size [default: 2/255].", parse="eps", shown=False)
+    attack_start: str = option("normal", "Attack start: normal, uniform or none.")  # normal: x + step N(0, I)
+    war_zeta: float | None = option(None, "WAR: target l_nat/l_rob ratio (turns WAR on).", shown=False)
     war_alpha: float = 0.1
     war_calibrate: bool = False
-    augment: str = "crop-flip"  # crop-flip, crop, none
-    best_metric: str = "pgd20"  # pgd20 or cw40 (validation)
+    augment: str = option("crop-flip", "crop-flip, crop or none [default: crop-flip; crop on digits].", shown=False)
+    best_metric: str = option("pgd20", "Validation metric that picks best.pt: pgd20 or cw40.")
     best_from: float = 0.5  # fraction of epochs before best.pt is tracked
-    save_epochs: tuple[int, ...] = ()
-    eval_every: int = 1  # validate every N epochs (and always after the last)
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # bf16 autocast where the hardware has it (training)
-    val_precision: str = "auto"  # per-epoch validation: auto (bf16 when training resolves to bf16), fp32, bf16
-    channels_last: bool = True
-    compile: bool | None = None  # None: auto, resolved once per run (trainers.step.resolve_compile)
-    fused: bool | None = None  # the fast runtime's fused blocks; None: where measured faster (trainers.fused)
+    save_epochs: tuple[int, ...] = option(
+        (), "Also keep checkpoints after these epochs, e.g. 75,90.", parse="int_list", shown=False
+    )
+    eval_every: int = option(1, "Validate every N epochs (and always after the last).")
+    seed: int = option(0, "Seed of data order, augmentation, attacks and init.")
+    device: str = option("auto", "auto, cpu or cuda.")
+    precision: str = option("auto", "auto, fp32 or bf16 (autocast for training; see --val-precision).")
+    val_precision: str = option(
+        "auto", "Per-epoch validation precision: auto (bf16 when training runs in bf16), fp32 or bf16."
+    )
+    channels_last: bool = option(True, "channels_last tensors.")
+    compile: bool | None = option(  # None: auto, resolved once per run (trainers.step.resolve_compile)
+        None,
+        "torch.compile the model and attack model [default: auto, on where it measured faster: "
+        "basic-block networks on a CPU, runs of >= 2000 steps].",
+    )
+    fused: bool | None = option(  # None: where measured faster (trainers.fused)
+        None,
+        "Run the blocks through the fast runtime's fused formulations (the same function) "
+        "[default: auto, on where it measured faster: a CPU without --compile].",
+    )
     recipe: str | None = None
-    init_from: str | None = None  # run directory or checkpoint whose weights replace the fresh init
+    init_from: str | None = option(  # run directory or checkpoint whose weights replace the fresh init
+        None,
+        "Fine-tune: start from the weights of this run directory or checkpoint (e.g. `scaler import`'s); "
+        "the model is its own unless MODEL is given.",
+        shown=False,
+    )
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
