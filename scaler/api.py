@@ -40,6 +40,74 @@ def get_spec(model: str | ArchSpec | dict, **changes) -> ArchSpec:
     return check_size(spec)
 
 
+def spec_from_flags(
+    name: str | None = None,
+    *,
+    block=None,
+    depths=None,
+    widths=None,
+    channels=None,
+    classes: int | None = None,
+    normalize: str | None = None,
+    mean=None,
+    std=None,
+    **changes,
+) -> ArchSpec:
+    """A spec as the command line describes it: a preset `name`, or `block`, `depths` and `widths`
+    (or `channels`: stem,P1,P2,P3 as count prints them, or the planes alone with a 16-channel stem;
+    VGG and DenseNet take one value per stage); then the knobs in `changes` (None: not given),
+    `classes` and a normalisation (`normalize` NAME, or `mean` and `std`) on top."""
+    from scaler.spec import FAMILY_BLOCKS, widths_to_planes
+
+    given = {k for k, v in dict(block=block, depths=depths, widths=widths, channels=channels).items() if v is not None}
+    if name is not None:
+        if given:
+            raise ScalerError("give a preset name or --block/--depths/--widths, not both")
+        base = get_spec(name)
+    else:
+        if not {"block", "depths"} <= given or not given & {"widths", "channels"}:
+            raise ScalerError("give a preset name, or --block, --depths and --widths (or --channels)")
+        if {"widths", "channels"} <= given:
+            raise ScalerError("give --widths or --channels, not both")
+        if "widths" in given and block in FAMILY_BLOCKS:
+            raise ScalerError(f"the {block} block takes --channels (planes per stage), not --widths")
+        stem, planes = _stem_and_planes(block, channels) if channels is not None else (16, widths_to_planes(widths))
+        base = ArchSpec(block, depths, planes, stem=stem)
+    return _normalized(get_spec(base, num_classes=classes, **changes), normalize, mean, std)
+
+
+def _stem_and_planes(block: str, channels) -> tuple[int, tuple[int, ...]]:
+    from scaler.spec import FAMILY_BLOCKS
+
+    channels = tuple(channels)
+    if block in FAMILY_BLOCKS:
+        return 16, channels
+    if len(channels) == 4:
+        return channels[0], channels[1:]
+    if len(channels) != 3:
+        raise ScalerError(
+            f"--channels takes stem,P1,P2,P3 (4 values, as count prints them) or P1,P2,P3 for residual blocks, "
+            f"got {len(channels)} values"
+        )
+    return 16, channels
+
+
+def _normalized(spec: ArchSpec, name: str | None, mean, std) -> ArchSpec:
+    """`spec` with a named normalisation or mean/std applied (one of the two, both halves of the pair)."""
+    from scaler.spec import NORMALIZATIONS
+
+    if name is not None and (mean is not None or std is not None):
+        raise ScalerError("give --normalize or --mean/--std, not both")
+    if name is not None:
+        if name not in NORMALIZATIONS:
+            raise ScalerError(f"unknown normalisation {name!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        mean, std = NORMALIZATIONS[name] or (None, None)
+        return replace(spec, mean=mean, std=std)
+    if (mean is None) != (std is None):
+        raise ScalerError("give both --mean and --std, or neither")
+    return replace(spec, mean=mean, std=std) if mean is not None else spec
+
+
 def count(model: str | ArchSpec | dict):
     """Exact params and fvcore FLOPs (`scaler.cost.Cost`) from the closed forms, without torch."""
     from scaler.cost import count as count_spec

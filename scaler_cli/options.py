@@ -187,67 +187,10 @@ SPEC_FLAGS_NOT_FOR_FILES = (*KNOBS, "normalize", "mean", "std", "padding")
 
 
 def spec_from_options(name: str | None, opts: dict):
-    """A spec from a preset name or from --block/--depths/--widths|--channels, then the block
-    knobs, classes and resolution applied on top."""
-    from scaler.api import get_spec
-    from scaler.spec import FAMILY_BLOCKS, ArchSpec, widths_to_planes
+    """A spec from a preset name or the spec flags (`scaler.api.spec_from_flags`)."""
+    from scaler.api import spec_from_flags
 
-    given = {k for k in STRUCTURE if opts.get(k) is not None}
-    if name is not None:
-        if given:
-            raise ScalerError("give a preset name or --block/--depths/--widths, not both")
-        base = get_spec(name)
-    else:
-        if not {"block", "depths"} <= given or not given & {"widths", "channels"}:
-            raise ScalerError("give a preset name, or --block, --depths and --widths (or --channels)")
-        if {"widths", "channels"} <= given:
-            raise ScalerError("give --widths or --channels, not both")
-        if "widths" in given and opts["block"] in FAMILY_BLOCKS:
-            raise ScalerError(f"the {opts['block']} block takes --channels (planes per stage), not --widths")
-        stem, planes = _stem_and_planes(opts) if "channels" in given else (16, widths_to_planes(opts["widths"]))
-        base = ArchSpec(opts["block"], opts["depths"], planes, stem=stem)
-    spec = get_spec(
-        base, num_classes=opts.get("classes"), padding=opts.get("padding"), **{k: opts.get(k) for k in KNOBS}
-    )
-    return _normalized(spec, opts)
-
-
-def _stem_and_planes(opts: dict) -> tuple[int, tuple[int, ...]]:
-    """(stem, planes) of --channels. Residual blocks take the channels view that count, solve and
-    their JSON print (stem, P1, P2, P3), or the planes alone with the 16-channel stem; VGG and
-    DenseNet take one value per stage (their `channels` are their planes)."""
-    from scaler.spec import FAMILY_BLOCKS
-
-    channels = tuple(opts["channels"])
-    if opts["block"] in FAMILY_BLOCKS:
-        return 16, channels
-    if len(channels) == 4:
-        return channels[0], channels[1:]
-    if len(channels) != 3:
-        raise ScalerError(
-            f"--channels takes stem,P1,P2,P3 (4 values, as count prints them) or P1,P2,P3 for residual blocks, "
-            f"got {len(channels)} values"
-        )
-    return 16, channels
-
-
-def _normalized(spec, opts: dict):
-    """`spec` with --normalize NAME or --mean/--std applied (one of the two, both halves of the pair)."""
-    from dataclasses import replace
-
-    from scaler.spec import NORMALIZATIONS
-
-    name, mean, std = opts.get("normalize"), opts.get("mean"), opts.get("std")
-    if name is not None and (mean is not None or std is not None):
-        raise ScalerError("give --normalize or --mean/--std, not both")
-    if name is not None:
-        if name not in NORMALIZATIONS:
-            raise ScalerError(f"unknown normalisation {name!r}; choose one of {', '.join(NORMALIZATIONS)}")
-        mean, std = NORMALIZATIONS[name] or (None, None)
-        return replace(spec, mean=mean, std=std)
-    if (mean is None) != (std is None):
-        raise ScalerError("give both --mean and --std, or neither")
-    return replace(spec, mean=mean, std=std) if mean is not None else spec
+    return spec_from_flags(name, **opts)
 
 
 def model_from_options(model: str | None, opts: dict) -> tuple[str, object]:

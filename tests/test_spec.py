@@ -138,3 +138,37 @@ def test_bottleneck_knobs_given_at_their_defaults_to_a_basic_spec_are_refused(kn
         scaler.get_spec(base, **knobs)
     robust = scaler.get_spec({**base, "block": ["basic", "robust", "basic"]}, **knobs)
     assert robust.se == "residual" and robust.scales == 8
+
+
+def test_spec_from_flags_is_the_python_api_the_cli_calls():
+    """The spec a command's flags describe comes from scaler.api.spec_from_flags: the same spec
+    from Python as from `scaler count --json`, its refusals one line each."""
+    import json
+
+    import pytest
+
+    from scaler.api import spec_from_flags
+    from scaler.errors import ScalerError
+    from scaler_cli.app import main
+
+    spec = spec_from_flags(block="robust", depths=(2, 2, 1), widths=(1, 1, 1), se=None, classes=100)
+    assert spec.num_classes == 100 and spec.planes == (16, 32, 64)
+    assert spec_from_flags(block="basic", depths=(1, 1, 1), channels=(32, 16, 32, 64)).stem == 32
+    assert spec_from_flags(block="basic", depths=(1, 1, 1), widths=(1, 1, 1), normalize="cifar10").mean is not None
+    for bad, message in [
+        (dict(block="basic", depths=(1, 1, 1)), "give a preset name, or --block"),
+        (dict(block="basic", depths=(1, 1, 1), widths=(1, 1, 1), channels=(16, 32, 64)), "not both"),
+        (dict(block="basic", depths=(1, 1, 1), widths=(1, 1, 1), mean=(0.5,) * 3), "both --mean and --std"),
+    ]:
+        with pytest.raises(ScalerError, match=message):
+            spec_from_flags(**bad)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["count", "--block", "robust", "--depths", "2,2,1", "--widths", "1,1,1", "--json"]) == 0
+    counted = json.loads(out.getvalue())
+    from scaler.cost import count
+
+    assert counted["params"] == count(spec_from_flags(block="robust", depths=(2, 2, 1), widths=(1, 1, 1))).params
