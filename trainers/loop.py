@@ -186,6 +186,7 @@ def validate(model, ema, x_val, y_val, cfg) -> dict:
         channels_last=cfg.channels_last,
     )
     return {
+        "val_precision": precision,  # which precision the figures below were measured in
         "val_clean": r["clean"]["accuracy"],
         "val_pgd20": r["pgd20"]["accuracy"],
         "val_cw40": r["cw40"]["accuracy"],
