@@ -151,36 +151,7 @@ def pareto(bench, metric: str | None = None, budgets=None):
         )
         best = int(np.nanargmax(acc))
         ax.scatter(cost[best], acc[best], marker="*", s=220, c="gold", edgecolors="k", zorder=5, label="best")
-        shown = set()
-        for check in checks:
-            if key == "macs":
-                ax.axvline(check["budget"] / scale, ls=":", c="0.4", lw=0.8)
-                ax.annotate(
-                    f"{check['budget'] / scale:g}{prefix}",
-                    (check["budget"] / scale, 0.01),
-                    xycoords=("data", "axes fraction"),
-                    fontsize=8,
-                    color="0.3",
-                    ha="left",
-                )
-            for s in check["rules"]:
-                if "error" in s:
-                    continue
-                marker, color = RULE_STYLE[s["rule"]]
-                row = bench.row(s["measured"]["arch"])
-                lbl = None if s["rule"] in shown else f"{s['rule']} (nearest measured)"
-                shown.add(s["rule"])
-                ax.scatter(
-                    cost[row],
-                    acc[row],
-                    marker=marker,
-                    s=70,
-                    facecolors="none",
-                    edgecolors=color,
-                    lw=1.8,
-                    zorder=4,
-                    label=lbl,
-                )
+        _draw_rule_checks(ax, bench, checks, cost, acc, scale, prefix, budgets=key == "macs")
         ax.set_xscale("log")
         _plain_ticks(ax)
         ax.set_xlabel(unit.format(prefix or "count"))
@@ -190,7 +161,44 @@ def pareto(bench, metric: str | None = None, budgets=None):
     budgets_drawn = "; dotted: rule-check budgets" if checks else ""
     axes[0].set_title(f"robust accuracy vs FLOPs (front: {fronts[0]}{budgets_drawn})")
     axes[1].set_title(f"robust accuracy vs parameters (front: {fronts[1]})")
-    # one key for both panels, below them: it names only what is drawn, and hides no point or label
+    _shared_legend(fig, axes)
+    fig.suptitle(f"{Path(bench.source).name}: {n} architectures")
+    mark_synthetic(fig, bench)
+    return fig
+
+
+def _draw_rule_checks(ax, bench, checks, cost, acc, scale: float, prefix: str, budgets: bool) -> None:
+    """Each rule check's budget as a dotted line (on the FLOPs panel) and each rule's nearest
+    measured architecture as an open marker, labelled once per rule."""
+    shown = set()
+    for check in checks:
+        if budgets:
+            ax.axvline(check["budget"] / scale, ls=":", c="0.4", lw=0.8)
+            where = (check["budget"] / scale, 0.01)
+            label = f"{check['budget'] / scale:g}{prefix}"
+            ax.annotate(label, where, xycoords=("data", "axes fraction"), fontsize=8, color="0.3", ha="left")
+        for s in check["rules"]:
+            if "error" in s:
+                continue
+            marker, color = RULE_STYLE[s["rule"]]
+            row = bench.row(s["measured"]["arch"])
+            lbl = None if s["rule"] in shown else f"{s['rule']} (nearest measured)"
+            shown.add(s["rule"])
+            ax.scatter(
+                cost[row],
+                acc[row],
+                marker=marker,
+                s=70,
+                facecolors="none",
+                edgecolors=color,
+                lw=1.8,
+                zorder=4,
+                label=lbl,
+            )
+
+
+def _shared_legend(fig, axes) -> None:
+    """One key for both panels, below them: it names only what is drawn, and hides no point or label."""
     keys = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -204,9 +212,6 @@ def pareto(bench, metric: str | None = None, budgets=None):
         fontsize=8,
         frameon=False,
     )
-    fig.suptitle(f"{Path(bench.source).name}: {n} architectures")
-    mark_synthetic(fig, bench)
-    return fig
 
 
 # ---------------------------------------------------------------------- curves
