@@ -243,6 +243,19 @@ def _print_analysis(r: dict, top: int) -> None:
         print(table(["arch", "FLOPs", "params", m], rows, right={1, 2, 3}))
     print(f"\nKendall tau-b against {m}")
     print(table(["quantity", "tau"], [[k.replace("_", " "), f"{v:+.3f}"] for k, v in r["kendall"].items()], right={1}))
+    _print_stages(r, m)
+    _print_r_d(r["r_d"], m)
+    if r["rules"]:
+        _print_rule_check(r["rules"], m)
+    if r["budgets_unfit"]:
+        budgets = ", ".join(_fmt(b) for b in r["budgets_unfit"])
+        print(
+            f"\nno rule check at {budgets} FLOPs: no architecture with {m} fits "
+            f"(the cheapest measured has {_fmt(r['cheapest_flops'])})"
+        )
+
+
+def _print_stages(r: dict, m: str) -> None:
     frac = round(r["stages"]["fraction"] * 100)
     for kind, letter in (("depth", "D"), ("width", "W")):
         print(f"\nStage shares of total {kind}: top {frac}% vs bottom {frac}% by {m}")
@@ -258,14 +271,11 @@ def _print_analysis(r: dict, top: int) -> None:
             for e in r["stages"][kind]
         ]
         share = f"{letter}1:{letter}2:{letter}3"
-        print(
-            table(
-                [f"total {kind}", "n", f"top {share}", f"bottom {share}", "top acc", "bottom acc"],
-                rows,
-                right={0, 1, 4, 5},
-            )
-        )
-    rd = r["r_d"]
+        headers = [f"total {kind}", "n", f"top {share}", f"bottom {share}", "top acc", "bottom acc"]
+        print(table(headers, rows, right={0, 1, 4, 5}))
+
+
+def _print_r_d(rd: dict, m: str) -> None:
     print(f"\n{m} vs r_D = sum D / (sum D + sum W)")
     rows = [[f"{e['lo']:.3f}-{e['hi']:.3f}", e["n"], f"{e['mean']:.2f}", f"{e['max']:.2f}"] for e in rd["bins"]]
     print(table(["r_D", "n", "mean", "max"], rows, right={1, 2, 3}))
@@ -275,35 +285,24 @@ def _print_analysis(r: dict, top: int) -> None:
         print(
             f"quadratic fit: {q['a']:.1f} r^2 + {q['b']:.1f} r + {q['c']:.1f} ({peak}); best arch at r_D {rd['best_r_d']:.3f}"
         )
-    if r["rules"]:
-        print("\nRule check: each rule's solution (or its nearest measured architecture) vs the best within the budget")
-        rows = []
-        for e in r["rules"]:
-            rows.append(
-                [_fmt(e["budget"]), "best measured", arch_label(e["best"]["arch"]), f"{e['best']['acc']:.2f}", "-", "1"]
-            )
-            for s in e["rules"]:
-                if "error" in s:
-                    rows.append(["", s["rule"], s["error"], "-", "-", "-"])
-                    continue
-                where = "" if s["in_space"] else "~"
-                rows.append(
-                    [
-                        "",
-                        s["rule"],
-                        f"{where}{arch_label(s['measured']['arch'])}",
-                        f"{s['measured']['acc']:.2f}",
-                        f"{s['gap']:+.2f}",
-                        f"{s['rank_within']}/{e['measured_within']}",
-                    ]
-                )
-        print(table(["budget", "rule", "arch (~: nearest measured)", m, "gap", "rank"], rows, right={3, 4, 5}))
-    if r["budgets_unfit"]:
-        budgets = ", ".join(_fmt(b) for b in r["budgets_unfit"])
-        print(
-            f"\nno rule check at {budgets} FLOPs: no architecture with {m} fits "
-            f"(the cheapest measured has {_fmt(r['cheapest_flops'])})"
+
+
+def _print_rule_check(rules: list, m: str) -> None:
+    print("\nRule check: each rule's solution (or its nearest measured architecture) vs the best within the budget")
+    rows = []
+    for e in rules:
+        rows.append(
+            [_fmt(e["budget"]), "best measured", arch_label(e["best"]["arch"]), f"{e['best']['acc']:.2f}", "-", "1"]
         )
+        for s in e["rules"]:
+            if "error" in s:
+                rows.append(["", s["rule"], s["error"], "-", "-", "-"])
+                continue
+            where = "" if s["in_space"] else "~"
+            measured = f"{where}{arch_label(s['measured']['arch'])}"
+            rank = f"{s['rank_within']}/{e['measured_within']}"
+            rows.append(["", s["rule"], measured, f"{s['measured']['acc']:.2f}", f"{s['gap']:+.2f}", rank])
+    print(table(["budget", "rule", "arch (~: nearest measured)", m, "gap", "rank"], rows, right={3, 4, 5}))
 
 
 def _arch_list(texts: list[str] | None):
