@@ -121,16 +121,11 @@ def eval_cmd(
     from trainers.config import parse_eps
     from trainers.evaluation import EvaluationStopped, parse_attacks
 
-    names = parse_attacks(attacks)
-    if n is not None and n < 1:
-        raise ScalerError("--n must be >= 1")
-    if batch_size is not None and batch_size < 1:
-        raise ScalerError("--batch-size must be >= 1")
     stopped = None
     try:
         results, info = trainers.evaluate(
             target,
-            attacks=names,
+            attacks=parse_attacks(attacks),
             dataset=dataset,
             data_dir=data_dir,
             eps=parse_eps(eps) if eps else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from scaler.errors import ScalerError
 from trainers import checkpoint
 from trainers.data import load_split
 from trainers.evaluation import EvaluationStopped, evaluate, precision_dtype
@@ -35,6 +36,10 @@ def evaluate_run(
     default (trainers.evaluation.default_batch_size); `compile` torch.compiles the logits and our
     attacks, `fused` picks the fast runtime's blocks (trainers.evaluation.evaluate)."""
     precision_dtype(precision)  # bad input fails before the model and data load
+    if n is not None and n < 1:
+        raise ScalerError("--n must be >= 1")
+    if batch_size is not None and batch_size < 1:
+        raise ScalerError("--batch-size must be >= 1")
     dev = resolve_device(device)
     if compile:
         require_compiler(dev)
