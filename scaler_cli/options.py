@@ -233,6 +233,14 @@ def _field_help(name: str) -> str:
 FUSED_HELP = _field_help("fused")
 """--fused/--no-fused: one meaning in train, eval and bench (trainers.fused.resolve_fused)."""
 
+BENCH_OPTIONS = [
+    Opt("channels_last", bool, "channels_last tensors.", ("--channels-last/--no-channels-last",), default=True),
+    Opt("fused", Optional[bool], FUSED_HELP, ("--fused/--no-fused",)),
+    Opt("reference", bool, "Also time the fp32 reference loop.", ("--reference/--no-reference",), default=True),
+    Opt("device", str, "auto, cpu or cuda.", default="auto"),
+]
+"""The options bench train and bench eval share (their values go to trainers.bench as they are)."""
+
 
 def _train_opts() -> list[Opt]:
     """An option for every TrainConfig field that declares one (`trainers.config.option`): its

@@ -11,6 +11,7 @@ import typer
 from scaler.errors import ScalerError
 from scaler_cli.app import CONTEXT, app
 from scaler_cli.options import (
+    BENCH_OPTIONS,
     FUSED_HELP,
     SPEC_OPTIONS,
     TRAIN_OPTIONS,
@@ -170,6 +171,7 @@ def _print_evaluation(results: dict, info: dict, as_json: bool) -> None:
 
 
 @bench_app.command(name="train")
+@with_options(BENCH_OPTIONS, into="bench_opts")
 @with_options(ARCH_OPTIONS, into="spec_opts")
 def bench_train_cmd(
     model: Optional[str] = typer.Argument(None, help="Preset name or model file."),
@@ -178,47 +180,41 @@ def bench_train_cmd(
     steps: int = typer.Option(5, help="Timed steps (after warm-up)."),
     warmup: int = typer.Option(2, help="Untimed warm-up steps."),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
-    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="channels_last tensors."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help=FUSED_HELP),
-    reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time the fp32 reference loop."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     spec_opts: dict = None,
+    bench_opts: dict = None,
 ) -> None:
     """Images/s of full adversarial training steps (bat recipe attack) vs a plain fp32 loop."""
-    import scaler
     from trainers.bench import bench_train
 
-    label, spec = model_from_options(model, spec_opts)
-    net = scaler.create_model(spec if spec is not None else label)
-    flops = scaler.count(spec).flops if spec is not None else None
-    result = bench_train(
-        net,
-        method=method,
-        batch_size=batch_size,
-        steps=steps,
-        warmup=warmup,
-        precision=precision,
-        compile=compile_model,
-        channels_last=channels_last,
-        device=device,
-        reference=reference,
-        flops_per_image=flops,
-        resolution=spec.resolution if spec is not None else 32,
-        fused=fused,
-    )
+    label, net, model_opts = _bench_model(model, spec_opts)
+    settings = dict(method=method, batch_size=batch_size, steps=steps, warmup=warmup, precision=precision)
+    result = bench_train(net, compile=compile_model, **settings, **model_opts, **bench_opts)
     result["model"] = label
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    layout = "channels_last" if result.get("channels_last", channels_last) else "NCHW"
-    print(
-        f"{label}: {method}, batch {batch_size}, {result['precision']}, "
-        f"{layout}{', compiled' if compile_model else ''}{', fused' if result['fused'] else ''} on {result['device']}"
-    )
+    print(f"{label}: {method}, batch {batch_size}, {_bench_setting(result)}")
     print(f"ours       {result['images_per_s']:.1f} images/s ({result['seconds_per_step'] * 1000:.1f} ms/step)")
-    _print_speed(result, reference, "attack steps 2x a forward, trained forwards 3x")
+    _print_speed(result, bench_opts["reference"], "attack steps 2x a forward, trained forwards 3x")
+
+
+def _bench_model(model: str | None, spec_opts: dict):
+    """(label, model, {flops_per_image, resolution}) of a bench command's MODEL or spec flags."""
+    import scaler
+
+    label, spec = model_from_options(model, spec_opts)
+    net = scaler.create_model(spec if spec is not None else label)
+    flops = scaler.count(spec).flops if spec is not None else None
+    return label, net, {"flops_per_image": flops, "resolution": spec.resolution if spec is not None else 32}
+
+
+def _bench_setting(result: dict) -> str:
+    """'bf16, channels_last, compiled, fused on cpu': how ours ran."""
+    layout = "channels_last" if result["channels_last"] else "NCHW"
+    extras = (", compiled" if result["compile"] else "") + (", fused" if result["fused"] else "")
+    return f"{result['precision']}, {layout}{extras} on {result['device']}"
 
 
 def _print_speed(result: dict, reference: bool, counted: str) -> None:
@@ -250,6 +246,7 @@ def _print_speed(result: dict, reference: bool, counted: str) -> None:
 
 
 @bench_app.command(name="eval")
+@with_options(BENCH_OPTIONS, into="bench_opts")
 @with_options(ARCH_OPTIONS, into="spec_opts")
 def bench_eval_cmd(
     model: Optional[str] = typer.Argument(None, help="Preset name or model file."),
@@ -259,49 +256,26 @@ def bench_eval_cmd(
         None, help="Batch size [default: scaler eval's: 32 on a CPU, 256 on a GPU]."
     ),
     precision: str = typer.Option("fp32", help="fp32, bf16 or auto (bf16 where the device has it)."),
-    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="channels_last tensors."),
     compile_model: bool = typer.Option(
         False, "--compile", help="torch.compile ours; its compiling warm-up is reported, not timed."
     ),
-    fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help=FUSED_HELP),
     rounds: int = typer.Option(1, help="Timed passes of each (alternating); the medians are reported."),
-    reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time the fp32 reference loop."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     spec_opts: dict = None,
+    bench_opts: dict = None,
 ) -> None:
     """Images/s of `scaler eval`'s attack evaluation vs a plain fp32 evaluation loop."""
-    import scaler
     from trainers.bench import bench_eval
 
-    label, spec = model_from_options(model, spec_opts)
-    net = scaler.create_model(spec if spec is not None else label)
-    result = bench_eval(
-        net,
-        attack=attack,
-        n=n,
-        batch_size=batch_size,
-        precision=precision,
-        channels_last=channels_last,
-        compile=compile_model,
-        device=device,
-        reference=reference,
-        flops_per_image=scaler.count(spec).flops if spec is not None else None,
-        resolution=spec.resolution if spec is not None else 32,
-        rounds=rounds,
-        fused=fused,
-    )
+    label, net, model_opts = _bench_model(model, spec_opts)
+    settings = dict(attack=attack, n=n, batch_size=batch_size, precision=precision, rounds=rounds)
+    result = bench_eval(net, compile=compile_model, **settings, **model_opts, **bench_opts)
     result["model"] = label
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    layout = "channels_last" if result["channels_last"] else "NCHW"
-    print(
-        f"{label}: {attack} evaluation of {n} images, batch {result['batch_size']}, "
-        f"{result['precision']}, {layout}{', compiled' if compile_model else ''}{', fused' if result['fused'] else ''} "
-        f"on {result['device']}"
-    )
+    print(f"{label}: {attack} evaluation of {n} images, batch {result['batch_size']}, {_bench_setting(result)}")
     print(f"ours       {result['images_per_s']:.1f} images/s ({result['seconds']:.2f} s)")
     if compile_model:
         print(f"           compiling warm-up {result['warmup_seconds']:.1f} s (not timed)")
-    _print_speed(result, reference, "clean and attacked forwards 1x, attack steps 2x")
+    _print_speed(result, bench_opts["reference"], "clean and attacked forwards 1x, attack steps 2x")
