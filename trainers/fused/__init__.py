@@ -257,8 +257,7 @@ def _global_hooks() -> bool:
 
 
 def _file_global(module: nn.Module, name: str):
-    forward = inspect.getattr_static(type(module), "forward", None)
-    return getattr(forward, "__globals__", {}).get(name)
+    return _globals_of(module).get(name)
 
 
 # --------------------------------------------------------------------------- earlier model files
@@ -267,18 +266,27 @@ def _legacy_flags(model: nn.Module, enabled: bool) -> list:
     block (True by default): switched off for a span that runs plain, and back on exit."""
     if enabled:
         return []
-    flags = [(m, m.fused) for m in model.modules() if isinstance(m.__dict__.get("fused"), bool)]
+    flags = [(m, m.fused) for m in model.modules() if isinstance(m.__dict__.get("fused"), bool) and _legacy_file(m)]
     for m, _ in flags:
         m.fused = False
     return flags
+
+
+def _legacy_file(module: nn.Module) -> bool:
+    """Whether the module's class comes from a model file of an earlier version (its globals hold
+    that file's fold cache): a `fused` attribute elsewhere is someone else's."""
+    return "FOLD_CACHES" in _globals_of(module) and callable(_globals_of(module).get("constant_folds"))
+
+
+def _globals_of(module: nn.Module) -> dict:
+    forward = inspect.getattr_static(type(module), "forward", None)
+    return getattr(forward, "__globals__", {})
 
 
 def _legacy_constant_folds(model: nn.Module):
     """An earlier model file's own `constant_folds(model)`, found in the globals of the first
     submodule's `forward` that has one; a no-op for other models (TorchScript ones included)."""
     for m in model.modules():
-        forward = inspect.getattr_static(type(m), "forward", None)  # no descriptors run (TorchScript's raise)
-        enter = getattr(forward, "__globals__", {}).get("constant_folds")
-        if callable(enter) and getattr(enter, "__module__", None) != constant_folds.__module__:
-            return enter(model)
+        if _legacy_file(m):  # getattr_static: no descriptors run (TorchScript's raise)
+            return _globals_of(m)["constant_folds"](model)
     return nullcontext()
