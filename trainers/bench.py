@@ -22,7 +22,6 @@ from trainers.peak import efficiency
 from trainers.step import (
     Stepper,
     make_optimizer,
-    require_compiler,
     resolve_device,
     resolve_precision,
     training_layout,
@@ -139,7 +138,7 @@ def bench_train(
         raise ScalerError("--batch-size and --steps must be >= 1")
     if warmup < 0:
         raise ScalerError("--warmup must be >= 0")
-    dev = _bench_device(device, compile)
+    dev = resolve_device(device, compile=compile)
     torch.manual_seed(seed)
     settings = dict(method=method, batch_size=batch_size, precision=precision, channels_last=channels_last)
     cfg = make_config("bat", {"model": "bench", "compile": compile, **settings})
@@ -167,16 +166,6 @@ def bench_train(
             ref_seconds, ref_faults = _time(lambda: reference_step(ref_model, ref_opt, x, y, cfg), steps, warmup, dev)
         result.update(_reference_figures(seconds, ref_seconds, ref_faults, batch_size, step_flops, dev))
     return result
-
-
-def _bench_device(device: str, compile: bool) -> torch.device:
-    """The device a bench runs on; --compile refused without a compiler, cuDNN's autotuner on."""
-    dev = resolve_device(device)
-    if compile:
-        require_compiler(dev)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return dev
 
 
 def _ours_stepper(model, cfg, dev, seed: int):
@@ -306,7 +295,7 @@ def bench_eval(
         raise ScalerError(f"unknown attack {attack!r}; bench eval takes {', '.join(STEP_ATTACKS)}")
     if n < 1 or rounds < 1:
         raise ScalerError("--n and --rounds must be >= 1")
-    dev = _bench_device(device, compile)
+    dev = resolve_device(device, compile=compile)
     dtype = precision_dtype(precision, dev)
     batch_size = default_batch_size(dev) if batch_size is None else batch_size
     reference_batch_size = batch_size if reference_batch_size is None else reference_batch_size

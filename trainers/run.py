@@ -27,7 +27,6 @@ from trainers.step import (
     Ema,
     Stepper,
     make_optimizer,
-    require_compiler,
     resolve_compile,
     resolve_device,
     resolve_precision,
@@ -141,13 +140,10 @@ def _run(cfg, out: Path, *, resuming: bool, progress, stop_after, distributed, e
     if distributed:
         init_distributed(cfg.device)
     rank, world = dist_info()
-    device = resolve_device(cfg.device)
+    # an explicit --compile (None is auto) is refused before the run directory exists
+    device = resolve_device(cfg.device, compile=bool(cfg.compile))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if cfg.compile:  # asked for explicitly (None is auto): refused before the run directory exists
-        require_compiler(device)
     if cfg.batch_size % world:
         raise ScalerError(f"--batch-size {cfg.batch_size} must divide evenly across {world} processes")
     has_ckpt = resuming and (out / "last.pt").is_file()

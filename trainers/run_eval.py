@@ -9,7 +9,7 @@ from trainers import checkpoint
 from trainers.data import load_split
 from trainers.evaluation import EvaluationStopped, evaluate, precision_dtype
 from trainers.fused import resolve_fused
-from trainers.step import block_families, require_compiler, resolve_device
+from trainers.step import block_families, resolve_device
 
 
 def evaluate_run(
@@ -40,9 +40,7 @@ def evaluate_run(
         raise ScalerError("--n must be >= 1")
     if batch_size is not None and batch_size < 1:
         raise ScalerError("--batch-size must be >= 1")
-    dev = resolve_device(device)
-    if compile:
-        require_compiler(dev)
+    dev = resolve_device(device, compile=compile)
     model, config, info = checkpoint.load_trained(target, dev)
     model = model.to(memory_format=torch.contiguous_format)
     dataset = dataset or config.get("dataset", "cifar10")

@@ -41,14 +41,22 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, *, compile: bool = False) -> torch.device:
+    """The device a command runs on (auto: a GPU where there is one), with cuDNN's autotuner on
+    there; an explicit --compile is refused where torch.compile cannot build."""
     from scaler.errors import ScalerError
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif name == "cuda" and not torch.cuda.is_available():
         raise ScalerError("--device cuda asked for, but no CUDA GPU is available")
-    return torch.device(name)
+    else:
+        device = torch.device(name)
+    if compile:
+        require_compiler(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
 
 
 def channels_last_hazard(model, device) -> str | None:
