@@ -95,9 +95,9 @@ def count_cmd(
     from scaler.presets import get_preset
 
     if name is not None and (name.endswith(".py") or Path(name).is_file()):
-        spec = _file_spec(name, spec_opts)
-        if spec is None:  # a user's own file: built and counted
-            _count_built(name, spec_opts, as_json)
+        spec, records_spec = _file_spec(name, spec_opts)
+        if spec is None:  # a user's own file, or an emitted one edited since: built and counted
+            _count_built(name, spec_opts, as_json, records_spec)
             return
         _print_count(spec, None, as_json, counted=f"from the spec {name} records (its code is what that spec renders)")
         return
@@ -142,8 +142,9 @@ FILE_FLAGS = ("classes", "resolution")
 
 
 def _file_spec(path: str, opts: dict):
-    """The spec an emitted model file records (with --classes/--resolution applied), or None for a
-    user's own file or an emitted one edited since (those are built and counted)."""
+    """(the spec an emitted model file records, with --classes/--resolution applied, or None for a
+    user's own file or an emitted one edited since: those are built and counted; whether the file
+    records a spec at all)."""
     from dataclasses import replace
 
     from scaler.codegen import embedded_spec, render
@@ -163,9 +164,9 @@ def _file_spec(path: str, opts: dict):
         raise ScalerError(f"cannot read model file {path}: {getattr(exc, 'strerror', None) or exc}") from None
     spec = embedded_spec(source)
     if spec is None or _body(source) != _body(render(spec)):  # not ours, or edited: its code is the truth
-        return None
+        return None, spec is not None
     changes = {"num_classes": opts.get("classes"), "resolution": opts.get("resolution")}
-    return replace(spec, **{k: v for k, v in changes.items() if v is not None})
+    return replace(spec, **{k: v for k, v in changes.items() if v is not None}), True
 
 
 def _body(source: str) -> str:
@@ -173,7 +174,7 @@ def _body(source: str) -> str:
     return source.split('"""', 2)[-1]
 
 
-def _count_built(path: str, opts: dict, as_json: bool) -> None:
+def _count_built(path: str, opts: dict, as_json: bool, records_spec: bool) -> None:
     """Params (numel) and fvcore FLOPs of the model a user's own file builds."""
     from scaler.builder import load_model_file
     from scaler.verify import fvcore_flops, numel
@@ -189,7 +190,7 @@ def _count_built(path: str, opts: dict, as_json: bool) -> None:
             f"({type(exc).__name__}: {text}); give its input size with --resolution"
         ) from None
     how = "built from the file: params by numel, FLOPs by fvcore (multiply-adds); it records no scaler spec"
-    if _records_spec(path):
+    if records_spec:
         how = "built from the file (its code differs from the spec it records): params by numel, FLOPs by fvcore"
     payload = {
         "file": str(Path(path).resolve()),
@@ -208,12 +209,6 @@ def _count_built(path: str, opts: dict, as_json: bool) -> None:
     print("by op      " + (", ".join(f"{k} {format_count(v)}" for k, v in by_op.items()) or "-"))
     print(f"input      1x3x{resolution}x{resolution}")
     print(f"counted    {how}")
-
-
-def _records_spec(path: str) -> bool:
-    from scaler.codegen import embedded_spec
-
-    return embedded_spec(Path(path).read_text(encoding="utf-8")) is not None
 
 
 @app.command()

@@ -383,7 +383,9 @@ def test_resume_with_the_runs_own_command_continues_and_names_each_differing_fla
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--lr 0.05 vs 0.5" in err and "--batch-size 64 vs 32" in err
     code, _, err = run(capsys, "train", *TINY_ARGS, "--widths", "2,2,2", "--resume", "--out", out)
-    assert code == 2 and "the architecture flags basic d1-1-1 w1-1-1 vs basic d1-1-1 w2-2-2" in err
+    assert code == 2 and "the architecture flags basic d1-1-1 w1-1-1 (activation=relu) vs basic d1-1-1 w2-2-2" in err
+    code, _, err = run(capsys, "train", *TINY_ARGS, "--activation", "silu", "--resume", "--out", out)
+    assert code == 2 and "(activation=relu) vs basic d1-1-1 w1-1-1 (activation=silu)" in err  # a knob, same shape
     assert (out / "config.json").read_text() == config
     code, _, err = run(
         capsys, "train", *TINY_ARGS, "--lr", "0.05", "--resume", "--epochs", "2", "--quiet", "--out", out

@@ -196,22 +196,18 @@ class TrainConfig:
 
 def config_differences(saved: TrainConfig, wanted: TrainConfig, ignore=()) -> list[str]:
     """'FLAG SAVED vs WANTED' for each setting of `wanted` (a run's command given again) that
-    differs from the `saved` run's; `epochs`, the record `extra` and the fields in `ignore` aside."""
-    skip = {"epochs", "extra", *ignore}
+    differs from the `saved` run's; `epochs`, the record `extra` and the fields in `ignore` aside.
+    Specs compare as specs (their JSON round trip turns tuples into lists)."""
     out = []
     for f in fields(TrainConfig):
+        if f.name in {"epochs", "extra", *ignore}:
+            continue
         a, b = getattr(saved, f.name), getattr(wanted, f.name)
-        if f.name == "spec" and a is not None and b is not None:
-            from scaler.spec import ArchSpec
-
-            same = ArchSpec.from_dict(a) == ArchSpec.from_dict(b)
-        else:
-            same = _same(a, b)
-        if f.name in skip or same:
+        if f.name == "spec":
+            a, b = (_spec_text(s) for s in (a, b))
+        if _same(a, b):
             continue
         flag = {"spec": "the architecture flags", "model": "MODEL"}.get(f.name, "--" + f.name.replace("_", "-"))
-        if f.name == "spec":
-            a, b = _describe_spec(a), _describe_spec(b)
         out.append(f"{flag} {a} vs {b}")
     return out
 
@@ -224,10 +220,16 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _describe_spec(spec: dict | None) -> str:
-    from scaler.spec import ArchSpec
+def _spec_text(spec: dict | None) -> str:
+    """A spec as `describe` writes it, with its knobs that are not the defaults (two specs that
+    describe alike can differ in a knob)."""
+    from scaler.spec import KNOBS, ArchSpec
 
-    return "none" if spec is None else ArchSpec.from_dict(spec).describe()
+    if spec is None:
+        return "none"
+    arch = ArchSpec.from_dict(spec)
+    knobs = [f"{k}={v}" for k, v in arch.to_dict().items() if k in KNOBS and k != "block"]
+    return arch.describe() + (f" ({', '.join(knobs)})" if knobs else "")
 
 
 RECIPES: dict[str, dict] = {
