@@ -99,10 +99,6 @@ def study_settings(space: Space, config: dict, options: SweepOptions) -> dict:
     }
 
 
-RECIPE_ONLY = ("drop_last", "war_alpha", "war_calibrate", "best_from")
-"""TrainConfig fields no sweep flag sets (the recipes do)."""
-
-
 def setting_name(key: str, field: str | None) -> str:
     """A study setting (see `study_settings`) as the user gives it, for the message refusing a
     rerun with other settings: `--test-n`, not `n`."""
@@ -113,7 +109,11 @@ def setting_name(key: str, field: str | None) -> str:
     if key == "test":
         return {"attacks": "--test-attacks", "n": "--test-n"}.get(field, f"test {field}")
     if key == "train" and field is not None:
-        if field in RECIPE_ONLY:
+        from dataclasses import fields
+
+        from trainers.config import TrainConfig
+
+        if not any(f.name == field and "help" in f.metadata for f in fields(TrainConfig)):  # no flag sets it
             return f"{field} (set by --recipe)"
         flag = f"--{field.replace('_', '-')}"
         return f"{flag} (fractions of --epochs)" if field == "milestones" else flag
