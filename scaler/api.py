@@ -122,35 +122,17 @@ def solve(
     rule: str = "robustscaling",
     max_params: int | float | str | None = None,
     max_flops: int | float | str | None = None,
-    block: str | tuple[str, ...] | None = None,
-    depths: tuple[int, int, int] | None = None,
-    round_to: int = 1,
-    num_classes: int = 10,
-    activation: str | tuple[str, ...] = "relu",
-    resolution: int = 32,
-    arch: str | None = None,
-    **knobs,
+    **options,
 ):
     """The architecture `rule` prescribes for a budget (`scaler.solver.Solution`). Budgets are
     numbers or strings such as '10G'; give one target and optionally a cap on the other metric.
-    FLOPs are counted at `resolution`. `arch` picks what the robustwrn rule reduces and scales
-    (wrn34, vgg11, densenet121); `knobs` are further spec knobs (norm='group', scales=4, ...)."""
+    `options` are `scaler.solver.solve`'s: block, depths, round_to, num_classes, activation,
+    resolution (FLOPs are counted there), arch (what the robustwrn rule reduces and scales:
+    wrn34, vgg11, densenet121) and further spec knobs (norm='group', scales=4, ...)."""
     from scaler.solver import solve as solve_budget
 
     target, cap = budgets(flops, params, max_flops, max_params)
-    return solve_budget(
-        rule,
-        target,
-        cap=cap,
-        block=block,
-        depths=depths,
-        round_to=round_to,
-        num_classes=num_classes,
-        activation=activation,
-        resolution=resolution,
-        arch=arch,
-        knobs=knobs,
-    )
+    return solve_budget(rule, target, cap=cap, **options)
 
 
 def budgets(flops, params, max_flops=None, max_params=None):

@@ -209,10 +209,10 @@ def solve(
     activation: str | tuple[str, ...] = "relu",
     resolution: int = 32,
     arch: str | None = None,
-    knobs: dict | None = None,
+    **knobs,
 ) -> Solution:
     """The architecture `rule_name` prescribes for `target` (exact costs; see module docstring).
-    `knobs` holds further block knobs (norm, kernel_size, scales, ...): the rule scales any block."""
+    `knobs` are further block knobs (norm, kernel_size, scales, ...): the rule scales any block."""
     rule = _configured(get_rule(rule_name), depths, round_to, arch)
     if target.metric not in METRICS:
         raise ScalerError(f"unknown budget metric {target.metric!r}")
@@ -235,17 +235,8 @@ def solve(
     best, best_key, n = _nearest(
         rule, point, base, goal, cap, lambda g: _solve_scale(lambda x: metric_at(goal, x, g), goal.value)
     )
-    if smallest is None and best_key[0] > 0 and target.of(count(_spec_for(best, base))) > goal.value:
-        raise ScalerError(
-            f"budget {target} is too small for the {rule.name} rule with these knobs; the smallest network they "
-            f"build near it costs {format_count(target.of(count(_spec_for(best, base))))} {target.metric}"
-        )
-    if max(best.depths) > MAX_DEPTH or max(best.planes) > MAX_CHANNELS:
-        raise ScalerError(
-            f"budget {target} asks for stages deeper than {MAX_DEPTH} blocks or wider than "
-            f"{MAX_CHANNELS} channels; that is beyond what scaler builds"
-        )
     spec = _spec_for(best, base)
+    _refuse_unbuildable(rule, spec, target, goal, fits=smallest is not None or best_key[0] <= 0)
     return Solution(
         rule=rule.name,
         spec=spec,
@@ -260,6 +251,21 @@ def solve(
         published=nearest_published(family_key(rule, base), target, base),
         candidates=n,
     )
+
+
+def _refuse_unbuildable(rule: Rule, spec: ArchSpec, target: Budget, goal: Budget, fits: bool) -> None:
+    """Refuse a pick over the goal (unless it is known to `fit`) or beyond the depths and widths
+    scaler builds."""
+    if not fits and target.of(count(spec)) > goal.value:
+        raise ScalerError(
+            f"budget {target} is too small for the {rule.name} rule with these knobs; the smallest network they "
+            f"build near it costs {format_count(target.of(count(spec)))} {target.metric}"
+        )
+    if max(spec.depths) > MAX_DEPTH or max(spec.planes) > MAX_CHANNELS:
+        raise ScalerError(
+            f"budget {target} asks for stages deeper than {MAX_DEPTH} blocks or wider than "
+            f"{MAX_CHANNELS} channels; that is beyond what scaler builds"
+        )
 
 
 def _configured(rule: Rule, depths, round_to: int, arch: str | None) -> Rule:

@@ -125,17 +125,22 @@ def sweep(
         if str(exc):
             print(str(exc), file=sys.stderr)
         raise
-    if as_json:
-        print(json.dumps(summary.to_dict(), indent=2))
-    else:
-        print(
-            f"{summary.study}: {summary.complete} trials completed, {summary.failed} failed, "
-            f"{summary.skipped} already complete, {summary.pending} left, in {summary.seconds:.1f}s"
-        )
-        for arch_id, line in summary.errors.items():
-            print(f"failed: arch {arch_id}: {line}")
+    _print_summary(summary, as_json)
     if summary.failed:
         raise typer.Exit(1)  # scripts notice; the other trials' results are stored
+
+
+def _print_summary(summary, as_json: bool) -> None:
+    """A sweep's summary: one JSON object, or a line and each failed trial's error."""
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return
+    print(
+        f"{summary.study}: {summary.complete} trials completed, {summary.failed} failed, "
+        f"{summary.skipped} already complete, {summary.pending} left, in {summary.seconds:.1f}s"
+    )
+    for arch_id, line in summary.errors.items():
+        print(f"failed: arch {arch_id}: {line}")
 
 
 @app.command()

@@ -393,7 +393,12 @@ def test_import_eval_finetune_export_through_the_cli(capsys, tmp_path, tiny_wrn)
     assert code == 0, err
     report = json.loads(out)
     assert report["checkpoint"]["imported"]["format"] == "wideresnet" and report["checkpoint"]["n"] == 16
-    assert 0 <= report["clean"]["accuracy"] <= 100
+    from trainers.data import load_split
+
+    x, y = load_split("digits", "test")
+    with torch.no_grad():
+        expected = 100.0 * (net.eval()(x[:16]).argmax(1) == y[:16]).sum().item() / 16
+    assert report["clean"]["accuracy"] == pytest.approx(expected)  # the imported weights, on digits
 
     _one_line(*run(capsys, "train", "--resume", "--out", run_dir), "--init-from")
 

@@ -176,7 +176,7 @@ def test_flops_budgets_are_measured_at_the_resolution():
     st.floats(2.0, 20.0),
 )
 def test_every_rule_scales_every_block(block, norm, kernel_size, rule, gflops):
-    sol = solve(rule, Budget("flops", int(gflops * G)), block=block, knobs={"norm": norm, "kernel_size": kernel_size})
+    sol = solve(rule, Budget("flops", int(gflops * G)), block=block, norm=norm, kernel_size=kernel_size)
     assert abs(sol.error) <= TOLERANCE
     assert sol.spec.blocks == (block,) * 3 and sol.spec.norm == norm and sol.spec.kernel_size == kernel_size
     assert sol.cost == count(sol.spec)

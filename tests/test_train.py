@@ -216,37 +216,44 @@ def test_resume_that_extends_epochs_is_recorded(tmp_path):
 
 
 def test_compile_also_compiles_the_attack(tmp_path, monkeypatch):
-    """Attacks are most of the work: with --compile they must run on the compiled module."""
+    """Attacks are most of the work: with --compile every forward of a training step, the attack's
+    and the update's, runs through the module torch.compile returned, and that module wraps the
+    model whose weights are trained and saved."""
     import trainers.run as train_mod
 
-    compiled = []
+    forwards, compiled = [], []
 
     class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper, without compiling
         def __init__(self, inner):
             super().__init__()
-            self.inner = inner
+            self.inner, self.running = inner, False
 
         def forward(self, x):
-            return self.inner(x)
+            self.running = True
+            try:
+                return self.inner(x)
+            finally:
+                self.running = False
 
     def fake_compile(module):
         compiled.append(Compiled(module))
+        module.register_forward_pre_hook(
+            lambda m, args: forwards.append((compiled[-1].running, m.training, args[0].requires_grad))
+        )
         return compiled[-1]
 
-    seen = {}
-    real_stepper = train_mod.Stepper
-
-    def spy(*args, **kwargs):
-        seen.update(kwargs, args=args)
-        return real_stepper(*args, **kwargs)
-
     monkeypatch.setattr(train_mod.torch, "compile", fake_compile)
-    monkeypatch.setattr(train_mod, "Stepper", spy)
-    train(tiny_config(epochs=1, compile=True, attack_steps=1), tmp_path / "run", progress=False)
-    attack_model, (step_model, optimizer, *_) = seen["attack_model"], seen["args"]
-    assert isinstance(attack_model, Compiled) and step_model is attack_model
-    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    assert {id(p) for p in attack_model.inner.parameters()} == trained  # wraps the model being trained
+    train(tiny_config(epochs=1, compile=True, attack_steps=2), tmp_path / "run", progress=False)
+    last_update = max(i for i, (_, training, _) in enumerate(forwards) if training)
+    forwards = forwards[: last_update + 1]  # the training steps (validation follows them)
+    batches = sum(1 for through, training, _ in forwards if training)
+    assert batches >= 2 and len(compiled) == 1
+    assert all(through for through, training, _ in forwards if training)  # the update's forwards
+    attack_forwards = [through for through, training, needs_grad in forwards if not training and needs_grad]
+    assert attack_forwards == [True] * (2 * batches)  # each batch's 2 attack steps
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    inner = compiled[0].inner.state_dict()
+    assert all(torch.equal(saved[k].cpu(), inner[k].cpu()) for k in saved)
 
 
 def test_auto_compile_decision_is_recorded(tmp_path, monkeypatch):

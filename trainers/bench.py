@@ -293,14 +293,12 @@ def bench_eval(
     `reference_page_faults_per_image`; None where not counted)."""
     if attack not in STEP_ATTACKS:
         raise ScalerError(f"unknown attack {attack!r}; bench eval takes {', '.join(STEP_ATTACKS)}")
-    if n < 1 or rounds < 1:
-        raise ScalerError("--n and --rounds must be >= 1")
+    if min(n, rounds, *(b for b in (batch_size, reference_batch_size) if b is not None)) < 1:
+        raise ScalerError("--n, --rounds and --batch-size must be >= 1")
     dev = resolve_device(device, compile=compile)
     dtype = precision_dtype(precision, dev)
-    batch_size = default_batch_size(dev) if batch_size is None else batch_size
-    reference_batch_size = batch_size if reference_batch_size is None else reference_batch_size
-    if min(batch_size, reference_batch_size) < 1:
-        raise ScalerError("--batch-size must be >= 1")
+    batch_size = batch_size or default_batch_size(dev)
+    reference_batch_size = reference_batch_size or batch_size
     ours_model = copy.deepcopy(model).to(dev).eval()
     x, y = _synthetic_test_set(ours_model, n, resolution, seed, dev)
     layout = eval_layout(ours_model, x, channels_last)
@@ -308,37 +306,35 @@ def bench_eval(
     result.update(channels_last=layout, device=str(dev), compile=compile)
     result["fused"] = resolve_fused(fused, dev, compiled=compile)
     settings = dict(batch_size=batch_size, precision=precision, channels_last=layout, compile=compile)
-
-    def ours(xs, ys):
-        return evaluate(ours_model, xs, ys, (attack,), fused=result["fused"], **settings)
-
-    ref_model = copy.deepcopy(model).to(dev) if reference else torch.nn.Module()
-
-    def ref(xs, ys):
-        with fused_blocks(ref_model, False):  # as emitted (an earlier model file: its plain formulation)
-            return reference_eval(ref_model, xs, ys, attack, batch_size=reference_batch_size)
-
-    timed = {"ours": ours, **({"reference": ref} if reference else {})}
+    timed = {"ours": lambda xs, ys: evaluate(ours_model, xs, ys, (attack,), fused=result["fused"], **settings)}
+    if reference:
+        timed["reference"] = _reference_evaluation(copy.deepcopy(model).to(dev), attack, reference_batch_size)
     warmup = _warm_up(timed, x, y, batch_size, compile, dev)
-    if compile:
-        result["warmup_seconds"] = warmup
+    result.update({"warmup_seconds": warmup} if compile else {})
     seconds, faults, outputs = _timed_rounds(timed, x, y, rounds, dev)
-    result.update(
-        seconds=seconds["ours"], images_per_s=n / seconds["ours"], accuracy=outputs["ours"][attack]["accuracy"]
-    )
-    result["page_faults_per_image"] = _per(faults["ours"], n * rounds)
+    result.update(seconds=seconds["ours"], images_per_s=n / seconds["ours"])
+    result.update(accuracy=outputs["ours"][attack]["accuracy"], page_faults_per_image=_per(faults["ours"], n * rounds))
     total = evaluation_flops(attack, flops_per_image) * n if flops_per_image else None
     if total:
-        result["flops"] = total
-        result.update(efficiency(total / seconds["ours"], dev.type, result["precision"]))
+        result.update(flops=total, **efficiency(total / seconds["ours"], dev.type, result["precision"]))
     if reference:
         result.update(reference_seconds=seconds["reference"], reference_batch_size=reference_batch_size)
         result["reference_accuracy"] = outputs["reference"]
-        figures = _reference_figures(
-            seconds["ours"], seconds["reference"], faults["reference"], n, total, dev, n * rounds
+        result.update(
+            _reference_figures(seconds["ours"], seconds["reference"], faults["reference"], n, total, dev, n * rounds)
         )
-        result.update(figures)
     return result
+
+
+def _reference_evaluation(model, attack: str, batch_size: int):
+    """`reference_eval` of `attack` on (xs, ys), the model's blocks as emitted (an earlier model
+    file: its plain formulation)."""
+
+    def run(xs, ys):
+        with fused_blocks(model, False):
+            return reference_eval(model, xs, ys, attack, batch_size=batch_size)
+
+    return run
 
 
 def _synthetic_test_set(model, n: int, resolution: int, seed: int, dev):
