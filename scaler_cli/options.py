@@ -99,46 +99,25 @@ def _stage_counts(what: str, kind=int, minimum: float = 1):
     return parse
 
 
+def _stage_knob(name: str, help: str, kind=int) -> Opt:
+    """A spec knob given once or once per stage (`--scales 8` or `--scales 8,8,4`)."""
+    return Opt(name, Optional[str], help, parse=_stages("--" + name.replace("_", "-"), kind))
+
+
 KNOB_OPTIONS = [
-    Opt(
+    _stage_knob(
         "activation",
-        Optional[str],
         "relu, silu, gelu, softplus, mish, elu, leaky_relu or prelu; one, or one per stage "
         "(default relu, or the preset's).",
-        parse=_stages("--activation", str),
+        str,
     ),
-    Opt("norm", Optional[str], "batch, group, layer or instance; one, or one per stage.", parse=_stages("--norm", str)),
-    Opt(
-        "kernel_size",
-        Optional[str],
-        "Kernel size of the k x k convs: 1, 3, 5 or 7, per stage.",
-        parse=_stages("--kernel-size"),
-    ),
-    Opt(
-        "scales",
-        Optional[str],
-        "Bottleneck: hierarchical scales S (1: no split) [default 8].",
-        parse=_stages("--scales"),
-    ),
-    Opt(
-        "base_width",
-        Optional[str],
-        "Bottleneck: base width bw, w = floor(P*bw/160)*G [default 10].",
-        parse=_stages("--base-width"),
-    ),
-    Opt(
-        "cardinality",
-        Optional[str],
-        "Bottleneck: groups G of the k x k convs [default 4].",
-        parse=_stages("--cardinality"),
-    ),
-    Opt(
-        "se",
-        Optional[str],
-        "Bottleneck SE: none, standard, residual, identity or conv3x3 [default residual].",
-        parse=_stages("--se", str),
-    ),
-    Opt("se_reduction", Optional[str], "Bottleneck: SE reduction r [default 64].", parse=_stages("--se-reduction")),
+    _stage_knob("norm", "batch, group, layer or instance; one, or one per stage.", str),
+    _stage_knob("kernel_size", "Kernel size of the k x k convs: 1, 3, 5 or 7, per stage."),
+    _stage_knob("scales", "Bottleneck: hierarchical scales S (1: no split) [default 8]."),
+    _stage_knob("base_width", "Bottleneck: base width bw, w = floor(P*bw/160)*G [default 10]."),
+    _stage_knob("cardinality", "Bottleneck: groups G of the k x k convs [default 4]."),
+    _stage_knob("se", "Bottleneck SE: none, standard, residual, identity or conv3x3 [default residual].", str),
+    _stage_knob("se_reduction", "Bottleneck: SE reduction r [default 64]."),
     Opt("growth", Optional[int], "Dense block: growth rate [default 32]."),
     Opt("resolution", Optional[int], "Input resolution the FLOPs are counted at (default 32; 64 for Tiny-ImageNet)."),
 ]

@@ -188,16 +188,24 @@ def bench_train_cmd(
     """Images/s of full adversarial training steps (bat recipe attack) vs a plain fp32 loop."""
     from trainers.bench import bench_train
 
-    label, net, model_opts = _bench_model(model, spec_opts)
     settings = dict(method=method, batch_size=batch_size, steps=steps, warmup=warmup, precision=precision)
-    result = bench_train(net, compile=compile_model, **settings, **model_opts, **bench_opts)
-    result["model"] = label
-    if as_json:
-        print(json.dumps(result, indent=2))
+    result = _bench(bench_train, model, spec_opts, bench_opts, as_json, compile=compile_model, **settings)
+    if result is None:
         return
-    print(f"{label}: {method}, batch {batch_size}, {_bench_setting(result)}")
+    print(f"{result['model']}: {method}, batch {batch_size}, {_bench_setting(result)}")
     print(f"ours       {result['images_per_s']:.1f} images/s ({result['seconds_per_step'] * 1000:.1f} ms/step)")
     _print_speed(result, bench_opts["reference"], "attack steps 2x a forward, trained forwards 3x")
+
+
+def _bench(run, model: str | None, spec_opts: dict, bench_opts: dict, as_json: bool, **settings) -> dict | None:
+    """`run` (bench_train or bench_eval) on MODEL or the spec flags, its result labelled with the
+    model; printed as one JSON object (and None returned) with --json."""
+    label, net, model_opts = _bench_model(model, spec_opts)
+    result = {**run(net, **settings, **model_opts, **bench_opts), "model": label}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return None
+    return result
 
 
 def _bench_model(model: str | None, spec_opts: dict):
@@ -267,14 +275,13 @@ def bench_eval_cmd(
     """Images/s of `scaler eval`'s attack evaluation vs a plain fp32 evaluation loop."""
     from trainers.bench import bench_eval
 
-    label, net, model_opts = _bench_model(model, spec_opts)
     settings = dict(attack=attack, n=n, batch_size=batch_size, precision=precision, rounds=rounds)
-    result = bench_eval(net, compile=compile_model, **settings, **model_opts, **bench_opts)
-    result["model"] = label
-    if as_json:
-        print(json.dumps(result, indent=2))
+    result = _bench(bench_eval, model, spec_opts, bench_opts, as_json, compile=compile_model, **settings)
+    if result is None:
         return
-    print(f"{label}: {attack} evaluation of {n} images, batch {result['batch_size']}, {_bench_setting(result)}")
+    print(
+        f"{result['model']}: {attack} evaluation of {n} images, batch {result['batch_size']}, {_bench_setting(result)}"
+    )
     print(f"ours       {result['images_per_s']:.1f} images/s ({result['seconds']:.2f} s)")
     if compile_model:
         print(f"           compiling warm-up {result['warmup_seconds']:.1f} s (not timed)")

@@ -126,12 +126,6 @@ def flat_row(row) -> dict:
     out["test_loss"] = test_metric(test, "clean", "loss")
     out["test_n"] = next((r.get("n") for r in test.values() if isinstance(r, dict)), None)
     out.update(
-        seconds=row.seconds,
-        gpu_hours=row.gpu_hours,
-        cpu_hours=row.cpu_hours,
-        attempts=row.attempts,
-        device=row.device,
-        finished=row.finished,
-        error=row.error,
+        {k: getattr(row, k) for k in ("seconds", "gpu_hours", "cpu_hours", "attempts", "device", "finished", "error")}
     )
     return out

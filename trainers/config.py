@@ -232,6 +232,19 @@ def _spec_text(spec: dict | None) -> str:
     return arch.describe() + (f" ({', '.join(knobs)})" if knobs else "")
 
 
+_TRADES_MART_COMMON = dict(
+    eps=0.031,
+    attack_step=0.007,
+    attack_steps=10,
+    beta=6.0,
+    lr=0.1,
+    batch_size=128,
+    schedule="step",
+    grad_clip=0.0,
+    attack_start="normal",
+)
+"""What the TRADES and MART papers' CIFAR-10 recipes share (their released training scripts)."""
+
 RECIPES: dict[str, dict] = {
     # RobustWRN / RobustResNet baseline adversarial training.
     "bat": dict(
@@ -277,36 +290,8 @@ RECIPES: dict[str, dict] = {
         best_from=0.0,
         save_epochs=(75, 90, 100),
     ),
-    "trades-paper": dict(
-        method="trades",
-        eps=0.031,
-        attack_step=0.007,
-        attack_steps=10,
-        beta=6.0,
-        lr=0.1,
-        weight_decay=2e-4,
-        batch_size=128,
-        epochs=76,
-        schedule="step",
-        milestones=(75 / 76,),
-        grad_clip=0.0,
-        attack_start="normal",
-    ),
-    "mart-paper": dict(
-        method="mart",
-        eps=0.031,
-        attack_step=0.007,
-        attack_steps=10,
-        beta=6.0,
-        lr=0.1,
-        weight_decay=7e-4,
-        batch_size=128,
-        epochs=90,
-        schedule="step",
-        milestones=(75 / 90, 1.0),
-        grad_clip=0.0,
-        attack_start="normal",
-    ),
+    "trades-paper": dict(_TRADES_MART_COMMON, method="trades", weight_decay=2e-4, epochs=76, milestones=(75 / 76,)),
+    "mart-paper": dict(_TRADES_MART_COMMON, method="mart", weight_decay=7e-4, epochs=90, milestones=(75 / 90, 1.0)),
 }
 
 
