@@ -1,0 +1,33 @@
+"""Triton kernels for the RobustResBlock on GPUs: the hierarchical cascade's grouped k x k convs with
+their BatchNorm and ReLU in one pass (forward, input gradient; weight gradients through the
+library), and the residual squeeze-and-excitation's elementwise and reduction passes. cuDNN runs
+these tiny grouped convs (4-14 channels a group) through generic kernels with layout transforms;
+one Triton program reads each input pixel's k x k neighbourhood once and applies the epilogue.
+
+Kernels run where Triton runs them: CUDA tensors, or any tensor under Triton's interpreter
+(`TRITON_INTERPRET=1`, which the tests use on the CPU). `usable(x)` says which; elsewhere the
+runtime keeps its other formulations. Importing this package does not import Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter runs kernels (read when the kernels are first compiled)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def usable(x) -> bool:
+    """Whether the kernels can run on x: Triton installed, and x on a CUDA device or the interpreter on."""
+    if not triton_installed():
+        return False
+    return x.device.type == "cuda" or (interpreting() and x.device.type == "cpu")

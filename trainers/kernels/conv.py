@@ -1,0 +1,185 @@
+"""Grouped k x k convolution (stride 1, "same" zero padding) as one Triton kernel with a prologue
+and an epilogue, and the two autograd Functions of the hierarchical cascade built on it.
+
+The kernel is an implicit GEMM per group: a program computes BLOCK_M output pixels x all of a
+group's output channels, its reduction running over (input channel, kh, kw) flattened, so that a
+group of 5 channels and a 3 x 3 kernel is one 45-long reduction instead of nine 5-long ones.
+Prologues: add a second input (the cascade's `chunk + previous split`), or, for the input
+gradient, the ReLU mask and BatchNorm scale of the forward (`grad * (y > 0) * scale`). Epilogue:
+the per-channel affine map of an eval-mode BatchNorm and the ReLU. At stride 1 and odd k the input
+gradient is the same kernel on the group-transposed, flipped weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch.autograd.function import once_differentiable
+import triton.language as tl
+
+NO_PROLOGUE, ADD_INPUT, RELU_GRAD = 0, 1, 2
+
+
+@triton.jit
+def _grouped_conv_kernel(
+    x_ptr, r_ptr, y_ptr, s_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
+    H, W, P,  # P = N * H * W output pixels
+    sxn, sxc, sxh, sxw,
+    srn, src, srh, srw,
+    son, soc, soh, sow,
+    CG_IN, CG_OUT,
+    K: tl.constexpr, PROLOGUE: tl.constexpr, AFFINE_RELU: tl.constexpr, TF32: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid, g = tl.program_id(0), tl.program_id(1)
+    m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < P
+    n, hw = m // (H * W), m % (H * W)
+    oh, ow = hw // W, hw % W
+    co = tl.arange(0, BLOCK_N)
+    co_ok = co < CG_OUT
+    reduction = CG_IN * K * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, reduction, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < reduction
+        ci, kh, kw = kk // (K * K), (kk // K) % K, kk % K
+        ih = oh[:, None] + kh[None, :] - K // 2
+        iw = ow[:, None] + kw[None, :] - K // 2
+        ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c = g * CG_IN + ci
+        a = tl.load(x_ptr + n[:, None] * sxn + c[None, :] * sxc + ih * sxh + iw * sxw, mask=ok, other=0.0)
+        if PROLOGUE == 1:  # x + r (r laid out as x)
+            a += tl.load(r_ptr + n[:, None] * srn + c[None, :] * src + ih * srh + iw * srw, mask=ok, other=0.0)
+        if PROLOGUE == 2:  # grad * (y > 0) * s[c] (y laid out as r)
+            y = tl.load(y_ptr + n[:, None] * srn + c[None, :] * src + ih * srh + iw * srw, mask=ok, other=0.0)
+            s = tl.load(s_ptr + c, mask=k_ok, other=0.0)
+            a = tl.where(y > 0, a * s[None, :], 0.0)
+        b = tl.load(
+            w_ptr + (g * CG_OUT + co[None, :]) * reduction + kk[:, None], mask=k_ok[:, None] & co_ok[None, :], other=0.0
+        )
+        if TF32:
+            acc += tl.dot(a.to(b.dtype), b, input_precision="tf32", out_dtype=ACC)
+        else:
+            acc += tl.dot(a.to(b.dtype), b, input_precision="ieee", out_dtype=ACC)
+    cout = g * CG_OUT + co
+    if AFFINE_RELU:
+        scale = tl.load(scale_ptr + cout, mask=co_ok, other=0.0)
+        shift = tl.load(shift_ptr + cout, mask=co_ok, other=0.0)
+        acc = tl.maximum(acc * scale[None, :] + shift[None, :], 0.0)
+    offsets = n[:, None] * son + cout[None, :] * soc + oh[:, None] * soh + ow[:, None] * sow
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
+
+
+def grouped_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    groups: int,
+    *,
+    add: torch.Tensor | None = None,
+    relu_grad_of: tuple[torch.Tensor, torch.Tensor] | None = None,
+    affine_relu: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """conv2d(x', weight, padding=k // 2, groups=groups) in weight's dtype (fp32 accumulation; fp64
+    for fp64), where x' is x, x + `add`, or with `relu_grad_of=(y, s)` x * (y > 0) * s[c]; with
+    `affine_relu=(scale, shift)` the output is relu(conv * scale + shift). Tensors of any layout;
+    the output has x's memory format."""
+    n, c_in, h, w = x.shape
+    c_out, cg_in, k, k2 = weight.shape
+    if k != k2 or k % 2 == 0 or c_in != cg_in * groups or c_out % groups:
+        raise ValueError(
+            f"grouped_conv takes square odd kernels over groups of x's channels, not {tuple(weight.shape)}"
+        )
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty((n, c_out, h, w), dtype=weight.dtype, device=x.device, memory_format=fmt)
+    weight = weight.contiguous()
+    second = add if add is not None else (relu_grad_of[0] if relu_grad_of is not None else x)
+    scale, shift = affine_relu if affine_relu is not None else (weight, weight)
+    prologue = ADD_INPUT if add is not None else RELU_GRAD if relu_grad_of is not None else NO_PROLOGUE
+    cg_out = c_out // groups
+    block_n = max(16, triton.next_power_of_2(cg_out))
+    acc = tl.float64 if weight.dtype == torch.float64 else tl.float32
+    tf32 = weight.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32  # as cuDNN would
+    grid = (triton.cdiv(n * h * w, 64), groups)
+    _grouped_conv_kernel[grid](
+        x, second, second, relu_grad_of[1] if relu_grad_of is not None else weight, weight, scale, shift, out,
+        h, w, n * h * w,
+        *x.stride(), *second.stride(), *out.stride(),
+        cg_in, cg_out,
+        K=k, PROLOGUE=prologue, AFFINE_RELU=affine_relu is not None, TF32=tf32,
+        ACC=acc, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32,
+    )  # fmt: skip
+    return out
+
+
+def transposed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The weight whose stride-1 "same" grouped conv is the input gradient of `weight`'s: in-group
+    input and output channels swapped, the kernel flipped."""
+    c_out, cg_in, k, _ = weight.shape
+    w = weight.reshape(groups, c_out // groups, cg_in, k, k).transpose(1, 2).flip(-1, -2)
+    return w.reshape(groups * cg_in, c_out // groups, k, k).contiguous()
+
+
+def _weight_grad(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, groups: int) -> torch.Tensor:
+    """The library's weight gradient (cuDNN's wgrad on a GPU)."""
+    k = weight.shape[-1]
+    return torch.nn.grad.conv2d_weight(x.to(grad.dtype), weight.shape, grad, padding=k // 2, groups=groups)
+
+
+class GroupedConv(torch.autograd.Function):
+    """conv2d(x, weight, padding=k // 2, groups=groups) with the kernel forward and input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.groups = groups
+        return grouped_conv(x.to(weight.dtype), weight, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_conv(grad, transposed_weight(weight, ctx.groups), ctx.groups).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(x, weight, grad, ctx.groups)
+        return grad_x, grad_w, None
+
+
+class CascadeStep(torch.autograd.Function):
+    """One split of the hierarchical cascade in eval mode: relu((chunk + prev) conv weight * scale +
+    shift), the BatchNorm's affine map (scale, shift) applied in the epilogue. Its input gradient is
+    one kernel (ReLU mask and scale in the prologue); weight, scale and shift gradients, which only
+    eval-mode fine-tuning asks for, recompute the conv."""
+
+    @staticmethod
+    def forward(ctx, chunk, prev, weight, scale, shift, groups):
+        dtype = weight.dtype  # the conv's; the epilogue computes in the accumulator's (scale's for bf16)
+        add = prev.to(dtype) if prev is not None else None
+        out = grouped_conv(chunk.to(dtype), weight, groups, add=add, affine_relu=(scale, shift))
+        ctx.save_for_backward(chunk, prev, weight, scale, out)
+        ctx.groups, ctx.has_prev = groups, prev is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        chunk, prev, weight, scale, out = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_in = grad_w = grad_scale = grad_shift = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            relu_grad = (out, scale)
+            grad_in = grouped_conv(grad, transposed_weight(weight, ctx.groups), ctx.groups, relu_grad_of=relu_grad)
+        if any(ctx.needs_input_grad[2:5]):
+            inp = chunk.to(weight.dtype) + (prev.to(weight.dtype) if ctx.has_prev else 0)
+            z = grouped_conv(inp, weight, ctx.groups)
+            masked = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+            grad_shift = masked.sum((0, 2, 3)).to(scale.dtype)
+            grad_scale = (masked * z).sum((0, 2, 3)).to(scale.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_w = _weight_grad(inp, weight, masked * scale.to(weight.dtype)[:, None, None], ctx.groups)
+        grad_chunk = grad_in.to(chunk.dtype) if grad_in is not None and ctx.needs_input_grad[0] else None
+        grad_prev = grad_in.to(prev.dtype) if grad_in is not None and ctx.needs_input_grad[1] else None
+        return grad_chunk, grad_prev, grad_w, grad_scale, grad_shift, None
