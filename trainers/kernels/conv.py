@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 NO_PROLOGUE, ADD_INPUT, RELU_GRAD = 0, 1, 2
 
