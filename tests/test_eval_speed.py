@@ -263,9 +263,9 @@ def test_bench_eval_compiled(capsys, monkeypatch):
         compiles.append((len(timers), tuple(t.shape[0] for t in example_inputs if isinstance(t, torch.Tensor))))
         return gm.forward
 
-    def compile_(model, **kw):
+    def compile_(fn, backend="inductor", **kw):
         assert kw == {"dynamic": False}
-        return real_compile(model, backend=recording, **kw)
+        return real_compile(fn, backend=recording, **kw)
 
     def timer(device):
         begin, finish = real_timer(device)
@@ -332,9 +332,9 @@ def _recording_compile(monkeypatch):
         graphs.append((torch.is_grad_enabled(), tuple(sorted(sizes))))
         return gm.forward
 
-    def compile_(model, **kw):
+    def compile_(fn, backend="inductor", **kw):
         assert kw == {"dynamic": False}
-        return real_compile(model, backend=recording, **kw)
+        return real_compile(fn, backend=recording, **kw)
 
     monkeypatch.setattr(torch, "compile", compile_)
     torch._dynamo.reset()

@@ -216,44 +216,37 @@ def test_resume_that_extends_epochs_is_recorded(tmp_path):
 
 
 def test_compile_also_compiles_the_attack(tmp_path, monkeypatch):
-    """Attacks are most of the work: with --compile every forward of a training step, the attack's
-    and the update's, runs through the module torch.compile returned, and that module wraps the
-    model whose weights are trained and saved."""
+    """Attacks are most of the work: with --compile every block forward of a training step, the
+    attack's and the update's, runs the compiled block (dynamo, here with its eager backend), and
+    the run trains the same weights as without."""
+    import trainers.compiled as compiled_mod
     import trainers.run as train_mod
 
-    forwards, compiled = [], []
+    real = compiled_mod.compile_model
+    forwards = []
 
-    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper, without compiling
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.running = inner, False
+    def compile_eagerly(model, **kwargs):
+        twin = real(model, backend="eager", **kwargs)
+        for block in compiled_mod.tagged_blocks(model):  # the model's own (validation, saving)
+            block.register_forward_hook(lambda m, args, out: forwards.append(("model", m.training)))
+        for block in twin.modules():
+            if getattr(type(block), "scaler_block", None):
+                block.register_forward_hook(
+                    lambda m, args, out: forwards.append(("compiled" if m._scaler_compiled else "eager", m.training))
+                )
+        return twin
 
-        def forward(self, x):
-            self.running = True
-            try:
-                return self.inner(x)
-            finally:
-                self.running = False
-
-    def fake_compile(module):
-        compiled.append(Compiled(module))
-        module.register_forward_pre_hook(
-            lambda m, args: forwards.append((compiled[-1].running, m.training, args[0].requires_grad))
-        )
-        return compiled[-1]
-
-    monkeypatch.setattr(train_mod.torch, "compile", fake_compile)
-    train(tiny_config(epochs=1, compile=True, attack_steps=2), tmp_path / "run", progress=False)
-    last_update = max(i for i, (_, training, _) in enumerate(forwards) if training)
-    forwards = forwards[: last_update + 1]  # the training steps (validation follows them)
-    batches = sum(1 for through, training, _ in forwards if training)
-    assert batches >= 2 and len(compiled) == 1
-    assert all(through for through, training, _ in forwards if training)  # the update's forwards
-    attack_forwards = [through for through, training, needs_grad in forwards if not training and needs_grad]
-    assert attack_forwards == [True] * (2 * batches)  # each batch's 2 attack steps
-    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
-    inner = compiled[0].inner.state_dict()
-    assert all(torch.equal(saved[k].cpu(), inner[k].cpu()) for k in saved)
+    monkeypatch.setattr(train_mod, "compile_model", compile_eagerly)
+    same = dict(epochs=1, attack_steps=2, precision="fp32", fused=False)  # what --compile implies
+    train(tiny_config(compile=True, **same), tmp_path / "compiled", progress=False)
+    train(tiny_config(**same), tmp_path / "plain", progress=False)
+    updates = forwards.count(("compiled", True))
+    assert updates >= 2 and forwards.count(("compiled", False)) == 2 * updates  # each update's 2 attack steps
+    assert ("eager", True) not in forwards and ("eager", False) not in forwards
+    assert ("model", True) not in forwards  # the model itself only validates
+    compiled, plain = (torch.load(tmp_path / r / "last.pt", weights_only=False)["model"] for r in ("compiled", "plain"))
+    for key in plain:
+        torch.testing.assert_close(compiled[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_auto_compile_decision_is_recorded(tmp_path, monkeypatch):
@@ -261,7 +254,7 @@ def test_auto_compile_decision_is_recorded(tmp_path, monkeypatch):
     it); a long basic-block run on the CPU compiles, a short one does not."""
     import trainers.run as train_mod
 
-    monkeypatch.setattr(train_mod.torch, "compile", lambda module: module)  # no real compilation
+    monkeypatch.setattr(train_mod, "compile_model", lambda module, **kwargs: module)  # no real compilation
     train(tiny_config(epochs=1, attack_steps=1), tmp_path / "short", progress=False)
     assert json.loads((tmp_path / "short" / "config.json").read_text())["compile"] is False
     monkeypatch.setattr(train_mod, "steps_per_epoch", lambda n, cfg: 10**4)  # as long as a real run

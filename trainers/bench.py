@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from scaler.errors import ScalerError
+from trainers.compiled import compile_model
 from trainers.config import make_config
 from trainers.evaluation import STEP_ATTACKS, default_batch_size, eval_layout, evaluate, precision_dtype
 from trainers.fused import fused_blocks, resolve_fused
@@ -175,7 +176,7 @@ def _ours_stepper(model, cfg, dev, seed: int):
     cfg.channels_last = training_layout(ours, dev, cfg.channels_last)
     if cfg.channels_last:
         ours = ours.to(memory_format=torch.channels_last)
-    step_model = torch.compile(ours) if cfg.compile else ours
+    step_model = compile_model(ours) if cfg.compile else ours
     stepper = Stepper(
         step_model,
         make_optimizer(ours, cfg),

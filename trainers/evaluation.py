@@ -22,6 +22,7 @@ import torch
 
 from scaler.errors import Interrupted, ScalerError
 from trainers.attacks import autoattack, folded_batchnorm, pgd
+from trainers.compiled import compile_model
 from trainers.fused import fused_blocks, resolve_fused
 
 
@@ -246,7 +247,7 @@ def evaluate(
             raise ScalerError(f"unknown attack {name!r}; choose from {','.join(ATTACKS)}")
     layout = eval_layout(model, x, channels_last)
     xs = x.contiguous(memory_format=torch.channels_last) if layout else x
-    ours = torch.compile(model, dynamic=False) if compile else model  # shares model's parameters
+    ours = compile_model(model, dynamic=False) if compile else model  # shares model's parameters
     settings = dict(layout=layout, dtype=dtype, fold_bn=fold_bn, compiled=compile, eps=eps, seed=seed)
     run = _Evaluation(model, ours, x, xs, y, batch_sizes=(batch_size, aa_batch_size), progress=progress, **settings)
     chosen = None if fused is None and not compile else resolve_fused(fused, x.device, compiled=compile)

@@ -15,6 +15,7 @@ import torch
 from scaler.builder import build_from_source
 from scaler.errors import Interrupted, ScalerError
 from trainers import checkpoint, war_calibration
+from trainers.compiled import compile_model
 from trainers.config import TrainConfig
 from trainers.data import NUM_CLASSES, check_split, holdout, load_cifar101, load_split
 from trainers.distributed import barrier, dist_info, init_distributed
@@ -271,14 +272,14 @@ def _train_in(cfg, out, source, has_ckpt, resuming, extended, rank, world, devic
 
 def _stepper(state: RunState, cfg: TrainConfig, device, world: int) -> Stepper:
     """DDP wraps the model for the outer loss; attacks (most of the work) use the plain module,
-    compiled too with --compile."""
+    compiled too with --compile (`trainers.compiled`; DDP's wrapper is compiled whole)."""
     model = state.model
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
-    attack_model = torch.compile(model) if cfg.compile else model
+    attack_model = compile_model(model) if cfg.compile else model  # regional: blocks compiled once each
     if cfg.compile:
         step_model = attack_model if world == 1 else torch.compile(train_model)
     else:
