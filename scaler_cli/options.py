@@ -212,6 +212,8 @@ def _field_help(name: str) -> str:
 FUSED_HELP = _field_help("fused")
 """--fused/--no-fused: one meaning in train, eval and bench (trainers.fused.resolve_fused)."""
 
+CUDA_GRAPHS_HELP = "Replay our attack steps as recorded CUDA graphs (GPU; fewer kernel launches; ignored on a CPU)."
+
 BENCH_OPTIONS = [
     Opt("channels_last", bool, "channels_last tensors.", ("--channels-last/--no-channels-last",), default=True),
     Opt("fused", Optional[bool], FUSED_HELP, ("--fused/--no-fused",)),

@@ -12,6 +12,7 @@ from scaler.errors import ScalerError
 from scaler_cli.app import CONTEXT, app
 from scaler_cli.options import (
     BENCH_OPTIONS,
+    CUDA_GRAPHS_HELP,
     FUSED_HELP,
     SPEC_OPTIONS,
     TRAIN_OPTIONS,
@@ -111,6 +112,7 @@ def eval_cmd(
         help="torch.compile the logits and our attacks (AutoAttack stays eager); little gain on a CPU.",
     ),
     fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help=FUSED_HELP),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help=CUDA_GRAPHS_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -140,6 +142,7 @@ def eval_cmd(
             precision=precision,
             compile=compile_model,
             fused=fused,
+            cuda_graphs=cuda_graphs,
         )
     except EvaluationStopped as exc:  # print what finished, then the stop's own line
         stopped, results, info = exc, exc.results, exc.info
@@ -268,6 +271,7 @@ def bench_eval_cmd(
         False, "--compile", help="torch.compile ours; its compiling warm-up is reported, not timed."
     ),
     rounds: int = typer.Option(1, help="Timed passes of each (alternating); the medians are reported."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help=CUDA_GRAPHS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     spec_opts: dict = None,
     bench_opts: dict = None,
@@ -276,6 +280,7 @@ def bench_eval_cmd(
     from trainers.bench import bench_eval
 
     settings = dict(attack=attack, n=n, batch_size=batch_size, precision=precision, rounds=rounds)
+    settings["cuda_graphs"] = cuda_graphs
     result = _bench(bench_eval, model, spec_opts, bench_opts, as_json, compile=compile_model, **settings)
     if result is None:
         return

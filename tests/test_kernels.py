@@ -194,3 +194,26 @@ def test_kernels_route_only_where_triton_runs(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels.usable(torch.zeros(1))
     assert kernels.usable(torch.empty(1, device="meta")) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_kernels_close_to_the_emitted_model(precision):
+    """On a GPU (compiled kernels, not the interpreter): a RobustResNet's logits and input gradients
+    through the kernels against the model as emitted, in fp32 (TF32 off) and under bf16 autocast."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    model = build_model(ArchSpec("robust", (2, 1, 1), (16, 32, 64))).cuda().eval()
+    x = torch.rand(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    results = []
+    for span in (True, False):
+        xg = x.clone().requires_grad_(True)
+        with fused_blocks(model, span), torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+            out = model(xg).float()
+        (grad,) = torch.autograd.grad(out.square().sum(), [xg])
+        results.append((out, grad))
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(results[0][0], results[1][0], **tol)
+    torch.testing.assert_close(results[0][1], results[1][1], **tol)
+    torch.backends.cudnn.allow_tf32 = True

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from scaler.errors import ScalerError
 from trainers.config import parse_eps  # noqa: F401  (re-exported: attacks take sizes as text too)
+from trainers.cuda_graphs import graph_for
 from trainers.fused import fused_blocks
 
 
@@ -122,14 +123,21 @@ def pgd(
     training and evaluation. No host synchronisation inside the loop."""
     loss_fn = LOSSES[loss]
     x = x.detach()
+
+    def pgd_step(x_adv, x, y):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with _autocast(x, autocast_dtype):
+            value = loss_fn(model(x_adv).float(), y)
+        (grad,) = torch.autograd.grad(value, x_adv)
+        return project(x_adv.detach() + step * grad.sign(), x, eps)
+
     with frozen_eval(model), _maybe_fold(model, fold_bn):
         x_adv = random_start(x, eps, start, generator, start_std)
+        graphed = graph_for(model, x, y, (loss, eps, step, autocast_dtype, fold_bn), pgd_step) if steps > 1 else None
+        if graphed is not None:  # a `graphed_attacks` span on a GPU: the recorded step, replayed
+            return graphed.run(x, y, x_adv, steps)
         for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with _autocast(x, autocast_dtype):
-                value = loss_fn(model(x_adv).float(), y)
-            (grad,) = torch.autograd.grad(value, x_adv)
-            x_adv = project(x_adv.detach() + step * grad.sign(), x, eps)
+            x_adv = pgd_step(x_adv, x, y)
     return x_adv.detach()
 
 

@@ -146,9 +146,9 @@ def bench_train(
     x = torch.rand(batch_size, 3, resolution, resolution, device=dev)  # the resolution FLOPs are counted at
     y = torch.randint(0, 10, (batch_size,), device=dev)
     ours_model, stepper = _ours_stepper(model, cfg, dev, seed)
-    result = {"method": method, "batch_size": batch_size, "steps": steps, "device": str(dev)}
-    result["precision"] = "bf16" if stepper.dtype == torch.bfloat16 else "fp32"
-    result.update(channels_last=cfg.channels_last, compile=compile, fused=resolve_fused(fused, dev, compiled=compile))
+    bf16 = torch.bfloat16 if stepper.dtype == torch.bfloat16 else None
+    result = dict(method=method, batch_size=batch_size, steps=steps)
+    result.update(_speed_setting(bf16, cfg.channels_last, dev, compile, fused))
     with fused_blocks(ours_model, result["fused"]):
         seconds, faults = _time(lambda: stepper.step(x, y), steps, warmup, dev)
     result.update(seconds_per_step=seconds, page_faults_per_image=_per(faults, batch_size))
@@ -282,16 +282,16 @@ def bench_eval(
     resolution=32,
     rounds=1,
     fused=None,
+    cuda_graphs=False,
 ) -> dict:
     """Time our evaluation of `attack` (trainers.evaluation.evaluate: clean logits, the attack,
     the attacked logits and the metrics) over n synthetic images against `reference_eval` on the
     same data, after a one-batch warm-up of each; `rounds` > 1 times each that often, alternating,
     and keeps the medians. Ours runs the blocks through the fast runtime where `fused` says (None:
     where it measured faster), the reference the model as emitted, as in `bench train`. `compile`
-    times ours torch.compile'd (BatchNorm left to the compiler, as in compiled training); its
-    warm-up, which compiles each batch shape, is reported as `warmup_seconds` and not timed.
-    Minor page faults per image are the mean over the timed rounds (`page_faults_per_image`,
-    `reference_page_faults_per_image`; None where not counted)."""
+    times ours compiled (`warmup_seconds`, not timed, compiles each batch shape); `cuda_graphs`
+    replays its attack steps as CUDA graphs (GPU). Page faults per image: the mean over the timed
+    rounds (`page_faults_per_image`, `reference_page_faults_per_image`; None where not counted)."""
     if attack not in STEP_ATTACKS:
         raise ScalerError(f"unknown attack {attack!r}; bench eval takes {', '.join(STEP_ATTACKS)}")
     if min(n, rounds, *(b for b in (batch_size, reference_batch_size) if b is not None)) < 1:
@@ -303,11 +303,11 @@ def bench_eval(
     ours_model = copy.deepcopy(model).to(dev).eval()
     x, y = _synthetic_test_set(ours_model, n, resolution, seed, dev)
     layout = eval_layout(ours_model, x, channels_last)
-    result = {"attack": attack, "n": n, "batch_size": batch_size, "precision": "bf16" if dtype is not None else "fp32"}
-    result.update(channels_last=layout, device=str(dev), compile=compile)
-    result["fused"] = resolve_fused(fused, dev, compiled=compile)
+    result = dict(attack=attack, n=n, batch_size=batch_size, **_speed_setting(dtype, layout, dev, compile, fused))
+    result["cuda_graphs"] = cuda_graphs and dev.type == "cuda"
     settings = dict(batch_size=batch_size, precision=precision, channels_last=layout, compile=compile)
-    timed = {"ours": lambda xs, ys: evaluate(ours_model, xs, ys, (attack,), fused=result["fused"], **settings)}
+    settings.update(fused=result["fused"], cuda_graphs=result["cuda_graphs"])
+    timed = {"ours": lambda xs, ys: evaluate(ours_model, xs, ys, (attack,), **settings)}
     if reference:
         timed["reference"] = _reference_evaluation(copy.deepcopy(model).to(dev), attack, reference_batch_size)
     warmup = _warm_up(timed, x, y, batch_size, compile, dev)
@@ -325,6 +325,13 @@ def bench_eval(
             _reference_figures(seconds["ours"], seconds["reference"], faults["reference"], n, total, dev, n * rounds)
         )
     return result
+
+
+def _speed_setting(dtype, layout: bool, dev, compile: bool, fused: bool | None) -> dict:
+    """How ours runs, as bench reports it: precision, layout, device, compiled, fused."""
+    precision = "bf16" if dtype is not None else "fp32"
+    fused = resolve_fused(fused, dev, compiled=compile)
+    return dict(precision=precision, channels_last=layout, device=str(dev), compile=compile, fused=fused)
 
 
 def _reference_evaluation(model, attack: str, batch_size: int):

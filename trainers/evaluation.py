@@ -23,6 +23,7 @@ import torch
 from scaler.errors import Interrupted, ScalerError
 from trainers.attacks import autoattack, folded_batchnorm, pgd
 from trainers.compiled import compile_model
+from trainers.cuda_graphs import graphed_attacks
 from trainers.fused import fused_blocks, resolve_fused
 
 
@@ -225,6 +226,7 @@ def evaluate(
     fold_bn: bool = True,
     compile: bool = False,
     fused: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> dict:
     """{attack: {accuracy, stable, lip, loss, n}} plus 'warnings' (gradient-masking sanity flags);
     loss is the mean cross-entropy of the (attacked) logits, as NARes records it. `precision`
@@ -236,7 +238,8 @@ def evaluate(
     pyautoattack calls the model as given) through torch.compile, one static graph per batch shape,
     with BatchNorm left to the compiler (not folded) as in compiled training. `fused` runs the
     blocks through the fast runtime (`trainers.fused`): None where it measured faster, or as an
-    enclosing span (a training run) chose."""
+    enclosing span (a training run) chose. `cuda_graphs` replays our PGD/CW steps on a GPU as
+    recorded CUDA graphs (`trainers.cuda_graphs`; ignored on a CPU)."""
     dtype = precision_dtype(precision, x.device)
     aa_batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     batch_size = default_batch_size(x.device) if batch_size is None else batch_size
@@ -252,7 +255,7 @@ def evaluate(
     run = _Evaluation(model, ours, x, xs, y, batch_sizes=(batch_size, aa_batch_size), progress=progress, **settings)
     chosen = None if fused is None and not compile else resolve_fused(fused, x.device, compiled=compile)
     results: dict = {}
-    with fused_blocks(model, chosen):
+    with fused_blocks(model, chosen), graphed_attacks(cuda_graphs):
         run.clean()
         current = None
         try:

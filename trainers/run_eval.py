@@ -29,6 +29,7 @@ def evaluate_run(
     precision="fp32",
     compile=False,
     fused=None,
+    cuda_graphs=False,
 ):
     """(results, info) for a run directory or checkpoint; `announce(line)` is told which
     checkpoint and epoch is evaluated before the (possibly long) attacks start. `precision`:
@@ -57,7 +58,15 @@ def evaluate_run(
     settings = dict(eps=eps, seed=seed, batch_size=batch_size, per_block=per_block, progress=progress)
     try:
         results = evaluate(
-            model, x.to(dev), y.to(dev), attacks, precision=precision, compile=compile, fused=info["fused"], **settings
+            model,
+            x.to(dev),
+            y.to(dev),
+            attacks,
+            precision=precision,
+            compile=compile,
+            fused=info["fused"],
+            cuda_graphs=cuda_graphs,
+            **settings,
         )
     except EvaluationStopped as exc:  # the caller reports what finished, and of which checkpoint
         exc.info = info
