@@ -84,7 +84,8 @@ def sweep(
         None, help="Ray cluster to use (e.g. auto or HEAD:6379) [default: a local Ray]."
     ),
     gpus_per_trial: Optional[float] = typer.Option(
-        None, help="GPUs per trial [default: 1 where the cluster has GPUs, else 0]."
+        None,
+        help="GPUs per trial; 0.25 runs four small trials on each GPU [default: 1 where the cluster has GPUs, else 0].",
     ),
     cpus_per_trial: float = typer.Option(1.0, help="CPUs per trial (also its torch threads)."),
     max_concurrent: Optional[int] = typer.Option(None, help="Most trials at once [default: what the resources hold]."),
@@ -188,7 +189,7 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list]]:
     with the same attacks), each a column."""
     tests = [k for k in TEST_COLUMNS if any(r.get(k) is not None for r in rows)] or list(TEST_COLUMNS[:1])
     headers = ["arch", "status", "depths", "widening", "params", "FLOPs", "best ep", "val clean", "val pgd20"]
-    headers += ["val cw40", *(k.replace("_", " ") for k in tests), "GPU-h", "CPU-h"]
+    headers += ["val cw40", *(k.replace("_", " ") for k in tests), "img/s", "GPU-h", "CPU-h"]
     out = []
     for r in rows:
         out.append(
@@ -202,6 +203,7 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list]]:
                 "-" if r["best_epoch"] is None else int(r["best_epoch"]),
                 *(_pct(r[k]) for k in ("val_clean", "val_pgd20", "val_cw40")),
                 *(_pct(r[k]) for k in tests),
+                "-" if r.get("images_per_s") is None else f"{r['images_per_s']:.0f}",
                 f"{r['gpu_hours']:.3f}",
                 f"{r['cpu_hours']:.3f}",
             ]

@@ -107,6 +107,16 @@ def to_nares_record(
     }
 
 
+def trial_throughput(history: list[dict]) -> float | None:
+    """A trial's training images/s: the median of its epochs' (trials sharing a GPU slow each
+    other down; this is what the trial got). None for runs recorded before it was logged."""
+    rates = sorted(r["images_per_s"] for r in history if isinstance(r.get("images_per_s"), (int, float)))
+    if not rates:
+        return None
+    mid = len(rates) // 2
+    return rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+
+
 def flat_row(row) -> dict:
     """One flat dict per trial (a `store.TrialRow`): the table, --json, CSV and parquet columns."""
     s = ArchSpec.from_dict(row.spec)
@@ -125,6 +135,7 @@ def flat_row(row) -> dict:
         out[f"test_{attack}_lip"] = test_metric(test, attack, "lip")
     out["test_loss"] = test_metric(test, "clean", "loss")
     out["test_n"] = next((r.get("n") for r in test.values() if isinstance(r, dict)), None)
+    out["images_per_s"] = trial_throughput(row.history or [])
     out.update(
         {k: getattr(row, k) for k in ("seconds", "gpu_hours", "cpu_hours", "attempts", "device", "finished", "error")}
     )

@@ -60,6 +60,8 @@ def test_sweep_four_architectures_then_a_rerun_trains_nothing(ray_local, tmp_pat
         assert r["best_epoch"] == 1 and r["epochs"] == 1 and r["test_n"] == 64 and r["attempts"] == 1
         for key in ("test_clean", "test_fgsm", "test_pgd20", "test_cw40", "val_pgd20", "cpu_hours"):
             assert r[key] is not None
+        history = [json.loads(line) for line in (study / "trials" / str(r["arch_id"]) / "metrics.jsonl").open()]
+        assert r["images_per_s"] == pytest.approx(history[0]["images_per_s"]) and r["images_per_s"] > 0  # its epoch
     flops = [r["flops"] for r in rows]
     assert flops == sorted(flops)
     for arch_id in (1, 4):  # each trial trained in its own run directory
@@ -148,6 +150,24 @@ def test_a_failing_trial_is_recorded_as_failed_while_the_others_finish(ray_local
     assert "\n" not in failed.error
     log = (study / "errors" / "2.log").read_text()
     assert log.count("--- attempt") == 2 and 'File "' in log and "\x1b[" not in log  # the whole traceback
+
+
+def test_a_quarter_gpu_per_trial_runs_four_trials_on_each_gpu():
+    """--gpus-per-trial 0.25: Ray packs four trials onto a GPU (CPUs permitting)."""
+    from studies.sweep import SweepOptions, _resources
+
+    class Cluster:
+        def __init__(self, cpus, gpus):
+            self.resources = {"CPU": cpus, "GPU": gpus}
+
+        def cluster_resources(self):
+            return self.resources
+
+    quarter = SweepOptions(gpus_per_trial=0.25, cpus_per_trial=2.0)
+    assert _resources(Cluster(16, 1), quarter, "auto") == (2.0, 0.25, 4)
+    assert _resources(Cluster(16, 2), quarter, "auto") == (2.0, 0.25, 8)
+    assert _resources(Cluster(4, 1), quarter, "auto") == (2.0, 0.25, 2)  # CPUs hold two
+    assert _resources(Cluster(16, 1), SweepOptions(), "auto") == (1.0, 1.0, 1)
 
 
 def test_trial_resources_the_cluster_cannot_hold_are_refused_in_one_line(ray_local, tmp_path, capsys):

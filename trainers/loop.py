@@ -96,7 +96,9 @@ def run_epochs(
                 f"training diverged at epoch {epoch} (loss {train_loss}); {out / 'last.pt'} keeps epoch {epoch - 1}"
             )
         seconds = time.perf_counter() - t0
-        lr = lr_at(cfg, state.iteration - 1, steps_per_epoch(len(train_data[1]), cfg))
+        steps = steps_per_epoch(len(train_data[1]), cfg)
+        images = steps * cfg.batch_size if cfg.drop_last else len(train_data[1])  # every rank's share
+        lr = lr_at(cfg, state.iteration - 1, steps)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -104,6 +106,7 @@ def run_epochs(
             "lr": lr,
             "lambda": float(state.war.value) if state.war is not None else None,
             "seconds": seconds,
+            "images_per_s": images / seconds,  # training throughput (attacks included)
         }
         state.epoch = epoch
         if rank == 0:
