@@ -1,0 +1,337 @@
+"""The prepared GPU check (benchmarks/gpu_check.sh): on one GPU, within about 8 minutes and offline,
+with only torch, triton, jinja2, sympy, typer, tqdm and scikit-learn installed:
+
+1. the GPU correctness tests (kernels against the emitted model, CUDA-graph attacks against eager);
+2. the table: PGD-10 training step and PGD-20 evaluation, batch 128, channels_last, of
+   robustresnet-a1, robustresnet-a4 and wrn-34-10 in bf16 and fp32, ours against the plain fp32
+   reference loop in the same run (`trainers.bench`), with multiply-adds per second;
+3. regional compile times (cold cache, then warm);
+4. a kernel-level CUDA profile of A1's forward and backward (bf16, channels_last).
+
+Writes gpu_check.json and gpu_check.md to --out. `--smoke` runs the same code on tiny models and
+the CPU in a minute (tests/test_gpu_check.py), so the script is known to work before device time
+is spent on it. Each section records its error instead of stopping the others; a deadline skips
+what would not finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SECTIONS = ("tests", "table", "compile", "profile")
+MODELS = ("robustresnet-a1", "robustresnet-a4", "wrn-34-10")
+SMOKE_MODELS = {
+    "robust-tiny": dict(block="robust", depths=(2, 1, 1), planes=(16, 32, 64)),
+    "basic-tiny": dict(block="basic", depths=(1, 1, 1), planes=(16, 32, 64)),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="Directory for the reports.")
+    parser.add_argument("--smoke", action="store_true", help="Tiny models on the CPU: check the script itself.")
+    parser.add_argument("--budget", type=float, default=450.0, help="Seconds after which sections are skipped.")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"Which to run, of {','.join(SECTIONS)}.")
+    args = parser.parse_args(argv)
+    chosen = [s for s in args.sections.split(",") if s]
+    if not chosen or set(chosen) - set(SECTIONS):
+        parser.error(f"--sections takes some of {','.join(SECTIONS)}")
+    check = Check(smoke=args.smoke, deadline=time.time() + args.budget, sections=chosen)
+    check.run()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(check.report, indent=2, default=str) + "\n")
+    (out / "gpu_check.md").write_text(markdown(check.report))
+    print(markdown(check.report))
+    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}", file=sys.stderr)
+    return 0
+
+
+class Check:
+    def __init__(self, smoke: bool, deadline: float, sections=SECTIONS) -> None:
+        import torch
+
+        self.torch, self.smoke, self.deadline, self.sections = torch, smoke, deadline, sections
+        self.device = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
+        self.report: dict = {"environment": self.environment(), "sections": {}}
+
+    def environment(self) -> dict:
+        torch = self.torch
+        env = {"python": platform.python_version(), "torch": torch.__version__, "device": self.device}
+        if self.device == "cuda":
+            env.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = None
+        return env
+
+    def run(self) -> None:
+        for name in self.sections:
+            section = {"tests": self.tests, "table": self.table, "compile": self.compile_times}.get(name, self.profile)
+            if time.time() > self.deadline:
+                self.report["sections"][name] = {"skipped": "out of time"}
+                continue
+            t0 = time.time()
+            try:
+                result = section()
+            except Exception as exc:  # noqa: BLE001 - a section's failure is reported, the others still run
+                result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            result["seconds"] = round(time.time() - t0, 1)
+            self.report["sections"][name] = result
+            print(f"gpu_check: {name} done in {result['seconds']} s", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ sections
+
+    def tests(self) -> dict:
+        """The GPU-only correctness tests (pytest without conftest: hypothesis is not installed)."""
+        selected = ["tests/test_kernels.py", "tests/test_cuda_graphs.py"]
+        cmd = [sys.executable, "-m", "pytest", "-q", "--noconftest", *selected]
+        if self.smoke:
+            cmd += ["-k", "cpu or library"]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        tail = (done.stdout + done.stderr).strip().splitlines()
+        return {"passed": done.returncode == 0, "summary": tail[-1] if tail else "", "output": tail[-40:]}
+
+    def models(self) -> dict:
+        import scaler
+        from scaler.spec import ArchSpec
+
+        names = {n: ArchSpec(**spec) for n, spec in SMOKE_MODELS.items()} if self.smoke else dict.fromkeys(MODELS)
+        out = {}
+        for name, spec in names.items():
+            spec = spec if spec is not None else scaler.get_spec(name)
+            out[name] = (spec, scaler.count(spec).flops)
+        return out
+
+    def table(self) -> dict:
+        """Ours (bf16 and fp32) against the fp32 reference loop, timed once per model and mode."""
+        import scaler
+        from trainers.bench import bench_eval, bench_train
+
+        batch = 8 if self.smoke else 128
+        steps, warmup, n = (1, 1, 16) if self.smoke else (3, 1, 256)
+        rows = []
+        for name, (spec, flops) in self.models().items():
+            blocks = spec.block if isinstance(spec.block, tuple) else (spec.block,)
+            robust = "robust" in blocks
+            fused = True if robust else None  # robust blocks: the kernels; others as measured fastest
+            for precision in ("bf16", "fp32"):
+                if time.time() > self.deadline:
+                    rows.append({"model": name, "precision": precision, "skipped": "out of time"})
+                    continue
+                first = precision == "bf16"
+                common = dict(batch_size=batch, precision=precision, device=self.device, flops_per_image=flops)
+                train = bench_train(
+                    scaler.create_model(spec), method="pgd-at", steps=steps, warmup=warmup, fused=fused,
+                    reference=first, **common,
+                )  # fmt: skip
+                evaluation = bench_eval(
+                    scaler.create_model(spec), attack="pgd20", n=n, fused=fused, reference=first,
+                    cuda_graphs=not robust, **common,
+                )  # fmt: skip
+                rows.append({"model": name, "precision": precision, "flops": flops, "train": train, "eval": evaluation})
+        _fill_reference(rows)
+        return {"rows": rows, "batch_size": batch, "train_steps": steps, "eval_n": n}
+
+    def compile_times(self) -> dict:
+        """Regional compile of A4 (tiny model in smoke mode): a training step's compile, cold cache
+        then warm (a fresh process reads the on-disk cache)."""
+        name = next(iter(self.models())) if self.smoke else "robustresnet-a4"
+        if self.smoke and os.system("command -v g++ > /dev/null") != 0:
+            return {"skipped": "no C++ compiler"}
+        cache = tempfile.mkdtemp(prefix="scaler-inductor-")
+        results = {}
+        for run in ("cold", "warm"):
+            if time.time() > self.deadline:
+                results[run] = {"skipped": "out of time"}
+                continue
+            code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.gpu_check import compile_once; "
+            code += f"compile_once({name!r}, {self.device!r}, {self.smoke!r})"
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+            lines = done.stdout.strip().splitlines()
+            results[run] = json.loads(lines[-1]) if done.returncode == 0 and lines else {"error": done.stderr[-2000:]}
+        return {"model": name, **results}
+
+    def profile(self) -> dict:
+        """The costliest kernels of A1's forward and backward (bf16 autocast, channels_last, batch
+        128, the blocks through the fast runtime), per iteration."""
+        import scaler
+        from trainers.fused import fused_blocks
+
+        torch = self.torch
+        name, (spec, flops) = next(iter(self.models().items()))
+        batch, iters = (8, 1) if self.smoke else (128, 3)
+        model = scaler.create_model(spec).to(self.device).to(memory_format=torch.channels_last)
+        x = torch.rand(batch, 3, 32, 32, device=self.device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,), device=self.device)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+        def step():
+            with torch.autocast(self.device, torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+
+        with fused_blocks(model, True):
+            for _ in range(2):
+                step()
+            _sync(torch, self.device)
+            t0 = time.perf_counter()
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(iters):
+                    step()
+                _sync(torch, self.device)
+            seconds = (time.perf_counter() - t0) / iters
+        return {
+            "model": name,
+            "batch_size": batch,
+            "ms_per_iteration": 1000 * seconds,
+            **_kernels(prof, iters, flops * batch * 3 / seconds),
+        }
+
+
+def compile_once(name: str, device: str, smoke: bool) -> None:
+    """One process's regional compile of a model: the seconds to the end of the first training-mode
+    forward and backward and of the first eval-mode input gradient (an attack step); prints JSON."""
+    import torch
+
+    import scaler
+    from scaler.spec import ArchSpec
+    from trainers.compiled import compile_model, compiled_regions
+
+    spec = ArchSpec(**SMOKE_MODELS[name]) if smoke else scaler.get_spec(name)
+    model = scaler.create_model(spec).to(device).to(memory_format=torch.channels_last)
+    batch = 8 if smoke else 128
+    x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    twin = compile_model(model)
+    times = {}
+    t0 = time.perf_counter()
+    with torch.autocast(device, torch.bfloat16):
+        twin.train()
+        twin(x).float().sum().backward()
+        _sync(torch, device)
+        times["train_step_seconds"] = time.perf_counter() - t0
+        twin.eval()
+        xa = x.clone().requires_grad_(True)
+        torch.autograd.grad(twin(xa).float().sum(), [xa])
+        _sync(torch, device)
+    times["attack_step_seconds"] = time.perf_counter() - t0 - times["train_step_seconds"]
+    times["compiled_blocks"] = compiled_regions(twin)
+    times["total_seconds"] = time.perf_counter() - t0
+    print(json.dumps(times))
+
+
+def _sync(torch, device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _kernels(prof, iters: int, macs_per_s: float) -> dict:
+    """The top device kernels (CPU ops where no device was profiled) by self time, per iteration."""
+    events = prof.key_averages()
+    device_events = [e for e in events if _device_time(e) > 0]
+    use = device_events or list(events)
+    timer = _device_time if device_events else (lambda e: e.self_cpu_time_total)
+    total = sum(timer(e) for e in use) or 1.0
+    top = sorted(use, key=timer, reverse=True)[:20]
+    rows = [
+        {
+            "name": e.key[:90],
+            "calls": e.count / iters,
+            "ms": timer(e) / 1000 / iters,
+            "share": timer(e) / total,
+        }
+        for e in top
+    ]
+    launches = sum(e.count for e in device_events) / iters if device_events else None
+    return {"kernels": rows, "launches_per_iteration": launches, "tmacs_per_s": macs_per_s / 1e12}
+
+
+def _device_time(event) -> float:
+    return float(getattr(event, "self_device_time_total", 0.0) or getattr(event, "self_cuda_time_total", 0.0) or 0.0)
+
+
+def _fill_reference(rows: list[dict]) -> None:
+    """The fp32 row's speedups against the reference its model's bf16 row timed (one reference a model)."""
+    reference = {}
+    for row in rows:
+        for mode in ("train", "eval"):
+            result = row.get(mode)
+            if result is None:
+                continue
+            if "reference_images_per_s" in result:
+                reference[(row["model"], mode)] = result["reference_images_per_s"]
+            elif (row["model"], mode) in reference:
+                result["reference_images_per_s"] = reference[(row["model"], mode)]
+                result["speedup"] = result["images_per_s"] / reference[(row["model"], mode)]
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = ["# GPU check", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    sections = report["sections"]
+    tests = sections.get("tests", {})
+    lines += ["## Correctness on the device", "", f"{tests.get('summary') or tests.get('error') or tests}", ""]
+    table = sections.get("table", {})
+    lines += ["## Throughput (images/s; speedup over the plain fp32 reference loop; T multiply-adds/s)", ""]
+    if "rows" in table:
+        lines += [
+            f"Batch {table['batch_size']}, channels_last; train: PGD-10 adversarial training step; "
+            f"eval: PGD-20 evaluation of {table['eval_n']} images.",
+            "",
+            "| model | precision | train ours | train ref | speedup | T MAC/s | eval ours | eval ref | speedup |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in table["rows"]:
+            if "skipped" in row:
+                lines.append(f"| {row['model']} | {row['precision']} | skipped: {row['skipped']} |||||||")
+                continue
+            t, e = row["train"], row["eval"]
+            tmacs = t.get("gflops_per_s", 0) / 1000
+            lines.append(
+                f"| {row['model']} | {row['precision']} | {t['images_per_s']:.1f} | "
+                f"{t.get('reference_images_per_s', 0):.1f} | {t.get('speedup', 0):.2f}x | {tmacs:.1f} | "
+                f"{e['images_per_s']:.1f} | {e.get('reference_images_per_s', 0):.1f} | {e.get('speedup', 0):.2f}x |"
+            )
+    else:
+        lines.append(str(table.get("error") or table))
+    lines += ["", "## Regional compile", "", "```", json.dumps(sections.get("compile", {}), indent=2), "```", ""]
+    profile = sections.get("profile", {})
+    lines += ["## Kernel profile", ""]
+    if "kernels" in profile:
+        lines += [
+            f"{profile['model']}, batch {profile['batch_size']}, forward+backward {profile['ms_per_iteration']:.1f} ms, "
+            f"{profile['tmacs_per_s']:.2f} T multiply-adds/s, kernel launches per iteration: "
+            f"{profile['launches_per_iteration']}",
+            "",
+            "| kernel | calls/iter | ms/iter | share |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{k['name']}` | {k['calls']:.0f} | {k['ms']:.2f} | {100 * k['share']:.1f}% |"
+            for k in profile["kernels"]
+        ]
+    else:
+        lines.append(str(profile.get("error") or profile))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""benchmarks/gpu_check.sh works before device time is spent on it: its --smoke run (tiny models,
+the CPU) writes the JSON and the markdown with every section it was asked for, and refuses
+unknown sections."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_writes_its_reports(tmp_path):
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--smoke", "--sections", "table,profile"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    rows = report["sections"]["table"]["rows"]
+    assert [(r["model"], r["precision"]) for r in rows] == [
+        ("robust-tiny", "bf16"), ("robust-tiny", "fp32"), ("basic-tiny", "bf16"), ("basic-tiny", "fp32")
+    ]  # fmt: skip
+    for row in rows:
+        for mode in ("train", "eval"):
+            result = row[mode]
+            assert result["images_per_s"] > 0 and result["speedup"] == pytest.approx(
+                result["images_per_s"] / result["reference_images_per_s"]
+            )
+    assert rows[0]["train"]["fused"] is True  # robust blocks through the fast runtime
+    profile = report["sections"]["profile"]
+    assert profile["kernels"] and abs(sum(k["share"] for k in profile["kernels"]) - 1) < 0.5
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    assert "| robust-tiny | bf16 |" in markdown and "## Kernel profile" in markdown
+
+
+def test_gpu_check_refuses_unknown_sections(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path), "--sections", "x"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
+    assert done.returncode == 2 and "--sections takes some of tests,table,compile,profile" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def _env():
+    import os
+
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
