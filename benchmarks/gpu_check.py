@@ -220,7 +220,7 @@ def compile_once(name: str, device: str, smoke: bool) -> None:
     model = scaler.create_model(spec).to(device).to(memory_format=torch.channels_last)
     batch = 8 if smoke else 128
     x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    twin = compile_model(model)
+    twin = compile_model(model, regional=True)
     times = {}
     t0 = time.perf_counter()
     with torch.autocast(device, torch.bfloat16):

@@ -27,7 +27,7 @@ def test_repeats_of_a_block_reuse_one_compiled_graph():
     torch.manual_seed(0)
     model = build_model(ArchSpec("robust", (4, 2, 2), (16, 32, 64)))
     counter = CompileCounter()
-    twin = compile_model(model, backend=counter)
+    twin = compile_model(model, backend=counter, regional=True)
     assert compiled_regions(twin) == 8 and compiled_regions(model) == 0
     assert all("forward" not in b.__dict__ for b in tagged_blocks(model))
     x = torch.rand(2, 3, 16, 16)
@@ -43,7 +43,7 @@ def test_repeats_of_a_block_reuse_one_compiled_graph():
 def test_compiled_twin_gradients_equal_eager():
     torch.manual_seed(0)
     model = build_model(ArchSpec("robust", (2, 1, 1), (16, 32, 64))).double()
-    twin = compile_model(model, backend="aot_eager")
+    twin = compile_model(model, backend="aot_eager", regional=True)
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
     grads = []
     for net in (twin, model):
@@ -63,6 +63,8 @@ def test_models_without_emitted_blocks_compile_whole(tmp_path, monkeypatch):
     compiled = compile_model(net, backend=CompileCounter())
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is net
     assert compile_cache_dir() == tmp_path / ".cache" / "scaler" / "inductor"
+    robust = build_model(ArchSpec("robust", (1, 1, 1), (16, 32, 64)))  # on a CPU: whole (measured faster there)
+    assert isinstance(compile_model(robust, backend=CompileCounter()), torch._dynamo.eval_frame.OptimizedModule)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache_dir() == tmp_path / "mine"
 
@@ -74,7 +76,7 @@ def test_inductor_regional_compile_equals_eager(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)
     model = build_model(ArchSpec("robust", (2, 1, 1), (16, 32, 64))).eval()
-    twin = compile_model(model)
+    twin = compile_model(model, regional=True)
     x = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(twin.eval()(x), model(x), rtol=1e-4, atol=1e-5)
     assert any(tmp_path.iterdir())  # kernels written to the cache on disk

@@ -228,7 +228,7 @@ def test_compile_also_compiles_the_attack(tmp_path, monkeypatch):
     forwards = []
 
     def compile_eagerly(model, **kwargs):
-        twin = real(model, backend="eager", **kwargs)
+        twin = real(model, backend="eager", regional=True, **kwargs)
         for block in compiled_mod.tagged_blocks(model):  # the model's own (validation, saving)
             block.register_forward_hook(lambda m, args, out: forwards.append(("model", m.training)))
         for block in twin.modules():
