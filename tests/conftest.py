@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
+
+# Triton reads this when first imported (torch may import it early): the kernel tests run it on the
+# CPU. Nothing else runs kernels on the CPU (trainers.kernels.usable asks for SCALER_KERNELS_ON_CPU too).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 from hypothesis import settings

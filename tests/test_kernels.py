@@ -24,6 +24,7 @@ F64 = dict(rtol=1e-10, atol=1e-12)
 def interpreted(monkeypatch):
     """The kernel modules with their kernels run by Triton's interpreter (on CPU tensors)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SCALER_KERNELS_ON_CPU", "1")
     from trainers.kernels import conv, robust, se
 
     if type(conv._grouped_conv_kernel).__name__ != "InterpretedFunction":  # imported before, compiled
@@ -192,6 +193,8 @@ def test_kernels_route_only_where_triton_runs(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not kernels.usable(torch.zeros(1))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not kernels.usable(torch.zeros(1))  # the interpreter alone: the CPU route still
+    monkeypatch.setenv("SCALER_KERNELS_ON_CPU", "1")
     assert kernels.usable(torch.zeros(1))
     assert kernels.usable(torch.empty(1, device="meta")) is False
 

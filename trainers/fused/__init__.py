@@ -21,8 +21,9 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from trainers import kernels
 from trainers.fused.bottleneck import robust_forward
-from trainers.fused.folds import constant_folds
+from trainers.fused.folds import constant_folds, forward_mode_active, has_storage, is_compiling
 from trainers.fused.preact import basic_forward
 
 # Measured speed of the fused blocks over the emitted forward (--no-fused), per device type, in a
@@ -219,6 +220,16 @@ def network_forward(net: nn.Module, x: torch.Tensor, same_pad=None) -> torch.Ten
     return net.fc(x.sum((2, 3)) / (x.shape[2] * x.shape[3]))
 
 
+def robust_block_forward(block: nn.Module, x: torch.Tensor, same_pad=None) -> torch.Tensor:
+    """The RobustResBlock's fast formulation for x's device: where Triton runs (CUDA), the cascade
+    and the residual SE on its kernels (`trainers.kernels.robust`), else the CPU formulation."""
+    if kernels.usable(x) and has_storage(x) and not (is_compiling() or forward_mode_active()):
+        from trainers.kernels.robust import robust_forward as kernel_forward
+
+        return kernel_forward(block, x, same_pad)
+    return robust_forward(block, x, same_pad)
+
+
 class _Kind(types.SimpleNamespace):
     """A recognised class: its fit check, fused forward, and whether it pads strided convs "same"."""
 
@@ -226,8 +237,8 @@ class _Kind(types.SimpleNamespace):
 _KINDS = {
     ("basic", 1): _Kind(fits=_basic_fits, forward=basic_forward, same_padding=False),
     ("basic-same", 1): _Kind(fits=_basic_fits, forward=basic_forward, same_padding=True),
-    ("robust", 1): _Kind(fits=_robust_fits, forward=robust_forward, same_padding=False),
-    ("robust-same", 1): _Kind(fits=_robust_fits, forward=robust_forward, same_padding=True),
+    ("robust", 1): _Kind(fits=_robust_fits, forward=robust_block_forward, same_padding=False),
+    ("robust-same", 1): _Kind(fits=_robust_fits, forward=robust_block_forward, same_padding=True),
     ("resnet", 1): _Kind(fits=_network_fits, forward=network_forward, same_padding=False),
 }
 

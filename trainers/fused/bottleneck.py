@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers import kernels
 from trainers.fused.folds import (
     backward_differentiated,
     bn_affine,
@@ -32,12 +31,7 @@ from trainers.fused.folds import (
 
 def robust_forward(block: nn.Module, x: torch.Tensor, same_pad=None) -> torch.Tensor:
     """The block's output; `same_pad` is the emitted file's own padding helper for a block that
-    pads strided convs "same" (None: symmetric padding inside the convs). Where Triton runs (CUDA),
-    the cascade and the residual SE run on its kernels (`trainers.kernels.robust`)."""
-    if kernels.usable(x) and has_storage(x) and not (is_compiling() or forward_mode_active()):
-        from trainers.kernels.robust import robust_forward as kernel_forward
-
-        return kernel_forward(block, x, same_pad)
+    pads strided convs "same" (None: symmetric padding inside the convs)."""
     h, skip = conv1_and_skip(block, x)
     u = split_convs(block, block.act(h), same_pad)
     if block.se == "residual":

@@ -4,9 +4,10 @@ library), and the residual squeeze-and-excitation's elementwise and reduction pa
 these tiny grouped convs (4-14 channels a group) through generic kernels with layout transforms;
 one Triton program reads each input pixel's k x k neighbourhood once and applies the epilogue.
 
-Kernels run where Triton runs them: CUDA tensors, or any tensor under Triton's interpreter
-(`TRITON_INTERPRET=1`, which the tests use on the CPU). `usable(x)` says which; elsewhere the
-runtime keeps its other formulations. Importing this package does not import Triton.
+Kernels run where Triton runs them: CUDA tensors, or CPU tensors under Triton's interpreter
+(`TRITON_INTERPRET=1`, which must be set before Triton is first imported: tests/conftest.py sets
+it). `usable(x)` says where the runtime uses them; elsewhere it keeps its other formulations.
+Importing this package does not import Triton.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ def interpreting() -> bool:
 
 
 def usable(x) -> bool:
-    """Whether the kernels can run on x: Triton installed, and x on a CUDA device or the interpreter on."""
+    """Whether the runtime runs x's blocks on the kernels: Triton installed and x on a CUDA device;
+    CPU tensors only under the interpreter and SCALER_KERNELS_ON_CPU=1 (the tests: the interpreter
+    runs a kernel thousands of times slower than the CPU formulations)."""
     if not triton_installed():
         return False
-    return x.device.type == "cuda" or (interpreting() and x.device.type == "cpu")
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and interpreting() and os.environ.get("SCALER_KERNELS_ON_CPU") == "1"
