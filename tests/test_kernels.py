@@ -155,8 +155,15 @@ def _randomised_pair(spec):
     return kernel, plain
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "layout, train",
+    [
+        ("nchw", False),
+        ("channels_last", True),
+        pytest.param("nchw", True, marks=pytest.mark.slow),
+        pytest.param("channels_last", False, marks=pytest.mark.slow),
+    ],
+)
 def test_blocks_on_the_kernels_equal_the_emitted_model(interpreted, monkeypatch, train, layout):
     """A RobustResNet whose blocks run on the kernels (the fused runtime's route where Triton runs):
     outputs, input and parameter gradients and the BatchNorm statistics, twice (the second pass

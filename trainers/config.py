@@ -245,46 +245,42 @@ _TRADES_MART_COMMON = dict(
 )
 """What the TRADES and MART papers' CIFAR-10 recipes share (their released training scripts)."""
 
+_PGD_AT_100 = dict(
+    lr=0.1,
+    momentum=0.9,
+    batch_size=128,
+    epochs=100,
+    schedule="step",
+    milestones=(0.75, 0.9),
+    grad_clip=5.0,
+    attack_step=2 / 255,
+    eps=8 / 255,
+    attack_start="normal",
+    augment="crop-flip",
+)
+"""What the bat and NARes recipes share: 100 epochs of SGD at 0.1 decayed at 75% and 90%, PGD at
+eps 8/255 with steps of 2/255 from a normal start, crop-and-flip augmentation."""
+
 RECIPES: dict[str, dict] = {
     # RobustWRN / RobustResNet baseline adversarial training.
     "bat": dict(
-        lr=0.1,
-        momentum=0.9,
+        _PGD_AT_100,
         weight_decay=2e-4,
         wd_exclude_bn_bias=False,
-        batch_size=128,
-        epochs=100,
-        schedule="step",
-        milestones=(0.75, 0.9),
-        grad_clip=5.0,
         attack_steps=10,
-        attack_step=2 / 255,
-        eps=8 / 255,
-        attack_start="normal",
         beta=6.0,
-        augment="crop-flip",
         best_metric="pgd20",
         best_from=0.5,
     ),
     # NARes: Madry PGD-AT, 7 steps, wd only on non-BN non-bias params, mixed precision, CIFAR-10.1
     # validation, best by CW-40, checkpoints after epochs 75, 90, 100 (their 0-based 74, 89, 99).
     "nares": dict(
+        _PGD_AT_100,
         method="pgd-at",
-        lr=0.1,
-        momentum=0.9,
         weight_decay=5e-4,
         wd_exclude_bn_bias=True,
-        batch_size=128,
         drop_last=True,
-        epochs=100,
-        schedule="step",
-        milestones=(0.75, 0.9),
-        grad_clip=5.0,
         attack_steps=7,
-        attack_step=2 / 255,
-        eps=8 / 255,
-        attack_start="normal",
-        augment="crop-flip",
         precision="auto",
         best_metric="cw40",
         best_from=0.0,
