@@ -104,13 +104,16 @@ def test_cascade_step_values_and_gradients(interpreted):
     torch.testing.assert_close(x.grad, xp.grad, **F64)
 
 
-def test_grouped_conv_function_gradients(interpreted):
-    """Training mode's conv (BatchNorm on the batch's statistics follows it): input and weight gradients."""
+@pytest.mark.parametrize("chunk", [4096, 64], ids=["one-chunk", "chunks"])
+def test_grouped_conv_function_gradients(interpreted, monkeypatch, chunk):
+    """Training mode's conv (BatchNorm on the batch's statistics follows it): input and weight
+    gradients, the weight's summed over pixels in one chunk or several (their partial sums added)."""
     conv = interpreted[0]
+    monkeypatch.setattr(conv, "WGRAD_PIXELS", chunk)
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 6, 4, 5, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 6, 6, 8, generator=gen, dtype=torch.float64)  # 144 pixels: three chunks of 64
     w = torch.randn(6, 2, 5, 5, generator=gen, dtype=torch.float64)
-    grad = torch.randn(2, 6, 4, 5, generator=gen, dtype=torch.float64)
+    grad = torch.randn(3, 6, 6, 8, generator=gen, dtype=torch.float64)
     out_k, grads_k = _gradients(lambda x, w: conv.GroupedConv.apply(x, w, 3), (x, w), grad)
     out_p, grads_p = _gradients(lambda x, w: F.conv2d(x, w, padding=2, groups=3), (x, w), grad)
     torch.testing.assert_close(out_k, out_p, **F64)

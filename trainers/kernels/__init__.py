@@ -1,6 +1,5 @@
 """Triton kernels for the RobustResBlock on GPUs: the hierarchical cascade's grouped k x k convs with
-their BatchNorm and ReLU in one pass (forward, input gradient; weight gradients through the
-library), and the residual squeeze-and-excitation's elementwise and reduction passes. cuDNN runs
+their BatchNorm and ReLU in one pass (forward, input and weight gradients), and the residual squeeze-and-excitation's elementwise and reduction passes. cuDNN runs
 these tiny grouped convs (4-14 channels a group) through generic kernels with layout transforms;
 one Triton program reads each input pixel's k x k neighbourhood once and applies the epilogue.
 

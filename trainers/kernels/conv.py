@@ -7,7 +7,8 @@ group of 5 channels and a 3 x 3 kernel is one 45-long reduction instead of nine 
 Prologues: add a second input (the cascade's `chunk + previous split`), or, for the input
 gradient, the ReLU mask and BatchNorm scale of the forward (`grad * (y > 0) * scale`). Epilogue:
 the per-channel affine map of an eval-mode BatchNorm and the ReLU. At stride 1 and odd k the input
-gradient is the same kernel on the group-transposed, flipped weight.
+gradient is the same kernel on the group-transposed, flipped weight; the weight gradient is a
+second kernel (pixels reduced in chunks, the chunks' partial sums added in order).
 """
 
 from __future__ import annotations
@@ -120,14 +121,78 @@ def transposed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return w.reshape(groups * cg_in, c_out // groups, k, k).contiguous()
 
 
-def _weight_grad(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, groups: int) -> torch.Tensor:
-    """The library's weight gradient (cuDNN's wgrad on a GPU)."""
-    k = weight.shape[-1]
-    return torch.nn.grad.conv2d_weight(x.to(grad.dtype), weight.shape, grad, padding=k // 2, groups=groups)
+@triton.jit
+def _weight_grad_kernel(
+    x_ptr, g_ptr, out_ptr,
+    H, W, P, PIXELS,  # PIXELS: output pixels a program sums over (a multiple of BLOCK_P)
+    sxn, sxc, sxh, sxw,
+    sgn, sgc, sgh, sgw,
+    CG_IN, CG_OUT, C_OUT,
+    K: tl.constexpr, TF32: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Partial weight gradients: program (chunk, g, r-block) sums grad[p, co] * x[p + (kh, kw), ci]
+    over its chunk of pixels into out[chunk, g * CG_OUT + co, r], r = (ci, kh, kw) flattened."""
+    chunk, g, pid_r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    co = tl.arange(0, BLOCK_CO)
+    co_ok = co < CG_OUT
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    reduction = CG_IN * K * K
+    r_ok = r < reduction
+    ci, kh, kw = r // (K * K), (r // K) % K, r % K
+    acc = tl.zeros((BLOCK_CO, BLOCK_R), dtype=ACC)
+    for p0 in range(chunk * PIXELS, chunk * PIXELS + PIXELS, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < P
+        n, hw = p // (H * W), p % (H * W)
+        oh, ow = hw // W, hw % W
+        cout = g * CG_OUT + co
+        grad = tl.load(
+            g_ptr + n[:, None] * sgn + cout[None, :] * sgc + oh[:, None] * sgh + ow[:, None] * sgw,
+            mask=p_ok[:, None] & co_ok[None, :], other=0.0,
+        )  # fmt: skip
+        ih = oh[:, None] + kh[None, :] - K // 2
+        iw = ow[:, None] + kw[None, :] - K // 2
+        ok = p_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c = g * CG_IN + ci
+        x = tl.load(x_ptr + n[:, None] * sxn + c[None, :] * sxc + ih * sxh + iw * sxw, mask=ok, other=0.0)
+        if TF32:
+            acc += tl.dot(tl.trans(grad), x.to(grad.dtype), input_precision="tf32", out_dtype=ACC)
+        else:
+            acc += tl.dot(tl.trans(grad), x.to(grad.dtype), input_precision="ieee", out_dtype=ACC)
+    offsets = chunk * C_OUT * reduction + (g * CG_OUT + co[:, None]) * reduction + r[None, :]
+    tl.store(out_ptr + offsets, acc, mask=co_ok[:, None] & r_ok[None, :])
+
+
+WGRAD_PIXELS = 4096  # output pixels one program of the weight gradient sums over
+
+
+def weight_grad(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, groups: int) -> torch.Tensor:
+    """The gradient of the stride-1 "same" grouped conv's weight, from its input x and the gradient
+    of its output, in weight's dtype: per-chunk partial sums in the accumulator's dtype, added in a
+    fixed order (deterministic, unlike atomics)."""
+    n, _, h, w = x.shape
+    c_out, cg_in, k, _ = weight.shape
+    cg_out, reduction, pixels = c_out // groups, cg_in * k * k, n * h * w
+    x, grad = x.to(weight.dtype), grad.to(weight.dtype)
+    block_p = 64
+    per_program = min(WGRAD_PIXELS, triton.cdiv(pixels, block_p) * block_p)
+    chunks = triton.cdiv(pixels, per_program)
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    partial = torch.zeros((chunks, c_out, reduction), dtype=acc_dtype, device=x.device)
+    block_r = min(64, max(16, triton.next_power_of_2(reduction)))
+    grid = (chunks, groups, triton.cdiv(reduction, block_r))
+    _weight_grad_kernel[grid](
+        x, grad, partial, h, w, pixels, per_program, *x.stride(), *grad.stride(), cg_in, cg_out, c_out,
+        K=k, TF32=weight.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32,
+        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        BLOCK_P=block_p, BLOCK_CO=max(16, triton.next_power_of_2(cg_out)), BLOCK_R=block_r,
+    )  # fmt: skip
+    return partial.sum(0).view(weight.shape).to(weight.dtype)
 
 
 class GroupedConv(torch.autograd.Function):
-    """conv2d(x, weight, padding=k // 2, groups=groups) with the kernel forward and input gradient."""
+    """conv2d(x, weight, padding=k // 2, groups=groups) with the kernels' forward and gradients."""
 
     @staticmethod
     def forward(ctx, x, weight, groups):
@@ -144,7 +209,7 @@ class GroupedConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grouped_conv(grad, transposed_weight(weight, ctx.groups), ctx.groups).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(x, weight, grad, ctx.groups)
+            grad_w = weight_grad(x, weight, grad, ctx.groups)
         return grad_x, grad_w, None
 
 
@@ -179,7 +244,7 @@ class CascadeStep(torch.autograd.Function):
             grad_shift = masked.sum((0, 2, 3)).to(scale.dtype)
             grad_scale = (masked * z).sum((0, 2, 3)).to(scale.dtype)
             if ctx.needs_input_grad[2]:
-                grad_w = _weight_grad(inp, weight, masked * scale.to(weight.dtype)[:, None, None], ctx.groups)
+                grad_w = weight_grad(inp, weight, masked * scale.to(weight.dtype)[:, None, None], ctx.groups)
         grad_chunk = grad_in.to(chunk.dtype) if grad_in is not None and ctx.needs_input_grad[0] else None
         grad_prev = grad_in.to(prev.dtype) if grad_in is not None and ctx.needs_input_grad[1] else None
         return grad_chunk, grad_prev, grad_w, grad_scale, grad_shift, None
