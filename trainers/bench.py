@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,23 @@ from trainers.step import (
     resolve_precision,
     training_layout,
 )
+
+
+@dataclass(frozen=True)
+class BenchSetting:
+    """What both benches take beside their own knobs (keyword arguments of bench_train and
+    bench_eval): where and how ours runs (device, layout, compiled, the fast runtime's blocks: None
+    where measured faster), whether the reference is timed, and the synthetic data (seed, the
+    resolution FLOPs are counted at; flops_per_image for GFLOP/s)."""
+
+    device: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    fused: bool | None = None
+    reference: bool = True
+    flops_per_image: int | None = None
+    seed: int = 0
+    resolution: int = 32
 
 
 def _timer(device):
@@ -114,51 +132,45 @@ def reference_step(model, opt, x, y, cfg) -> float:
 def bench_train(
     model,
     *,
-    method="pgd-at",
-    batch_size=64,
-    steps=5,
-    warmup=2,
-    precision="auto",
-    compile=False,
-    channels_last=True,
-    device="auto",
-    reference=True,
-    flops_per_image=None,
-    seed=0,
-    resolution=32,
-    fused=None,
+    method: str = "pgd-at",
+    batch_size: int = 64,
+    steps: int = 5,
+    warmup: int = 2,
+    precision: str = "auto",
+    **setting,
 ) -> dict:
     """Time `steps` training steps of ours (and of the reference loop) on synthetic data; beside
     images/s, each one's minor page faults per image over its timed steps (`page_faults_per_image`,
-    `reference_page_faults_per_image`; None where not counted). Ours runs the blocks through the
-    fast runtime where `fused` says (None: where it measured faster, `trainers.fused`), the
-    reference the model as emitted: the blocks as the papers write them."""
+    `reference_page_faults_per_image`; None where not counted). `setting`: `BenchSetting`'s fields.
+    Ours runs the blocks through the fast runtime where `fused` says (None: where it measured
+    faster, `trainers.fused`), the reference the model as emitted: the blocks as the papers write them."""
+    s = BenchSetting(**setting)
     if method not in ("pgd-at", "trades", "mart"):
         raise ScalerError(f"unknown method {method!r}; bench takes pgd-at, trades or mart")
     if batch_size < 1 or steps < 1:
         raise ScalerError("--batch-size and --steps must be >= 1")
     if warmup < 0:
         raise ScalerError("--warmup must be >= 0")
-    dev = resolve_device(device, compile=compile)
-    torch.manual_seed(seed)
-    settings = dict(method=method, batch_size=batch_size, precision=precision, channels_last=channels_last)
-    cfg = make_config("bat", {"model": "bench", "compile": compile, **settings})
-    x = torch.rand(batch_size, 3, resolution, resolution, device=dev)  # the resolution FLOPs are counted at
+    dev = resolve_device(s.device, compile=s.compile)
+    torch.manual_seed(s.seed)
+    settings = dict(method=method, batch_size=batch_size, precision=precision, channels_last=s.channels_last)
+    cfg = make_config("bat", {"model": "bench", "compile": s.compile, **settings})
+    x = torch.rand(batch_size, 3, s.resolution, s.resolution, device=dev)  # the resolution FLOPs are counted at
     y = torch.randint(0, 10, (batch_size,), device=dev)
-    ours_model, stepper = _ours_stepper(model, cfg, dev, seed)
+    ours_model, stepper = _ours_stepper(model, cfg, dev, s.seed)
     bf16 = torch.bfloat16 if stepper.dtype == torch.bfloat16 else None
     result = dict(method=method, batch_size=batch_size, steps=steps)
-    result.update(_speed_setting(bf16, cfg.channels_last, dev, compile, fused))
+    result.update(_speed_setting(bf16, cfg.channels_last, dev, s.compile, s.fused))
     with fused_blocks(ours_model, result["fused"]):
         seconds, faults = _time(lambda: stepper.step(x, y), steps, warmup, dev)
     result.update(seconds_per_step=seconds, page_faults_per_image=_per(faults, batch_size))
     result["images_per_s"] = batch_size / seconds
     step_flops = None
-    if flops_per_image:
-        step_flops = training_step_flops(method, cfg.attack_steps, flops_per_image) * batch_size
+    if s.flops_per_image:
+        step_flops = training_step_flops(method, cfg.attack_steps, s.flops_per_image) * batch_size
         result["flops_per_step"] = step_flops
         result.update(efficiency(step_flops / seconds, dev.type, result["precision"]))
-    if reference:
+    if s.reference:
         ref_model = copy.deepcopy(model).to(dev)
         ref_opt = torch.optim.SGD(
             ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=False
@@ -268,57 +280,50 @@ def reference_eval(model, x, y, attack: str, *, eps: float = 8 / 255, batch_size
 def bench_eval(
     model,
     *,
-    attack="pgd20",
-    n=256,
-    batch_size=None,
-    precision="fp32",
-    channels_last=True,
-    compile=False,
-    device="auto",
-    reference=True,
-    reference_batch_size=None,
-    flops_per_image=None,
-    seed=0,
-    resolution=32,
-    rounds=1,
-    fused=None,
-    cuda_graphs=False,
+    attack: str = "pgd20",
+    n: int = 256,
+    batch_size: int | None = None,
+    reference_batch_size: int | None = None,
+    precision: str = "fp32",
+    rounds: int = 1,
+    cuda_graphs: bool = False,
+    **setting,
 ) -> dict:
     """Time our evaluation of `attack` (trainers.evaluation.evaluate: clean logits, the attack,
     the attacked logits and the metrics) over n synthetic images against `reference_eval` on the
     same data, after a one-batch warm-up of each; `rounds` > 1 times each that often, alternating,
-    and keeps the medians. Ours runs the blocks through the fast runtime where `fused` says (None:
-    where it measured faster), the reference the model as emitted, as in `bench train`. `compile`
+    and keeps the medians. `setting`: `BenchSetting`'s fields, as in `bench_train`. `compile`
     times ours compiled (`warmup_seconds`, not timed, compiles each batch shape); `cuda_graphs`
     replays its attack steps as CUDA graphs (GPU). Page faults per image: the mean over the timed
     rounds (`page_faults_per_image`, `reference_page_faults_per_image`; None where not counted)."""
+    s = BenchSetting(**setting)
     if attack not in STEP_ATTACKS:
         raise ScalerError(f"unknown attack {attack!r}; bench eval takes {', '.join(STEP_ATTACKS)}")
     if min(n, rounds, *(b for b in (batch_size, reference_batch_size) if b is not None)) < 1:
         raise ScalerError("--n, --rounds and --batch-size must be >= 1")
-    dev = resolve_device(device, compile=compile)
+    dev = resolve_device(s.device, compile=s.compile)
     dtype = precision_dtype(precision, dev)
     batch_size = batch_size or default_batch_size(dev)
     reference_batch_size = reference_batch_size or batch_size
     ours_model = copy.deepcopy(model).to(dev).eval()
-    x, y = _synthetic_test_set(ours_model, n, resolution, seed, dev)
-    layout = eval_layout(ours_model, x, channels_last)
-    result = dict(attack=attack, n=n, batch_size=batch_size, **_speed_setting(dtype, layout, dev, compile, fused))
+    x, y = _synthetic_test_set(ours_model, n, s.resolution, s.seed, dev)
+    layout = eval_layout(ours_model, x, s.channels_last)
+    result = dict(attack=attack, n=n, batch_size=batch_size, **_speed_setting(dtype, layout, dev, s.compile, s.fused))
     result["cuda_graphs"] = cuda_graphs and dev.type == "cuda"
-    settings = dict(batch_size=batch_size, precision=precision, channels_last=layout, compile=compile)
+    settings = dict(batch_size=batch_size, precision=precision, channels_last=layout, compile=s.compile)
     settings.update(fused=result["fused"], cuda_graphs=result["cuda_graphs"])
     timed = {"ours": lambda xs, ys: evaluate(ours_model, xs, ys, (attack,), **settings)}
-    if reference:
+    if s.reference:
         timed["reference"] = _reference_evaluation(copy.deepcopy(model).to(dev), attack, reference_batch_size)
-    warmup = _warm_up(timed, x, y, batch_size, compile, dev)
-    result.update({"warmup_seconds": warmup} if compile else {})
+    warmup = _warm_up(timed, x, y, batch_size, s.compile, dev)
+    result.update({"warmup_seconds": warmup} if s.compile else {})
     seconds, faults, outputs = _timed_rounds(timed, x, y, rounds, dev)
     result.update(seconds=seconds["ours"], images_per_s=n / seconds["ours"])
     result.update(accuracy=outputs["ours"][attack]["accuracy"], page_faults_per_image=_per(faults["ours"], n * rounds))
-    total = evaluation_flops(attack, flops_per_image) * n if flops_per_image else None
+    total = evaluation_flops(attack, s.flops_per_image) * n if s.flops_per_image else None
     if total:
         result.update(flops=total, **efficiency(total / seconds["ours"], dev.type, result["precision"]))
-    if reference:
+    if s.reference:
         result.update(reference_seconds=seconds["reference"], reference_batch_size=reference_batch_size)
         result["reference_accuracy"] = outputs["reference"]
         result.update(
