@@ -35,21 +35,13 @@ SCHEDULES = ("step", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-NUMERIC_RANGES = (  # field, low, high, (low closed, high closed); a NaN or an infinity is never in range
-    ("lr", 0.0, math.inf, (False, False)),
-    ("momentum", 0.0, 1.0, (True, False)),
-    ("weight_decay", 0.0, math.inf, (True, False)),
-    ("beta", 0.0, math.inf, (True, False)),
-    ("grad_clip", 0.0, math.inf, (True, False)),
-    ("label_smoothing", 0.0, 1.0, (True, False)),
-    ("warmup_epochs", 0.0, math.inf, (True, False)),
-    ("ema", 0.0, 1.0, (True, False)),
-    ("eps", 0.0, math.inf, (True, False)),
-    ("attack_step", 0.0, math.inf, (True, False)),
-    ("war_zeta", 0.0, math.inf, (False, False)),
-    ("war_alpha", 0.0, 1.0, (False, True)),
-    ("best_from", 0.0, 1.0, (True, True)),
-)
+NUMERIC_RANGES = {  # (low, high, (low closed, high closed)): its fields; a NaN or an infinity is never in range
+    (0.0, math.inf, (False, False)): ("lr", "war_zeta"),
+    (0.0, math.inf, (True, False)): ("weight_decay", "beta", "grad_clip", "warmup_epochs", "eps", "attack_step"),
+    (0.0, 1.0, (True, False)): ("momentum", "label_smoothing", "ema"),
+    (0.0, 1.0, (False, True)): ("war_alpha",),
+    (0.0, 1.0, (True, True)): ("best_from",),
+}
 """Ranges of the numeric training options: a bad value is refused before any work."""
 
 
@@ -164,11 +156,12 @@ class TrainConfig:
                 raise ScalerError(f"--{name.replace('_', '-')} must be >= 1")
         if self.attack_steps < 0:
             raise ScalerError("--attack-steps must be >= 0")
-        for name, low, high, closed in NUMERIC_RANGES:
-            value = getattr(self, name)
-            if value is not None and not _within(value, low, high, closed):
-                flag = "--" + name.replace("_", "-")
-                raise ScalerError(f"{flag} must be {_describe_range(low, high, closed)} (got {value})")
+        for (low, high, closed), names in NUMERIC_RANGES.items():
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not _within(value, low, high, closed):
+                    flag = "--" + name.replace("_", "-")
+                    raise ScalerError(f"{flag} must be {_describe_range(low, high, closed)} (got {value})")
         if self.augment not in ("crop-flip", "crop", "none"):
             raise ScalerError("--augment must be crop-flip, crop or none")
         if self.best_metric not in ("pgd20", "cw40"):

@@ -14,34 +14,36 @@ from torch.autograd.function import once_differentiable
 
 
 @triton.jit
+def _tile(n, c, ph, pw, sn, sc, sh, sw):
+    """Offsets of sample n's [pixels, channels] tile in a tensor of strides (sn, sc, sh, sw)."""
+    return n * sn + c[None, :] * sc + ph[:, None] * sh + pw[:, None] * sw
+
+
+@triton.jit
 def _combine_kernel(
-    h_ptr, skip_ptr, a_ptr, b_ptr, gate_ptr, out_ptr,
-    C, HW, W,
-    shn, shc, shh, shw, ssn, ssc, ssh, ssw, son, soc, soh, sow,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    h_ptr, skip_ptr, a_ptr, b_ptr, gate_ptr, out_ptr, C, HW, W,
+    shn, shc, shh, shw, ssn, ssc, ssh, ssw, son, soc, soh, sow, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    """out = h + skip + (a h + b) gate over a tile of sample n's pixels and channels."""
     n, pid_p, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (p < HW)[:, None] & (c < C)[None, :]
     ph, pw = p // W, p % W
-    h = tl.load(h_ptr + n * shn + c[None, :] * shc + ph[:, None] * shh + pw[:, None] * shw, mask=ok, other=0.0)
-    skip = tl.load(skip_ptr + n * ssn + c[None, :] * ssc + ph[:, None] * ssh + pw[:, None] * ssw, mask=ok, other=0.0)
+    h = tl.load(h_ptr + _tile(n, c, ph, pw, shn, shc, shh, shw), mask=ok, other=0.0)
+    skip = tl.load(skip_ptr + _tile(n, c, ph, pw, ssn, ssc, ssh, ssw), mask=ok, other=0.0)
     a = tl.load(a_ptr + c, mask=c < C, other=0.0)
     b = tl.load(b_ptr + c, mask=c < C, other=0.0)
     gate = tl.load(gate_ptr + n * C + c, mask=c < C, other=0.0)
     hf = h.to(a.dtype)
     out = hf + skip.to(a.dtype) + (hf * a[None, :] + b[None, :]) * gate[None, :]
-    offsets = n * son + c[None, :] * soc + ph[:, None] * soh + pw[:, None] * sow
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + _tile(n, c, ph, pw, son, soc, soh, sow), out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _combine_backward_kernel(
-    g_ptr, h_ptr, a_ptr, gate_ptr, gh_ptr, sums_ptr,
-    C, HW, W,
-    sgn, sgc, sgh, sgw, shn, shc, shh, shw, son, soc, soh, sow,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    g_ptr, h_ptr, a_ptr, gate_ptr, gh_ptr, sums_ptr, C, HW, W,
+    sgn, sgc, sgh, sgw, shn, shc, shh, shw, son, soc, soh, sow, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """grad_h = g * (1 + a * gate); sums[n, 0, c] = sum over pixels of g * h, sums[n, 1, c] of g."""
     n, pid_c = tl.program_id(0), tl.program_id(1)
@@ -55,11 +57,10 @@ def _combine_backward_kernel(
         p = p0 + tl.arange(0, BLOCK_P)
         ok = (p < HW)[:, None] & c_ok[None, :]
         ph, pw = p // W, p % W
-        g = tl.load(g_ptr + n * sgn + c[None, :] * sgc + ph[:, None] * sgh + pw[:, None] * sgw, mask=ok, other=0.0)
-        h = tl.load(h_ptr + n * shn + c[None, :] * shc + ph[:, None] * shh + pw[:, None] * shw, mask=ok, other=0.0)
-        g, h = g.to(a.dtype), h.to(a.dtype)
-        offsets = n * son + c[None, :] * soc + ph[:, None] * soh + pw[:, None] * sow
-        tl.store(gh_ptr + offsets, (g * gain[None, :]).to(gh_ptr.dtype.element_ty), mask=ok)
+        g = tl.load(g_ptr + _tile(n, c, ph, pw, sgn, sgc, sgh, sgw), mask=ok, other=0.0).to(a.dtype)
+        h = tl.load(h_ptr + _tile(n, c, ph, pw, shn, shc, shh, shw), mask=ok, other=0.0).to(a.dtype)
+        grad_h = (g * gain[None, :]).to(gh_ptr.dtype.element_ty)
+        tl.store(gh_ptr + _tile(n, c, ph, pw, son, soc, soh, sow), grad_h, mask=ok)
         gh_sum += tl.sum(g * h, axis=0)
         g_sum += tl.sum(g, axis=0)
     tl.store(sums_ptr + n * 2 * C + c, gh_sum, mask=c_ok)
