@@ -14,7 +14,7 @@ import typer
 
 from scaler.errors import ScalerError
 from scaler_cli.app import app
-from scaler_cli.options import TRAIN_OPTIONS, recipe_config, with_options
+from scaler_cli.options import TRAIN_OPTIONS, force_flag, json_flag, quiet_flag, recipe_config, with_options
 from scaler_cli.output import table
 
 SOURCE_HELP = "A NARes-format .jsonl file or a study directory."
@@ -59,8 +59,8 @@ def search(
     cpus_per_trial: float = typer.Option(1.0, help="--live: CPUs per trial."),
     max_concurrent: Optional[int] = typer.Option(None, help="--live: most trials at once."),
     retries: int = typer.Option(2, help="--live: retries of a failing trial."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    quiet: bool = quiet_flag("No progress bars."),
+    as_json: bool = json_flag(),
     train_opts: dict = None,
 ) -> None:
     """Search a tabular benchmark (or, with --live, a space trained on demand) with NARes's algorithms."""
@@ -182,7 +182,7 @@ def synthetic(
     seed: int = typer.Option(0, help="Seed of the invented metrics."),
     epochs: int = typer.Option(100, help="Length of the per-epoch histories."),
     limit: Optional[int] = typer.Option(None, help="Keep only the N cheapest architectures."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    force: bool = force_flag(),
 ) -> None:
     """Write a SYNTHETIC NARes-format benchmark (15,625 WRNs, exact costs, invented metrics)."""
     from studies import synthetic as synth
@@ -209,7 +209,7 @@ def analyze(
         None, help="FLOPs budgets of the rule check, e.g. 5G,10G [default: 5G..40G in range]."
     ),
     top: int = typer.Option(10, help="Pareto rows to print per front (all with --json)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = json_flag(),
 ) -> None:
     """Pareto fronts, Kendall tau, stage distributions, accuracy vs r_D and the rule check."""
     from studies.analysis import analyze as run_analysis
@@ -328,8 +328,8 @@ def plot(
     arch: Optional[list[str]] = typer.Option(None, help="curves: an arch to draw, D1=4,W1=8,... (repeatable)."),
     n: int = typer.Option(256, help="lipschitz on a run: test points attacked."),
     device: str = typer.Option("auto", help="lipschitz on a run: auto, cpu or cuda."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing image."),
-    quiet: bool = typer.Option(False, "--quiet", help="lipschitz on a run: no progress bar or checkpoint line."),
+    force: bool = force_flag("Overwrite an existing image."),
+    quiet: bool = quiet_flag("lipschitz on a run: no progress bar or checkpoint line."),
 ) -> None:
     """Draw one of the seeds' figures from a benchmark, a study or a run."""
     from studies import plots

@@ -18,6 +18,8 @@ from scaler_cli.options import (
     SPEC_FLAGS_NOT_FOR_FILES,
     SPEC_OPTIONS,
     STRUCTURE,
+    force_flag,
+    json_flag,
     spec_from_options,
     with_options,
 )
@@ -49,7 +51,7 @@ def _vs(ours: int, published: float | None) -> str:
 
 
 @app.command()
-def zoo(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+def zoo(as_json: bool = json_flag("a JSON list")) -> None:
     """Table of the published models: our exact counts beside the papers' numbers."""
     from scaler.presets import PRESETS
 
@@ -88,7 +90,7 @@ def count_cmd(
     name: Optional[str] = typer.Argument(
         None, metavar="MODEL", help="Preset name (see `scaler zoo`) or model file (.py with build_model())."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = json_flag(),
     spec_opts: dict = None,
 ) -> None:
     """Exact params and FLOPs of a preset, a model file or a spec given by flags."""
@@ -216,7 +218,7 @@ def _count_built(path: str, opts: dict, as_json: bool, records_spec: bool) -> No
 def emit(
     name: Optional[str] = typer.Argument(None, help="Preset name (see `scaler zoo`)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="File to write."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    force: bool = force_flag(),
     parents: bool = typer.Option(False, "--parents", help="Create missing parent directories."),
     spec_opts: dict = None,
 ) -> None:
@@ -281,9 +283,9 @@ def solve(
     ),
     depths: Optional[str] = typer.Option(None, help="robustwrn: fixed depths (default 5,5,5)."),
     round_to: int = typer.Option(1, help="robustwrn: round channels to a multiple of this."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = json_flag(),
     emit_path: Optional[str] = typer.Option(None, "--emit", help="Also write the model file here."),
-    force: bool = typer.Option(False, "--force", help="With --emit: overwrite an existing file."),
+    force: bool = force_flag("With --emit: overwrite an existing file."),
     parents: bool = typer.Option(False, "--parents", help="With --emit: create missing parent directories."),
     results: Optional[str] = typer.Option(None, help="measured: a NARes-format .jsonl file or a study directory."),
     metric: Optional[str] = typer.Option(
@@ -387,7 +389,7 @@ def _measured_notes(out: dict) -> None:
 def compare(
     flops: Optional[str] = typer.Option(None, help="Target FLOPs, e.g. 10G."),
     params: Optional[str] = typer.Option(None, help="Target params, e.g. 40M."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+    as_json: bool = json_flag("a JSON list"),
 ) -> None:
     """The three rules side by side at one budget."""
     from scaler.rules import RULES

@@ -11,7 +11,7 @@ import typer
 from scaler.errors import ScalerError
 from scaler.layouts import FORMATS
 from scaler_cli.app import app
-from scaler_cli.options import SPEC_OPTIONS, model_from_options, with_options
+from scaler_cli.options import SPEC_OPTIONS, force_flag, json_flag, model_from_options, with_options
 
 
 @app.command(name="import")
@@ -29,8 +29,8 @@ def import_cmd(
         None, help="Dataset `scaler eval` uses [default: cifar10/cifar100 by classes]."
     ),
     data_dir: Optional[str] = typer.Option(None, help="Dataset directory recorded for `scaler eval`."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty run directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    force: bool = force_flag("Replace a non-empty run directory."),
+    as_json: bool = json_flag(),
     spec_opts: dict = None,
 ) -> None:
     """Load a RobustBench or authors' checkpoint into a scaler model; write a run directory."""
@@ -90,9 +90,9 @@ def export_cmd(
         help=f"robustbench (the RobustBench class that computes the model) or a layout: {', '.join(FORMATS)}.",
     ),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="File to write (a raw state dict)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    force: bool = force_flag(),
     parents: bool = typer.Option(False, "--parents", help="Create missing parent directories."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = json_flag(),
 ) -> None:
     """Write a run's weights in another codebase's names (e.g. for a RobustBench submission)."""
     if not output:

@@ -212,6 +212,22 @@ def _field_help(name: str) -> str:
 FUSED_HELP = _field_help("fused")
 """--fused/--no-fused: one meaning in train, eval and bench (trainers.fused.resolve_fused)."""
 
+
+def json_flag(what: str = "one JSON object"):
+    """The --json flag of a command that prints `what` instead of its table."""
+    return typer.Option(False, "--json", help=f"Print {what}.")
+
+
+def force_flag(help: str = "Overwrite an existing file."):
+    """The --force flag: replace what a command would otherwise refuse to overwrite."""
+    return typer.Option(False, "--force", help=help)
+
+
+def quiet_flag(help: str = "No progress bar."):
+    """The --quiet flag: no progress output on stderr."""
+    return typer.Option(False, "--quiet", help=help)
+
+
 CUDA_GRAPHS_HELP = "Replay our attack steps as recorded CUDA graphs (GPU; fewer kernel launches; ignored on a CPU)."
 
 BENCH_OPTIONS = [

@@ -11,7 +11,7 @@ import typer
 from scaler.errors import ScalerError
 from scaler.parsing import format_count
 from scaler_cli.app import app
-from scaler_cli.options import TRAIN_OPTIONS, recipe_config, with_options
+from scaler_cli.options import TRAIN_OPTIONS, force_flag, json_flag, quiet_flag, recipe_config, with_options
 from scaler_cli.output import fmt_list, table
 
 SAMPLE_HELP = "Draw a seeded subset of N architectures (ids kept)."
@@ -29,7 +29,7 @@ def space(
     space_ref: str = typer.Argument(
         ..., metavar="SPACE", help="A YAML space file, or nares, rrn-depth, rrn-width, rd-<budget>."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every architecture."),
+    as_json: bool = json_flag("one JSON object with every architecture"),
     count_only: bool = typer.Option(False, "--count", help="Print the summary line only."),
     sample: Optional[int] = typer.Option(None, "--sample", help=SAMPLE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of --sample."),
@@ -92,8 +92,8 @@ def sweep(
     retries: int = typer.Option(2, help="Retries of a failing trial before it is recorded as failed."),
     sample: Optional[int] = typer.Option(None, "--sample", help=SAMPLE_HELP),
     sample_seed: int = typer.Option(0, "--sample-seed", help="Seed of --sample."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    quiet: bool = quiet_flag(),
+    as_json: bool = json_flag("the summary as one JSON object"),
     train_opts: dict = None,
 ) -> None:
     """Train and test every architecture of a space on Ray; results go to STUDY/results.sqlite."""
@@ -150,9 +150,9 @@ def results(
     top: Optional[int] = typer.Option(None, help="Show the first K rows (after --by)."),
     by: Optional[str] = typer.Option(None, help="Sort by a column, e.g. test_pgd20, val_cw40, params."),
     where: Optional[str] = typer.Option(None, help="Filter, e.g. 'params < 1e6 and status == \"complete\"'."),
-    as_json: bool = typer.Option(False, "--json", help="Print the rows as a JSON list."),
+    as_json: bool = json_flag("the rows as a JSON list"),
     export: Optional[str] = typer.Option(None, help="Write FILE: .jsonl (NARes records), .csv or .parquet."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --export file."),
+    force: bool = force_flag("Overwrite the --export file."),
 ) -> None:
     """Table of a study's trials: cost, best epoch, validation and test metrics, compute used."""
     from studies import results as res

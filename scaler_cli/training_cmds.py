@@ -16,7 +16,9 @@ from scaler_cli.options import (
     FUSED_HELP,
     SPEC_OPTIONS,
     TRAIN_OPTIONS,
+    json_flag,
     model_from_options,
+    quiet_flag,
     train_config,
     with_options,
 )
@@ -43,7 +45,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
     stop_after: Optional[int] = typer.Option(None, help="End after this epoch (the run stays resumable)."),
     distributed: bool = typer.Option(False, "--distributed", help="DDP: one process per device under torchrun."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or epoch lines."),
+    quiet: bool = quiet_flag("No progress bar or epoch lines."),
     spec_opts: dict = None,
     train_opts: dict = None,
 ) -> None:
@@ -114,8 +116,8 @@ def eval_cmd(
     fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help=FUSED_HELP),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help=CUDA_GRAPHS_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    quiet: bool = quiet_flag("No progress bars."),
+    as_json: bool = json_flag(),
 ) -> None:
     """Evaluate a trained model: accuracy, stable accuracy and empirical Lipschitz per attack."""
     import sys
@@ -173,9 +175,18 @@ def _print_evaluation(results: dict, info: dict, as_json: bool) -> None:
         print(f"warning: {w}")
 
 
-@bench_app.command(name="train")
-@with_options(BENCH_OPTIONS, into="bench_opts")
-@with_options(ARCH_OPTIONS, into="spec_opts")
+def _bench_command(name: str):
+    """Register a `scaler bench` subcommand: its own options, the shared bench options (into
+    `bench_opts`) and the architecture flags (into `spec_opts`)."""
+
+    def register(fn):
+        fn = with_options(ARCH_OPTIONS, into="spec_opts")(fn)
+        return bench_app.command(name=name)(with_options(BENCH_OPTIONS, into="bench_opts")(fn))
+
+    return register
+
+
+@_bench_command("train")
 def bench_train_cmd(
     model: Optional[str] = typer.Argument(None, help="Preset name or model file."),
     method: str = typer.Option("pgd-at", help="pgd-at, trades or mart."),
@@ -184,7 +195,7 @@ def bench_train_cmd(
     warmup: int = typer.Option(2, help="Untimed warm-up steps."),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = json_flag(),
     spec_opts: dict = None,
     bench_opts: dict = None,
 ) -> None:
@@ -256,9 +267,7 @@ def _print_speed(result: dict, reference: bool, counted: str) -> None:
     print(f"GFLOP/s: the cost model's multiply-adds ({counted}) per second")
 
 
-@bench_app.command(name="eval")
-@with_options(BENCH_OPTIONS, into="bench_opts")
-@with_options(ARCH_OPTIONS, into="spec_opts")
+@_bench_command("eval")
 def bench_eval_cmd(
     model: Optional[str] = typer.Argument(None, help="Preset name or model file."),
     attack: str = typer.Option("pgd20", help="clean, fgsm, pgd20 or cw40."),
@@ -272,7 +281,7 @@ def bench_eval_cmd(
     ),
     rounds: int = typer.Option(1, help="Timed passes of each (alternating); the medians are reported."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help=CUDA_GRAPHS_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = json_flag(),
     spec_opts: dict = None,
     bench_opts: dict = None,
 ) -> None:
