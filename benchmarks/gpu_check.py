@@ -295,9 +295,9 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = ["# GPU check", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     sections = report["sections"]
-    tests = sections.get("tests", {})
+    tests = sections.get("tests", {"not run": True})
     lines += ["## Correctness on the device", "", f"{tests.get('summary') or tests.get('error') or tests}", ""]
-    table = sections.get("table", {})
+    table = sections.get("table", {"not run": True})
     lines += ["## Throughput (images/s; speedup over the plain fp32 reference loop; T multiply-adds/s)", ""]
     if "rows" in table:
         lines += [
@@ -320,8 +320,16 @@ def markdown(report: dict) -> str:
             )
     else:
         lines.append(str(table.get("error") or table))
-    lines += ["", "## Regional compile", "", "```", json.dumps(sections.get("compile", {}), indent=2), "```", ""]
-    profile = sections.get("profile", {})
+    lines += [
+        "",
+        "## Regional compile",
+        "",
+        "```",
+        json.dumps(sections.get("compile", {"not run": True}), indent=2),
+        "```",
+        "",
+    ]
+    profile = sections.get("profile", {"not run": True})
     lines += ["## Kernel profile", ""]
     if "kernels" in profile:
         lines += [
