@@ -100,7 +100,7 @@ def grouped_conv(
     cg_out = c_out // groups
     block_n = max(16, triton.next_power_of_2(cg_out))
     acc = tl.float64 if weight.dtype == torch.float64 else tl.float32
-    tf32 = weight.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32  # as cuDNN would
+    tf32 = _tf32(weight.dtype, x)
     grid = (triton.cdiv(n * h * w, 64), groups)
     _grouped_conv_kernel[grid](
         x, second, second, relu_grad_of[1] if relu_grad_of is not None else weight, weight, scale, shift, out,
@@ -111,6 +111,14 @@ def grouped_conv(
         ACC=acc, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32,
     )  # fmt: skip
     return out
+
+
+def _tf32(dtype: torch.dtype, x: torch.Tensor) -> bool:
+    """Triton's default dot precision ("tf32", which 16-bit operands ignore) except where it would
+    round: float64, and float32 unless cuDNN's convolutions may use TF32 too (the plain path's)."""
+    if dtype == torch.float64:
+        return False
+    return dtype != torch.float32 or (x.is_cuda and torch.backends.cudnn.allow_tf32)
 
 
 def transposed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -184,7 +192,7 @@ def weight_grad(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, group
     grid = (chunks, groups, triton.cdiv(reduction, block_r))
     _weight_grad_kernel[grid](
         x, grad, partial, h, w, pixels, per_program, *x.stride(), *grad.stride(), cg_in, cg_out, c_out,
-        K=k, TF32=weight.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32,
+        K=k, TF32=_tf32(weight.dtype, x),
         ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         BLOCK_P=block_p, BLOCK_CO=max(16, triton.next_power_of_2(cg_out)), BLOCK_R=block_r,
     )  # fmt: skip
