@@ -230,3 +230,39 @@ def test_gpu_kernels_close_to_the_emitted_model(precision):
     torch.testing.assert_close(results[0][0], results[1][0], **tol)
     torch.testing.assert_close(results[0][1], results[1][1], **tol)
     torch.backends.cudnn.allow_tf32 = True
+
+
+@pytest.mark.slow
+def test_higher_order_gradients_through_the_kernels(interpreted):
+    """A Hessian-vector product (create_graph), forward-over-reverse and batched gradients through
+    blocks on the kernels equal the emitted model's: their backwards write the function out in
+    differentiable ops there (partial derivatives: the SE gate depends on h)."""
+    import torch.autograd.forward_ad as fwad
+
+    kernel, plain = _randomised_pair(ArchSpec("robust", (2, 1, 1), (16, 32, 64)))
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def hvp(model):
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xr).square().sum(), xr, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), xr)[0]
+
+    def forward_over_reverse(model):
+        xr = x.clone().requires_grad_(True)
+        out = model(xr)
+        tangent = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        with fwad.dual_level():
+            (g,) = torch.autograd.grad(out, xr, fwad.make_dual(torch.ones_like(out), tangent))
+            return fwad.unpack_dual(g).tangent.clone()
+
+    def batched(model):
+        xr = x.clone().requires_grad_(True)
+        out = model(xr)
+        rows = torch.eye(out.shape[1], dtype=out.dtype)[:, None].expand(-1, *out.shape)
+        return torch.autograd.grad(out, xr, rows, is_grads_batched=True)[0]
+
+    for f in (hvp, forward_over_reverse, batched):
+        kernel.eval(), plain.eval()
+        with fused_blocks(kernel, True):
+            got = f(kernel)
+        torch.testing.assert_close(got, f(plain), rtol=1e-9, atol=1e-12, msg=f.__name__)

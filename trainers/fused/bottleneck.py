@@ -237,11 +237,14 @@ def graph_gradients(formula, inputs: tuple, needs: tuple, grad: torch.Tensor) ->
     """The gradients of formula(*inputs) (given grad at its output) with respect to the inputs `needs`
     marks, by autograd with a graph: a Function's backward under create_graph (double backward),
     where its own formulas would read intermediates saved without history."""
-    wanted = [t for t, need in zip(inputs, needs) if need]
-    if not wanted:
+    if not any(needs):
         return [None] * len(inputs)
     with torch.enable_grad():
-        found = iter(torch.autograd.grad(formula(*inputs), wanted, grad, create_graph=True, allow_unused=True))
+        # each argument through an alias of its own: partial derivatives, not total ones (the SE gate
+        # depends on h), while the aliases' history keeps the gradients differentiable in the inputs
+        aliases = [t.view_as(t) if need else t for t, need in zip(inputs, needs)]
+        wanted = [t for t, need in zip(aliases, needs) if need]
+        found = iter(torch.autograd.grad(formula(*aliases), wanted, grad, create_graph=True, allow_unused=True))
     return [next(found) if need else None for need in needs]
 
 

@@ -14,9 +14,12 @@ second kernel (pixels reduced in chunks, the chunks' partial sums added in order
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+
+from trainers.fused.bottleneck import graph_gradients
+from trainers.fused.folds import backward_differentiated, has_storage
 
 NO_PROLOGUE, ADD_INPUT, RELU_GRAD = 0, 1, 2
 
@@ -209,9 +212,15 @@ class GroupedConv(torch.autograd.Function):
         return grouped_conv(x.to(weight.dtype), weight, groups)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        if backward_differentiated() or not has_storage(grad):  # double backward, batched grads: written out
+            groups, k = ctx.groups, weight.shape[-1]
+
+            def formula(x, weight):
+                return F.conv2d(x.to(weight.dtype), weight, padding=k // 2, groups=groups)
+
+            return (*graph_gradients(formula, (x, weight), ctx.needs_input_grad[:2], grad), None)
         grad = grad.to(weight.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -219,6 +228,17 @@ class GroupedConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad(x, weight, grad, ctx.groups)
         return grad_x, grad_w, None
+
+
+def _cascade_formula(groups: int, has_prev: bool):
+    """CascadeStep's function in plain ops (differentiable to any order)."""
+
+    def formula(chunk, prev, weight, scale, shift):
+        inp = (chunk + prev if has_prev else chunk).to(weight.dtype)
+        z = F.conv2d(inp, weight, padding=weight.shape[-1] // 2, groups=groups)
+        return torch.relu(z * scale[:, None, None] + shift[:, None, None]).to(weight.dtype)
+
+    return formula
 
 
 class CascadeStep(torch.autograd.Function):
@@ -232,14 +252,18 @@ class CascadeStep(torch.autograd.Function):
         dtype = weight.dtype  # the conv's; the epilogue computes in the accumulator's (scale's for bf16)
         add = prev.to(dtype) if prev is not None else None
         out = grouped_conv(chunk.to(dtype), weight, groups, add=add, affine_relu=(scale, shift))
-        ctx.save_for_backward(chunk, prev, weight, scale, out)
+        ctx.save_for_backward(chunk, prev, weight, scale, shift, out)
         ctx.groups, ctx.has_prev = groups, prev is not None
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        chunk, prev, weight, scale, out = ctx.saved_tensors
+        chunk, prev, weight, scale, shift, out = ctx.saved_tensors
+        if backward_differentiated() or not has_storage(grad):  # double backward, batched grads: written out
+            inputs, needs = (chunk, prev, weight, scale, shift), ctx.needs_input_grad[:5]
+            if not ctx.has_prev:
+                inputs, needs = (chunk, chunk, weight, scale, shift), (needs[0], False, *needs[2:])
+            return (*graph_gradients(_cascade_formula(ctx.groups, ctx.has_prev), inputs, needs, grad), None)
         grad = grad.to(weight.dtype)
         grad_in = grad_w = grad_scale = grad_shift = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:

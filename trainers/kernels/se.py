@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+
+from trainers.fused.bottleneck import graph_gradients
+from trainers.fused.folds import backward_differentiated, has_storage
 
 
 @triton.jit
@@ -76,6 +78,12 @@ def _grid_c(c: int) -> int:
     return min(64, triton.next_power_of_2(c))
 
 
+def _se_formula(h, a, b, gate):
+    """The combine without its skip (whose gradient is the output's) in plain ops."""
+    hf = h.to(a.dtype)
+    return (hf + (hf * a[:, None, None] + b[:, None, None]) * gate.to(a.dtype)[:, :, None, None]).to(h.dtype)
+
+
 class ResidualSECombine(torch.autograd.Function):
     """h + skip + (a * h + b) * gate[:, :, None, None], in h's dtype, computed in a's (float32 for
     bf16 activations)."""
@@ -83,23 +91,26 @@ class ResidualSECombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, skip, a, b, gate):
         n, c, hh, ww = h.shape
-        gate = gate.to(a.dtype).contiguous()
+        ctx.save_for_backward(h, a, b, gate)  # as given: a double backward differentiates through them
+        ctx.skip_dtype = skip.dtype
         out = _like(h, h.dtype)
         block_c = _grid_c(c)
         grid = (n, triton.cdiv(hh * ww, 32), triton.cdiv(c, block_c))
         _combine_kernel[grid](
-            h, skip, a.contiguous(), b.contiguous(), gate, out, c, hh * ww, ww,
+            h, skip, a.contiguous(), b.contiguous(), gate.to(a.dtype).contiguous(), out, c, hh * ww, ww,
             *h.stride(), *skip.stride(), *out.stride(), BLOCK_P=32, BLOCK_C=block_c,
         )  # fmt: skip
-        ctx.save_for_backward(h, a, b, gate)
-        ctx.skip_dtype = skip.dtype
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         h, a, b, gate = ctx.saved_tensors
+        if backward_differentiated() or not has_storage(grad):  # double backward, batched grads: written out
+            needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:5])
+            grad_h, grad_a, grad_b, grad_gate = graph_gradients(_se_formula, (h, a, b, gate), needs, grad)
+            return grad_h, grad.to(ctx.skip_dtype), grad_a, grad_b, grad_gate
         n, c, hh, ww = h.shape
+        gate = gate.to(a.dtype).contiguous()
         grad_h = _like(h, h.dtype)
         sums = torch.empty((n, 2, c), dtype=a.dtype, device=h.device)
         block_c = _grid_c(c)
