@@ -298,12 +298,17 @@ def _resources(ray, options: SweepOptions, device: str) -> tuple[float, float, i
         raise ScalerError(f"--gpus-per-trial {gpus:g} but the Ray cluster has {gpus_total:g} GPUs")
     if options.cpus_per_trial > cpus:
         raise ScalerError(f"--cpus-per-trial {options.cpus_per_trial:g} but the Ray cluster has {cpus:g} CPUs")
-    fit = int(cpus // options.cpus_per_trial)
+    fit = _how_many(cpus, options.cpus_per_trial)
     if gpus > 0:
-        fit = min(fit, int(gpus_total // gpus))
+        fit = min(fit, _how_many(gpus_total, gpus))
     if options.max_concurrent is not None:
         fit = min(fit, options.max_concurrent)
     return options.cpus_per_trial, gpus, max(1, fit)
+
+
+def _how_many(total: float, each: float) -> int:
+    """Trials of `each` that fit in `total` (1 // 0.2 is 4.0 in floats: 5 fit)."""
+    return int(total / each + 1e-9)
 
 
 def error_line(exc: BaseException) -> str:

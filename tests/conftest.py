@@ -7,9 +7,13 @@ import os
 import subprocess
 import sys
 
-# Triton reads this when first imported (torch may import it early): the kernel tests run it on the
-# CPU. Nothing else runs kernels on the CPU (trainers.kernels.usable asks for SCALER_KERNELS_ON_CPU too).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (it does not import triton)
+
+# Triton reads this when first imported (torch may import it later): without a GPU the kernel tests
+# run it on the CPU. Nothing else runs kernels on the CPU (trainers.kernels.usable asks for
+# SCALER_KERNELS_ON_CPU too). With a GPU the kernels compile and run there.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 from hypothesis import settings

@@ -23,6 +23,8 @@ F64 = dict(rtol=1e-10, atol=1e-12)
 @pytest.fixture
 def interpreted(monkeypatch):
     """The kernel modules with their kernels run by Triton's interpreter (on CPU tensors)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the kernels are compiled, the GPU tests check them")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("SCALER_KERNELS_ON_CPU", "1")
     from trainers.kernels import conv, robust, se
@@ -210,26 +212,35 @@ def test_kernels_route_only_where_triton_runs(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gpu_kernels_close_to_the_emitted_model(precision):
-    """On a GPU (compiled kernels, not the interpreter): a RobustResNet's logits and input gradients
-    through the kernels against the model as emitted, in fp32 (TF32 off) and under bf16 autocast."""
+def test_gpu_kernels_close_to_the_emitted_model(precision, train):
+    """On a GPU (compiled kernels, not the interpreter): a RobustResNet's logits, input and weight
+    gradients and BatchNorm statistics through the kernels against the model as emitted, in fp32
+    (TF32 off) and under bf16 autocast, in eval mode (attacks) and training mode."""
+    tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    model = build_model(ArchSpec("robust", (2, 1, 1), (16, 32, 64))).cuda().eval()
-    x = torch.rand(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
-    model = model.to(memory_format=torch.channels_last)
-    results = []
-    for span in (True, False):
-        xg = x.clone().requires_grad_(True)
-        with fused_blocks(model, span), torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
-            out = model(xg).float()
-        (grad,) = torch.autograd.grad(out.square().sum(), [xg])
-        results.append((out, grad))
-    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=5e-2, atol=5e-2)
-    torch.testing.assert_close(results[0][0], results[1][0], **tol)
-    torch.testing.assert_close(results[0][1], results[1][1], **tol)
-    torch.backends.cudnn.allow_tf32 = True
+    try:
+        torch.manual_seed(0)
+        kernel, plain = (
+            m.float().cuda().to(memory_format=torch.channels_last)
+            for m in _randomised_pair(ArchSpec("robust", (2, 1, 1), (16, 32, 64)))
+        )
+        x = torch.rand(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+        results = []
+        for model, span in ((kernel, True), (plain, False)):
+            model.train(train)
+            xg = x.clone().requires_grad_(True)
+            with fused_blocks(model, span), torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+                out = model(xg).float()
+            out.square().mean().backward()
+            results.append((out.detach(), xg.grad, model.stage1[1].convs[0].weight.grad))
+        tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=5e-2, atol=5e-2)
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(kernel.stage1[1].bns[0].running_var, plain.stage1[1].bns[0].running_var, **tol)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.mark.slow

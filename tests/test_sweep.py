@@ -167,6 +167,7 @@ def test_a_quarter_gpu_per_trial_runs_four_trials_on_each_gpu():
     assert _resources(Cluster(16, 1), quarter, "auto") == (2.0, 0.25, 4)
     assert _resources(Cluster(16, 2), quarter, "auto") == (2.0, 0.25, 8)
     assert _resources(Cluster(4, 1), quarter, "auto") == (2.0, 0.25, 2)  # CPUs hold two
+    assert _resources(Cluster(16, 1), SweepOptions(gpus_per_trial=0.2), "auto")[2] == 5  # not 1 // 0.2 = 4.0
     assert _resources(Cluster(16, 1), SweepOptions(), "auto") == (1.0, 1.0, 1)
 
 

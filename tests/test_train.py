@@ -262,3 +262,15 @@ def test_auto_compile_decision_is_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "steps_per_epoch", lambda n, cfg: 10**4)  # as long as a real run
     train(tiny_config(epochs=1, attack_steps=1), tmp_path / "long", progress=False)
     assert json.loads((tmp_path / "long" / "config.json").read_text())["compile"] is True
+
+
+def test_epoch_throughput_counts_the_images_trained(tmp_path):
+    """metrics.jsonl's images_per_s times the epoch's seconds is the images trained: every training
+    point, with drop_last too when the set is smaller than a batch (one short batch, not a full one)."""
+    images = {}
+    for drop_last in (False, True):
+        cfg = tiny_config(epochs=1, attack_steps=1, batch_size=4096, drop_last=drop_last)
+        train(cfg, tmp_path / str(drop_last), progress=False)
+        record = json.loads((tmp_path / str(drop_last) / "metrics.jsonl").read_text().splitlines()[0])
+        images[drop_last] = record["images_per_s"] * record["seconds"]
+    assert images[True] == pytest.approx(images[False]) and 0 < images[False] < 4096

@@ -131,13 +131,19 @@ def pgd(
         (grad,) = torch.autograd.grad(value, x_adv)
         return project(x_adv.detach() + step * grad.sign(), x, eps)
 
-    with frozen_eval(model), _maybe_fold(model, fold_bn):
+    def folded_step(x_adv, x, y):  # what a CUDA graph records: the fold too, its tensors in the graph's memory
+        with _maybe_fold(model, fold_bn):
+            return pgd_step(x_adv, x, y)
+
+    with frozen_eval(model):
         x_adv = random_start(x, eps, start, generator, start_std)
-        graphed = graph_for(model, x, y, (loss, eps, step, autocast_dtype, fold_bn), pgd_step) if steps > 1 else None
+        settings = (loss, eps, step, autocast_dtype, fold_bn)
+        graphed = graph_for(model, x, y, settings, folded_step) if steps > 1 else None
         if graphed is not None:  # a `graphed_attacks` span on a GPU: the recorded step, replayed
             return graphed.run(x, y, x_adv, steps)
-        for _ in range(steps):
-            x_adv = pgd_step(x_adv, x, y)
+        with _maybe_fold(model, fold_bn):
+            for _ in range(steps):
+                x_adv = pgd_step(x_adv, x, y)
     return x_adv.detach()
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scaler.errors import ScalerError
 from trainers.compiled import compile_model
 from trainers.config import make_config
+from trainers.cuda_graphs import graphed_attacks
 from trainers.evaluation import STEP_ATTACKS, default_batch_size, eval_layout, evaluate, precision_dtype
 from trainers.fused import fused_blocks, resolve_fused
 from trainers.peak import efficiency
@@ -315,9 +316,10 @@ def bench_eval(
     timed = {"ours": lambda xs, ys: evaluate(ours_model, xs, ys, (attack,), **settings)}
     if s.reference:
         timed["reference"] = _reference_evaluation(copy.deepcopy(model).to(dev), attack, reference_batch_size)
-    warmup = _warm_up(timed, x, y, batch_size, s.compile, dev)
+    with graphed_attacks(result["cuda_graphs"]):  # graphs recorded in the warm-up, replayed in the rounds
+        warmup = _warm_up(timed, x, y, batch_size, s.compile, dev)
+        seconds, faults, outputs = _timed_rounds(timed, x, y, rounds, dev)
     result.update({"warmup_seconds": warmup} if s.compile else {})
-    seconds, faults, outputs = _timed_rounds(timed, x, y, rounds, dev)
     result.update(seconds=seconds["ours"], images_per_s=n / seconds["ours"])
     result.update(accuracy=outputs["ours"][attack]["accuracy"], page_faults_per_image=_per(faults["ours"], n * rounds))
     total = evaluation_flops(attack, s.flops_per_image) * n if s.flops_per_image else None

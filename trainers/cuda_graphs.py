@@ -6,7 +6,10 @@ graph reads the tensors it was recorded with, at their addresses.
 
 `graphed_attacks()` opens the span; inside it `trainers.attacks.pgd` on CUDA tensors replays the
 graph of its shape and settings, recording it on first use. Randomness (the start) stays outside
-the graph, so results match the eager loop to float rounding.
+the graph, so results match the eager loop to float rounding. What a step reads must stay at its
+address: the recorded step folds BatchNorm itself (its folded tensors live in the graph's memory),
+and the fast runtime's fold cache keeps its tensors for the enclosing span. Each graph has a
+memory pool of its own: one per attack and batch shape.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ WARMUP_STEPS = 3  # eager steps on a side stream before recording: cuDNN autotun
 @contextmanager
 def graphed_attacks(enabled: bool = True):
     """Within it, PGD attacks on CUDA tensors run as replayed CUDA graphs (one per model, batch
-    shape and attack settings); the graphs and their memory are freed on exit."""
-    token = _GRAPHS.set({} if enabled else None)
+    shape and attack settings); the graphs and their memory are freed on exit. An enabled span
+    inside an enabled one shares its graphs (a benchmark's rounds record once)."""
+    outer = _GRAPHS.get()
+    token = _GRAPHS.set((outer if outer is not None else {}) if enabled else None)
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ Importing this package does not import Triton.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -35,3 +36,12 @@ def usable(x) -> bool:
     if x.device.type == "cuda":
         return True
     return x.device.type == "cpu" and interpreting() and os.environ.get("SCALER_KERNELS_ON_CPU") == "1"
+
+
+def on_device(x):
+    """The launch context for kernels on x: Triton launches on the current CUDA device, so x's."""
+    if x.device.type != "cuda":
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.device(x.device)

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from trainers.fused.bottleneck import graph_gradients
 from trainers.fused.folds import backward_differentiated, has_storage
+from trainers.kernels import on_device
 
 NO_PROLOGUE, ADD_INPUT, RELU_GRAD = 0, 1, 2
 
@@ -105,14 +106,15 @@ def grouped_conv(
     acc = tl.float64 if weight.dtype == torch.float64 else tl.float32
     tf32 = _tf32(weight.dtype, x)
     grid = (triton.cdiv(n * h * w, 64), groups)
-    _grouped_conv_kernel[grid](
-        x, second, second, relu_grad_of[1] if relu_grad_of is not None else weight, weight, scale, shift, out,
-        h, w, n * h * w,
-        *x.stride(), *second.stride(), *out.stride(),
-        cg_in, cg_out,
-        K=k, PROLOGUE=prologue, AFFINE_RELU=affine_relu is not None, TF32=tf32,
-        ACC=acc, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32,
-    )  # fmt: skip
+    with on_device(x):
+        _grouped_conv_kernel[grid](
+            x, second, second, relu_grad_of[1] if relu_grad_of is not None else weight, weight, scale, shift, out,
+            h, w, n * h * w,
+            *x.stride(), *second.stride(), *out.stride(),
+            cg_in, cg_out,
+            K=k, PROLOGUE=prologue, AFFINE_RELU=affine_relu is not None, TF32=tf32,
+            ACC=acc, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32,
+        )  # fmt: skip
     return out
 
 
@@ -193,12 +195,13 @@ def weight_grad(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, group
     partial = torch.zeros((chunks, c_out, reduction), dtype=acc_dtype, device=x.device)
     block_r = min(64, max(16, triton.next_power_of_2(reduction)))
     grid = (chunks, groups, triton.cdiv(reduction, block_r))
-    _weight_grad_kernel[grid](
-        x, grad, partial, h, w, pixels, per_program, *x.stride(), *grad.stride(), cg_in, cg_out, c_out,
-        K=k, TF32=_tf32(weight.dtype, x),
-        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        BLOCK_P=block_p, BLOCK_CO=max(16, triton.next_power_of_2(cg_out)), BLOCK_R=block_r,
-    )  # fmt: skip
+    with on_device(x):
+        _weight_grad_kernel[grid](
+            x, grad, partial, h, w, pixels, per_program, *x.stride(), *grad.stride(), cg_in, cg_out, c_out,
+            K=k, TF32=_tf32(weight.dtype, x),
+            ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+            BLOCK_P=block_p, BLOCK_CO=max(16, triton.next_power_of_2(cg_out)), BLOCK_R=block_r,
+        )  # fmt: skip
     return partial.sum(0).view(weight.shape).to(weight.dtype)
 
 

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from trainers.fused.bottleneck import graph_gradients
 from trainers.fused.folds import backward_differentiated, has_storage
+from trainers.kernels import on_device
 
 
 @triton.jit
@@ -96,10 +97,11 @@ class ResidualSECombine(torch.autograd.Function):
         out = _like(h, h.dtype)
         block_c = _grid_c(c)
         grid = (n, triton.cdiv(hh * ww, 32), triton.cdiv(c, block_c))
-        _combine_kernel[grid](
-            h, skip, a.contiguous(), b.contiguous(), gate.to(a.dtype).contiguous(), out, c, hh * ww, ww,
-            *h.stride(), *skip.stride(), *out.stride(), BLOCK_P=32, BLOCK_C=block_c,
-        )  # fmt: skip
+        with on_device(h):
+            _combine_kernel[grid](
+                h, skip, a.contiguous(), b.contiguous(), gate.to(a.dtype).contiguous(), out, c, hh * ww, ww,
+                *h.stride(), *skip.stride(), *out.stride(), BLOCK_P=32, BLOCK_C=block_c,
+            )  # fmt: skip
         return out
 
     @staticmethod
@@ -114,10 +116,11 @@ class ResidualSECombine(torch.autograd.Function):
         grad_h = _like(h, h.dtype)
         sums = torch.empty((n, 2, c), dtype=a.dtype, device=h.device)
         block_c = _grid_c(c)
-        _combine_backward_kernel[(n, triton.cdiv(c, block_c))](
-            grad, h, a.contiguous(), gate, grad_h, sums, c, hh * ww, ww,
-            *grad.stride(), *h.stride(), *grad_h.stride(), BLOCK_P=32, BLOCK_C=block_c,
-        )  # fmt: skip
+        with on_device(h):
+            _combine_backward_kernel[(n, triton.cdiv(c, block_c))](
+                grad, h, a.contiguous(), gate, grad_h, sums, c, hh * ww, ww,
+                *grad.stride(), *h.stride(), *grad_h.stride(), BLOCK_P=32, BLOCK_C=block_c,
+            )  # fmt: skip
         gh, g = sums[:, 0], sums[:, 1]  # per sample and channel: sum of grad * h, of grad
         grad_gate = a * gh + b * g
         grad_a = (gate * gh).sum(0) if ctx.needs_input_grad[2] else None
