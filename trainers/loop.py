@@ -97,7 +97,8 @@ def run_epochs(
             )
         seconds = time.perf_counter() - t0
         steps = steps_per_epoch(len(train_data[1]), cfg)
-        images = steps * cfg.batch_size if cfg.drop_last else len(train_data[1])  # every rank's share
+        n_train = len(train_data[1])
+        images = min(steps * cfg.batch_size, n_train) if cfg.drop_last else n_train  # all ranks together
         lr = lr_at(cfg, state.iteration - 1, steps)
         record = {
             "epoch": epoch,
