@@ -28,16 +28,18 @@ def test_span_changes_nothing_on_a_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("loss", ["ce", "cw"])
-def test_graphed_pgd_equals_eager_on_a_gpu(loss):
+@pytest.mark.parametrize("loss, fold_bn", [("ce", False), ("cw", True)])
+def test_graphed_pgd_equals_eager_on_a_gpu(loss, fold_bn):
+    """Folded BatchNorm (evaluation's default) too: the recorded step folds it in the graph's memory."""
     torch.manual_seed(0)
     model = build_model(ArchSpec("robust", (2, 1, 1), (16, 32, 64))).cuda().eval()
     x, y = torch.rand(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
-    eager = _attack(model, x, y, loss=loss)
+    eager = _attack(model, x, y, loss=loss, fold_bn=fold_bn)
     with cuda_graphs.graphed_attacks():
-        first = _attack(model, x, y, loss=loss)
-        second = _attack(model, x[:5], y[:5], loss=loss)  # another shape: another graph
-        again = _attack(model, x, y, loss=loss, seed=0)  # replayed
+        first = _attack(model, x, y, loss=loss, fold_bn=fold_bn)
+        second = _attack(model, x[:5], y[:5], loss=loss, fold_bn=fold_bn)  # another shape: another graph
+        torch.cuda.empty_cache()  # freed memory handed back: a graph reading it would read garbage
+        again = _attack(model, x, y, loss=loss, seed=0, fold_bn=fold_bn)  # replayed
         assert len(cuda_graphs._GRAPHS.get()) == 2
     for got in (first, again):
         assert (got - eager).abs().max().item() <= 2 / 255 + 1e-6  # a sign may flip at rounding
