@@ -127,34 +127,45 @@ class Check:
         return out
 
     def table(self) -> dict:
-        """Ours (bf16 and fp32) against the fp32 reference loop, timed once per model and mode."""
+        """Ours (bf16 and fp32) against the fp32 reference loop, timed once per model and mode; in
+        bf16 also ours without the kernels (robust models) and the evaluation on CUDA graphs. A4
+        (8x A1's multiply-adds) gets fewer steps and images, to stay within the budget."""
         import scaler
         from trainers.bench import bench_eval, bench_train
 
         batch = 8 if self.smoke else 128
-        steps, warmup, n = (1, 1, 16) if self.smoke else (3, 1, 256)
         rows = []
         for name, (spec, flops) in self.models().items():
+            steps, warmup, n = (1, 1, 16) if self.smoke else (2, 1, 128) if flops > 20e9 else (3, 1, 256)
             blocks = spec.block if isinstance(spec.block, tuple) else (spec.block,)
-            robust = "robust" in blocks
-            fused = True if robust else None  # robust blocks: the kernels; others as measured fastest
+            fused = True if "robust" in blocks else None  # robust blocks: the kernels; others as measured fastest
             for precision in ("bf16", "fp32"):
                 if time.time() > self.deadline:
                     rows.append({"model": name, "precision": precision, "skipped": "out of time"})
                     continue
                 first = precision == "bf16"
                 common = dict(batch_size=batch, precision=precision, device=self.device, flops_per_image=flops)
-                train = bench_train(
-                    scaler.create_model(spec), method="pgd-at", steps=steps, warmup=warmup, fused=fused,
-                    reference=first, **common,
-                )  # fmt: skip
-                evaluation = bench_eval(
-                    scaler.create_model(spec), attack="pgd20", n=n, fused=fused, reference=first,
-                    cuda_graphs=not robust, **common,
-                )  # fmt: skip
-                rows.append({"model": name, "precision": precision, "flops": flops, "train": train, "eval": evaluation})
+                train = dict(method="pgd-at", steps=steps, warmup=warmup, **common)
+                evaluation = dict(attack="pgd20", n=n, **common)
+                row = {"model": name, "precision": precision, "flops": flops, "eval_n": n, "train_steps": steps}
+                row["train"] = _cell(bench_train, scaler.create_model(spec), fused=fused, reference=first, **train)
+                row["eval"] = _cell(bench_eval, scaler.create_model(spec), fused=fused, reference=first, **evaluation)
+                if first:
+                    row["eval_graphs"] = _cell(
+                        bench_eval,
+                        scaler.create_model(spec),
+                        fused=fused,
+                        reference=False,
+                        cuda_graphs=True,
+                        **evaluation,
+                    )
+                if first and fused:
+                    row["train_plain"] = _cell(
+                        bench_train, scaler.create_model(spec), fused=False, reference=False, **train
+                    )
+                rows.append(row)
         _fill_reference(rows)
-        return {"rows": rows, "batch_size": batch, "train_steps": steps, "eval_n": n}
+        return {"rows": rows, "batch_size": batch}
 
     def compile_times(self) -> dict:
         """Regional compile of A4 (tiny model in smoke mode): a training step's compile, cold cache
@@ -213,6 +224,14 @@ class Check:
             "ms_per_iteration": 1000 * seconds,
             **_kernels(prof, iters, flops * batch * 3 / seconds),
         }
+
+
+def _cell(bench, model, **kwargs) -> dict:
+    """One benchmark's result, or its error (the rest of the table still runs)."""
+    try:
+        return bench(model, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def compile_once(name: str, device: str, smoke: bool) -> None:
@@ -277,18 +296,33 @@ def _device_time(event) -> float:
 
 
 def _fill_reference(rows: list[dict]) -> None:
-    """The fp32 row's speedups against the reference its model's bf16 row timed (one reference a model)."""
+    """Speedups against the reference each model's bf16 row timed (one reference a model and mode):
+    for its fp32 row, and for ours without kernels and on CUDA graphs."""
     reference = {}
     for row in rows:
-        for mode in ("train", "eval"):
-            result = row.get(mode)
-            if result is None:
+        for part, mode in (("train", "train"), ("eval", "eval"), ("train_plain", "train"), ("eval_graphs", "eval")):
+            result = row.get(part)
+            if not result or "images_per_s" not in result:
                 continue
             if "reference_images_per_s" in result:
                 reference[(row["model"], mode)] = result["reference_images_per_s"]
             elif (row["model"], mode) in reference:
                 result["reference_images_per_s"] = reference[(row["model"], mode)]
                 result["speedup"] = result["images_per_s"] / reference[(row["model"], mode)]
+
+
+def _rate(result: dict | None, key: str = "images_per_s") -> str:
+    if not result or key not in result:
+        return "-" if not result or "error" not in result else "error"
+    return f"{result[key]:.1f}"
+
+
+def _speedup(result: dict) -> str:
+    return f"{result['speedup']:.2f}x" if "speedup" in result else "-"
+
+
+def _tmacs(result: dict) -> str:
+    return f"{result['gflops_per_s'] / 1000:.1f}" if "gflops_per_s" in result else "-"
 
 
 def markdown(report: dict) -> str:
@@ -301,23 +335,29 @@ def markdown(report: dict) -> str:
     lines += ["## Throughput (images/s; speedup over the plain fp32 reference loop; T multiply-adds/s)", ""]
     if "rows" in table:
         lines += [
-            f"Batch {table['batch_size']}, channels_last; train: PGD-10 adversarial training step; "
-            f"eval: PGD-20 evaluation of {table['eval_n']} images.",
+            f"Batch {table['batch_size']}, channels_last; train: PGD-10 adversarial training step; eval: PGD-20 "
+            "evaluation (256 images; A4: 128). No kernels: ours with --no-fused; CUDA graphs: eval --cuda-graphs.",
             "",
-            "| model | precision | train ours | train ref | speedup | T MAC/s | eval ours | eval ref | speedup |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model | precision | train ours | train ref | speedup | T MAC/s | no kernels | eval ours | eval ref | speedup | CUDA graphs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in table["rows"]:
             if "skipped" in row:
-                lines.append(f"| {row['model']} | {row['precision']} | skipped: {row['skipped']} |||||||")
+                lines.append(f"| {row['model']} | {row['precision']} | skipped: {row['skipped']} |||||||||")
                 continue
             t, e = row["train"], row["eval"]
-            tmacs = t.get("gflops_per_s", 0) / 1000
-            lines.append(
-                f"| {row['model']} | {row['precision']} | {t['images_per_s']:.1f} | "
-                f"{t.get('reference_images_per_s', 0):.1f} | {t.get('speedup', 0):.2f}x | {tmacs:.1f} | "
-                f"{e['images_per_s']:.1f} | {e.get('reference_images_per_s', 0):.1f} | {e.get('speedup', 0):.2f}x |"
-            )
+            cells = [
+                _rate(t), _rate(t, "reference_images_per_s"), _speedup(t), _tmacs(t), _rate(row.get("train_plain")),
+                _rate(e), _rate(e, "reference_images_per_s"), _speedup(e), _rate(row.get("eval_graphs")),
+            ]  # fmt: skip
+            lines.append(f"| {row['model']} | {row['precision']} | " + " | ".join(cells) + " |")
+        errors = [
+            f"{r['model']} {r['precision']} {k}: {v['error']}"
+            for r in table["rows"]
+            for k, v in r.items()
+            if isinstance(v, dict) and "error" in v
+        ]
+        lines += ["", *(f"- error: {line}" for line in errors)] if errors else []
     else:
         lines.append(str(table.get("error") or table))
     lines += [
