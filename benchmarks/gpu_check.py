@@ -182,7 +182,14 @@ class Check:
             code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.gpu_check import compile_once; "
             code += f"compile_once({name!r}, {self.device!r}, {self.smoke!r})"
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+            left = max(30.0, self.deadline - time.time())  # the run's budget, not the compiler's
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=left
+                )
+            except subprocess.TimeoutExpired:
+                results[run] = {"error": f"not finished in {left:.0f} s"}
+                continue
             lines = done.stdout.strip().splitlines()
             results[run] = json.loads(lines[-1]) if done.returncode == 0 and lines else {"error": done.stderr[-2000:]}
         return {"model": name, **results}
