@@ -1,5 +1,5 @@
-"""The prepared GPU check (benchmarks/gpu_check.sh): on one GPU, within about 8 minutes and offline,
-with only torch, triton, jinja2, sympy, typer, tqdm and scikit-learn installed:
+"""The prepared GPU check (benchmarks/gpu_check.sh). On one GPU, within about 8 minutes, offline,
+with only torch, triton, jinja2, sympy, typer, tqdm and scikit-learn installed, it runs:
 
 1. the GPU correctness tests (kernels against the emitted model, CUDA-graph attacks against eager);
 2. the table: PGD-10 training step and PGD-20 evaluation, batch 128, channels_last, of
@@ -39,24 +39,40 @@ SMOKE_MODELS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="Directory for the reports.")
+    parser = argparse.ArgumentParser(
+        description="The prepared GPU check (see the module docstring): writes gpu_check.json and gpu_check.md."
+    )
+    parser.add_argument(
+        "out", nargs="?", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"),
+        help="Directory for the reports [default: $OUT, else benchmarks/results/ in the repository].",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="Tiny models on the CPU: check the script itself.")
     parser.add_argument("--budget", type=float, default=450.0, help="Seconds after which sections are skipped.")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"Which to run, of {','.join(SECTIONS)}.")
     args = parser.parse_args(argv)
-    chosen = [s for s in args.sections.split(",") if s]
-    if not chosen or set(chosen) - set(SECTIONS):
-        parser.error(f"--sections takes some of {','.join(SECTIONS)}")
-    check = Check(smoke=args.smoke, deadline=time.time() + args.budget, sections=chosen)
-    check.run()
+    chosen = args.sections.split(",")
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(map(repr, unknown))}; take some of {','.join(SECTIONS)}")
     out = Path(args.out)
+    check = Check(smoke=args.smoke, deadline=time.time() + args.budget, sections=chosen)
+    if check.device != "cuda" and not args.smoke:
+        parser.error("no CUDA GPU here: the check measures one (--smoke runs it on tiny models on the CPU)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(check.report, indent=2, default=str) + "\n")
-    (out / "gpu_check.md").write_text(markdown(check.report))
+    check.run(lambda: _write(out, check.report))  # after each section: a run cut short keeps what finished
     print(markdown(check.report))
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}", file=sys.stderr)
     return 0
+
+
+def _write(out: Path, report: dict) -> None:
+    for name, text in (
+        ("gpu_check.json", json.dumps(report, indent=2, default=str) + "\n"),
+        ("gpu_check.md", markdown(report)),
+    ):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
 class Check:
@@ -80,7 +96,7 @@ class Check:
             env["triton"] = None
         return env
 
-    def run(self) -> None:
+    def run(self, after_each=lambda: None) -> None:
         for name in self.sections:
             section = {"tests": self.tests, "table": self.table, "compile": self.compile_times}.get(name, self.profile)
             if time.time() > self.deadline:
@@ -93,6 +109,7 @@ class Check:
                 result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             result["seconds"] = round(time.time() - t0, 1)
             self.report["sections"][name] = result
+            after_each()
             print(f"gpu_check: {name} done in {result['seconds']} s", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ sections
@@ -318,6 +335,18 @@ def _fill_reference(rows: list[dict]) -> None:
                 result["speedup"] = result["images_per_s"] / reference[(row["model"], mode)]
 
 
+def _not_run(section: dict) -> str:
+    return "not run (--sections)" if "not run" in section else str(section)
+
+
+def _eval_sizes(rows: list[dict]) -> str:
+    return ", ".join(f"{r['eval_n']} ({r['model']})" for r in rows if r.get("precision") == "bf16" and "eval_n" in r)
+
+
+def _graphs(result: dict | None) -> str:
+    return "n/a" if result and result.get("cuda_graphs") is False else _rate(result)
+
+
 def _rate(result: dict | None, key: str = "images_per_s") -> str:
     if not result or key not in result:
         return "-" if not result or "error" not in result else "error"
@@ -337,13 +366,19 @@ def markdown(report: dict) -> str:
     lines = ["# GPU check", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     sections = report["sections"]
     tests = sections.get("tests", {"not run": True})
-    lines += ["## Correctness on the device", "", f"{tests.get('summary') or tests.get('error') or tests}", ""]
+    lines += [
+        "## Correctness on the device",
+        "",
+        f"{tests.get('summary') or tests.get('error') or _not_run(tests)}",
+        "",
+    ]
     table = sections.get("table", {"not run": True})
     lines += ["## Throughput (images/s; speedup over the plain fp32 reference loop; T multiply-adds/s)", ""]
     if "rows" in table:
         lines += [
             f"Batch {table['batch_size']}, channels_last; train: PGD-10 adversarial training step; eval: PGD-20 "
-            "evaluation (256 images; A4: 128). No kernels: ours with --no-fused; CUDA graphs: eval --cuda-graphs.",
+            f"evaluation of {_eval_sizes(table['rows'])} images. No kernels: ours with --no-fused (robust models); "
+            "CUDA graphs: eval --cuda-graphs (n/a: not on a GPU).",
             "",
             "| model | precision | train ours | train ref | speedup | T MAC/s | no kernels | eval ours | eval ref | speedup | CUDA graphs |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -355,7 +390,7 @@ def markdown(report: dict) -> str:
             t, e = row["train"], row["eval"]
             cells = [
                 _rate(t), _rate(t, "reference_images_per_s"), _speedup(t), _tmacs(t), _rate(row.get("train_plain")),
-                _rate(e), _rate(e, "reference_images_per_s"), _speedup(e), _rate(row.get("eval_graphs")),
+                _rate(e), _rate(e, "reference_images_per_s"), _speedup(e), _graphs(row.get("eval_graphs")),
             ]  # fmt: skip
             lines.append(f"| {row['model']} | {row['precision']} | " + " | ".join(cells) + " |")
         errors = [
@@ -366,23 +401,17 @@ def markdown(report: dict) -> str:
         ]
         lines += ["", *(f"- error: {line}" for line in errors)] if errors else []
     else:
-        lines.append(str(table.get("error") or table))
-    lines += [
-        "",
-        "## Regional compile",
-        "",
-        "```",
-        json.dumps(sections.get("compile", {"not run": True}), indent=2),
-        "```",
-        "",
-    ]
+        lines.append(str(table.get("error") or _not_run(table)))
+    compiled = sections.get("compile", {"not run": True})
+    lines += ["", "## Regional compile", ""]
+    lines += [_not_run(compiled), ""] if "not run" in compiled else ["```", json.dumps(compiled, indent=2), "```", ""]
     profile = sections.get("profile", {"not run": True})
     lines += ["## Kernel profile", ""]
     if "kernels" in profile:
         lines += [
             f"{profile['model']}, batch {profile['batch_size']}, forward+backward {profile['ms_per_iteration']:.1f} ms, "
             f"{profile['tmacs_per_s']:.2f} T multiply-adds/s, kernel launches per iteration: "
-            f"{profile['launches_per_iteration']}",
+            f"{profile['launches_per_iteration'] or 'n/a (no device profiled: CPU ops below)'}",
             "",
             "| kernel | calls/iter | ms/iter | share |",
             "|---|---|---|---|",
@@ -392,7 +421,7 @@ def markdown(report: dict) -> str:
             for k in profile["kernels"]
         ]
     else:
-        lines.append(str(profile.get("error") or profile))
+        lines.append(str(profile.get("error") or _not_run(profile)))
     return "\n".join(lines) + "\n"
 
 

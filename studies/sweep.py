@@ -64,10 +64,13 @@ class SweepOptions:
             raise ScalerError("--test-attacks is empty")
         if self.test_n is not None and self.test_n < 1:
             raise ScalerError("--test-n must be >= 1")
-        if self.cpus_per_trial <= 0:
-            raise ScalerError("--cpus-per-trial must be > 0")
-        if self.gpus_per_trial is not None and self.gpus_per_trial < 0:
-            raise ScalerError("--gpus-per-trial must be >= 0")
+        if not (0 < self.cpus_per_trial < math.inf):
+            raise ScalerError("--cpus-per-trial must be a number > 0")
+        gpus = self.gpus_per_trial
+        if gpus is not None and not (0 <= gpus < math.inf):
+            raise ScalerError("--gpus-per-trial must be a number >= 0")
+        if gpus is not None and (0 < gpus < 1e-4 or (gpus > 1 and gpus != int(gpus))):
+            raise ScalerError("--gpus-per-trial takes a fraction of a GPU from 0.0001 to 1, or whole GPUs (Ray's rule)")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ScalerError("--max-concurrent must be >= 1")
         if self.retries < 0:

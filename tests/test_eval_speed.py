@@ -392,9 +392,13 @@ def test_eval_cli_compile(tmp_path, capsys, monkeypatch):
     torch._dynamo.reset()
     assert "torch.compile on" in captured.err and "RobustResBlock" not in captured.err
     assert "fgsm" in captured.out and {(True, (8,)), (True, (4,))} <= set(graphs)
-    assert main(["eval", str(out), "--n", "8", "--attacks", "clean", "--compile", "--json", "--quiet"]) == 0
+    assert (
+        main(["eval", str(out), "--n", "8", "--attacks", "clean", "--compile", "--json", "--quiet", "--cuda-graphs"])
+        == 0
+    )
     torch._dynamo.reset()
-    assert json.loads(capsys.readouterr().out)["checkpoint"]["compile"] is True
+    info = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert info["compile"] is True and info["cuda_graphs"] is False  # asked for, on a CPU: nothing replayed
     monkeypatch.setattr(shutil, "which", lambda name: None)
     code = main(["eval", str(out), "--attacks", "clean", "--compile", "--device", "cpu"])
     err = capsys.readouterr().err

@@ -37,11 +37,34 @@ def test_gpu_check_smoke_writes_its_reports(tmp_path):
     assert "| robust-tiny | bf16 |" in markdown and "## Kernel profile" in markdown
 
 
-def test_gpu_check_refuses_unknown_sections(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path), "--sections", "x"]
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--smoke", "--sections", "tests,bogus"],
+            "--sections: unknown 'bogus'; take some of tests,table,compile,profile",
+        ),
+        (["--sections", "table"], "no CUDA GPU here: the check measures one (--smoke runs it"),
+    ],
+)
+def test_gpu_check_refuses_in_one_line_and_writes_nothing(tmp_path, args, message):
+    """Unknown sections; a run without a GPU (it would measure the CPU for minutes) unless --smoke."""
+    if "--smoke" not in args and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is here")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
-    assert done.returncode == 2 and "--sections takes some of tests,table,compile,profile" in done.stderr
-    assert not any(tmp_path.iterdir())
+    assert done.returncode == 2 and message in done.stderr.splitlines()[-1], done.stderr
+    assert not out.exists()
+
+
+def test_gpu_check_writes_where_the_user_is(tmp_path):
+    """A relative OUT_DIR is the caller's, not the repository's (the script does not change directory)."""
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "rel", "--smoke", "--sections", "profile"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["gpu_check.json", "gpu_check.md"]
+    assert "n/a (no device profiled" in (tmp_path / "rel" / "gpu_check.md").read_text()
 
 
 def _env():

@@ -71,3 +71,27 @@ def test_on_a_cluster_only_what_holds_on_every_node_is_checked(tmp_path, monkeyp
     for settings, message in (({"data_dir": None}, "needs --data-dir"), ({"dataset": "imagenet"}, "unknown dataset")):
         with pytest.raises(studies.sweep.ScalerError, match=message):
             preflight(make_config("bat", {"model": "bench", "dataset": "cifar10", **settings}), cluster)
+
+
+@pytest.mark.parametrize("command", [["sweep"], ["search", "--live"]])
+@pytest.mark.parametrize(
+    "resources, message",
+    [
+        (["--gpus-per-trial", "nan"], "error: --gpus-per-trial must be a number >= 0"),
+        (["--gpus-per-trial", "-1"], "error: --gpus-per-trial must be a number >= 0"),
+        (["--gpus-per-trial", "0.00001"], "error: --gpus-per-trial takes a fraction of a GPU from 0.0001 to 1"),
+        (["--gpus-per-trial", "1.5"], "error: --gpus-per-trial takes a fraction of a GPU from 0.0001 to 1"),
+        (["--cpus-per-trial", "nan"], "error: --cpus-per-trial must be a number > 0"),
+        (["--cpus-per-trial", "inf"], "error: --cpus-per-trial must be a number > 0"),
+    ],
+)
+def test_trial_resources_ray_cannot_take_are_refused_before_it_starts(
+    no_ray, tmp_path, capsys, command, resources, message
+):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    study = tmp_path / "study"
+    assert main([*command, str(space), "--out", str(study), "--dataset", "digits", *resources, *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not study.exists()

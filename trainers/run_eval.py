@@ -53,6 +53,7 @@ def evaluate_run(
     resolved = "bf16" if precision_dtype(precision, dev) is not None else "fp32"
     info.update(dataset=dataset, n=len(y), eps=eps, precision=resolved, compile=bool(compile))
     info["fused"] = resolve_fused(fused, dev, compiled=bool(compile))
+    info["cuda_graphs"] = bool(cuda_graphs) and dev.type == "cuda"  # asked for on a CPU: nothing to replay
     if announce is not None:
         _announce(announce, info, model, dev)
     settings = dict(eps=eps, seed=seed, batch_size=batch_size, per_block=per_block, progress=progress)
