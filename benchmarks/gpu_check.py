@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=450.0, help="Seconds after which sections are skipped.")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"Which to run, of {','.join(SECTIONS)}.")
     args = parser.parse_args(argv)
-    chosen = args.sections.split(",")
-    unknown = [s for s in chosen if s not in SECTIONS]
+    chosen = [s for s in args.sections.split(",") if s]
+    unknown = [s for s in chosen if s not in SECTIONS] or ([] if chosen else ["(none)"])
     if unknown:
         parser.error(f"--sections: unknown {', '.join(map(repr, unknown))}; take some of {','.join(SECTIONS)}")
     out = Path(args.out)
@@ -167,7 +167,7 @@ class Check:
                 row = {"model": name, "precision": precision, "flops": flops, "eval_n": n, "train_steps": steps}
                 row["train"] = _cell(bench_train, scaler.create_model(spec), fused=fused, reference=first, **train)
                 row["eval"] = _cell(bench_eval, scaler.create_model(spec), fused=fused, reference=first, **evaluation)
-                if first:
+                if first and self.device == "cuda":
                     row["eval_graphs"] = _cell(
                         bench_eval,
                         scaler.create_model(spec),

@@ -64,8 +64,8 @@ class SweepOptions:
             raise ScalerError("--test-attacks is empty")
         if self.test_n is not None and self.test_n < 1:
             raise ScalerError("--test-n must be >= 1")
-        if not (0 < self.cpus_per_trial < math.inf):
-            raise ScalerError("--cpus-per-trial must be a number > 0")
+        if not (1e-4 <= self.cpus_per_trial < math.inf):
+            raise ScalerError("--cpus-per-trial must be a number >= 0.0001 (Ray's resolution)")
         gpus = self.gpus_per_trial
         if gpus is not None and not (0 <= gpus < math.inf):
             raise ScalerError("--gpus-per-trial must be a number >= 0")

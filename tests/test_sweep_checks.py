@@ -81,8 +81,9 @@ def test_on_a_cluster_only_what_holds_on_every_node_is_checked(tmp_path, monkeyp
         (["--gpus-per-trial", "-1"], "error: --gpus-per-trial must be a number >= 0"),
         (["--gpus-per-trial", "0.00001"], "error: --gpus-per-trial takes a fraction of a GPU from 0.0001 to 1"),
         (["--gpus-per-trial", "1.5"], "error: --gpus-per-trial takes a fraction of a GPU from 0.0001 to 1"),
-        (["--cpus-per-trial", "nan"], "error: --cpus-per-trial must be a number > 0"),
-        (["--cpus-per-trial", "inf"], "error: --cpus-per-trial must be a number > 0"),
+        (["--cpus-per-trial", "nan"], "error: --cpus-per-trial must be a number >= 0.0001"),
+        (["--cpus-per-trial", "inf"], "error: --cpus-per-trial must be a number >= 0.0001"),
+        (["--cpus-per-trial", "0.00001"], "error: --cpus-per-trial must be a number >= 0.0001"),
     ],
 )
 def test_trial_resources_ray_cannot_take_are_refused_before_it_starts(

@@ -42,7 +42,9 @@ def graph_for(model, x: torch.Tensor, y: torch.Tensor, settings: tuple, step_fn)
     graphs = _GRAPHS.get()
     if graphs is None or not x.is_cuda:
         return None
-    key = (id(model), tuple(x.shape), x.dtype, tuple(y.shape), settings)
+    # the tensors a graph reads, by address and version: moved or changed ones record a new graph
+    held = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    key = (id(model), held, tuple(x.shape), x.dtype, tuple(y.shape), settings)
     if key not in graphs:
         graphs[key] = GraphedStep(x, y, step_fn)
     return graphs[key]

@@ -237,6 +237,7 @@ def graph_gradients(formula, inputs: tuple, needs: tuple, grad: torch.Tensor) ->
     """The gradients of formula(*inputs) (given grad at its output) with respect to the inputs `needs`
     marks, by autograd with a graph: a Function's backward under create_graph (double backward),
     where its own formulas would read intermediates saved without history."""
+    needs = [need and t is not None and t.requires_grad for t, need in zip(inputs, needs)]  # frozen since
     if not any(needs):
         return [None] * len(inputs)
     with torch.enable_grad():
