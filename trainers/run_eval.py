@@ -35,12 +35,11 @@ def evaluate_run(
     checkpoint and epoch is evaluated before the (possibly long) attacks start. `precision`:
     fp32 (default) or bf16 autocast of the attacks and logits; `batch_size` None is the device's
     default (trainers.evaluation.default_batch_size); `compile` torch.compiles the logits and our
-    attacks, `fused` picks the fast runtime's blocks (trainers.evaluation.evaluate)."""
+    attacks, `fused` picks the fast runtime's blocks, `cuda_graphs` replays attack steps."""
     precision_dtype(precision)  # bad input fails before the model and data load
-    if n is not None and n < 1:
-        raise ScalerError("--n must be >= 1")
-    if batch_size is not None and batch_size < 1:
-        raise ScalerError("--batch-size must be >= 1")
+    for flag, value in (("--n", n), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ScalerError(f"{flag} must be >= 1")
     dev = resolve_device(device, compile=compile)
     model, config, info = checkpoint.load_trained(target, dev)
     model = model.to(memory_format=torch.contiguous_format)
