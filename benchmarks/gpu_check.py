@@ -362,67 +362,70 @@ def _tmacs(result: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    env = report["environment"]
-    lines = ["# GPU check", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
-    sections = report["sections"]
+    """The report as a reader wants it: environment, correctness, the table, compile times, profile."""
+    env, sections = report["environment"], report["sections"]
     tests = sections.get("tests", {"not run": True})
+    compiled = sections.get("compile", {"not run": True})
+    lines = ["# GPU check", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     lines += [
         "## Correctness on the device",
         "",
         f"{tests.get('summary') or tests.get('error') or _not_run(tests)}",
         "",
     ]
-    table = sections.get("table", {"not run": True})
     lines += ["## Throughput (images/s; speedup over the plain fp32 reference loop; T multiply-adds/s)", ""]
-    if "rows" in table:
-        lines += [
-            f"Batch {table['batch_size']}, channels_last; train: PGD-10 adversarial training step; eval: PGD-20 "
-            f"evaluation of {_eval_sizes(table['rows'])} images. No kernels: ours with --no-fused (robust models); "
-            "CUDA graphs: eval --cuda-graphs (n/a: not on a GPU).",
-            "",
-            "| model | precision | train ours | train ref | speedup | T MAC/s | no kernels | eval ours | eval ref | speedup | CUDA graphs |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in table["rows"]:
-            if "skipped" in row:
-                lines.append(f"| {row['model']} | {row['precision']} | skipped: {row['skipped']} |||||||||")
-                continue
-            t, e = row["train"], row["eval"]
-            cells = [
-                _rate(t), _rate(t, "reference_images_per_s"), _speedup(t), _tmacs(t), _rate(row.get("train_plain")),
-                _rate(e), _rate(e, "reference_images_per_s"), _speedup(e), _graphs(row.get("eval_graphs")),
-            ]  # fmt: skip
-            lines.append(f"| {row['model']} | {row['precision']} | " + " | ".join(cells) + " |")
-        errors = [
-            f"{r['model']} {r['precision']} {k}: {v['error']}"
-            for r in table["rows"]
-            for k, v in r.items()
-            if isinstance(v, dict) and "error" in v
-        ]
-        lines += ["", *(f"- error: {line}" for line in errors)] if errors else []
-    else:
-        lines.append(str(table.get("error") or _not_run(table)))
-    compiled = sections.get("compile", {"not run": True})
+    lines += _table_lines(sections.get("table", {"not run": True}))
     lines += ["", "## Regional compile", ""]
     lines += [_not_run(compiled), ""] if "not run" in compiled else ["```", json.dumps(compiled, indent=2), "```", ""]
-    profile = sections.get("profile", {"not run": True})
-    lines += ["## Kernel profile", ""]
-    if "kernels" in profile:
-        lines += [
-            f"{profile['model']}, batch {profile['batch_size']}, forward+backward {profile['ms_per_iteration']:.1f} ms, "
-            f"{profile['tmacs_per_s']:.2f} T multiply-adds/s, kernel launches per iteration: "
-            f"{profile['launches_per_iteration'] or 'n/a (no device profiled: CPU ops below)'}",
-            "",
-            "| kernel | calls/iter | ms/iter | share |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| `{k['name']}` | {k['calls']:.0f} | {k['ms']:.2f} | {100 * k['share']:.1f}% |"
-            for k in profile["kernels"]
-        ]
-    else:
-        lines.append(str(profile.get("error") or _not_run(profile)))
+    lines += ["## Kernel profile", "", *_profile_lines(sections.get("profile", {"not run": True}))]
     return "\n".join(lines) + "\n"
+
+
+def _table_lines(table: dict) -> list[str]:
+    if "rows" not in table:
+        return [str(table.get("error") or _not_run(table))]
+    lines = [
+        f"Batch {table['batch_size']}, channels_last; train: PGD-10 adversarial training step; eval: PGD-20 "
+        f"evaluation of {_eval_sizes(table['rows'])} images. No kernels: ours with --no-fused (robust models); "
+        "CUDA graphs: eval --cuda-graphs (n/a: not on a GPU).",
+        "",
+        "| model | precision | train ours | train ref | speedup | T MAC/s | no kernels | eval ours | eval ref | speedup | CUDA graphs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['model']} | {row['precision']} | skipped: {row['skipped']} |||||||||")
+            continue
+        t, e = row["train"], row["eval"]
+        cells = [
+            _rate(t), _rate(t, "reference_images_per_s"), _speedup(t), _tmacs(t), _rate(row.get("train_plain")),
+            _rate(e), _rate(e, "reference_images_per_s"), _speedup(e), _graphs(row.get("eval_graphs")),
+        ]  # fmt: skip
+        lines.append(f"| {row['model']} | {row['precision']} | " + " | ".join(cells) + " |")
+    errors = [
+        f"{r['model']} {r['precision']} {k}: {v['error']}" for r in table["rows"] for k, v in r.items() if _failed(v)
+    ]
+    return lines + (["", *(f"- error: {line}" for line in errors)] if errors else [])
+
+
+def _failed(cell) -> bool:
+    return isinstance(cell, dict) and "error" in cell
+
+
+def _profile_lines(profile: dict) -> list[str]:
+    if "kernels" not in profile:
+        return [str(profile.get("error") or _not_run(profile))]
+    launches = profile["launches_per_iteration"] or "n/a (no device profiled: CPU ops below)"
+    lines = [
+        f"{profile['model']}, batch {profile['batch_size']}, forward+backward {profile['ms_per_iteration']:.1f} ms, "
+        f"{profile['tmacs_per_s']:.2f} T multiply-adds/s, kernel launches per iteration: {launches}",
+        "",
+        "| kernel | calls/iter | ms/iter | share |",
+        "|---|---|---|---|",
+    ]
+    return lines + [
+        f"| `{k['name']}` | {k['calls']:.0f} | {k['ms']:.2f} | {100 * k['share']:.1f}% |" for k in profile["kernels"]
+    ]
 
 
 if __name__ == "__main__":
