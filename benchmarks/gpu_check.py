@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,7 +189,7 @@ class Check:
         """Regional compile of A4 (tiny model in smoke mode): a training step's compile, cold cache
         then warm (a fresh process reads the on-disk cache)."""
         name = next(iter(self.models())) if self.smoke else "robustresnet-a4"
-        if self.smoke and os.system("command -v g++ > /dev/null") != 0:
+        if self.smoke and shutil.which("g++") is None:
             return {"skipped": "no C++ compiler"}
         cache = tempfile.mkdtemp(prefix="scaler-inductor-")
         results = {}

@@ -9,6 +9,8 @@ epochs.
 
 from __future__ import annotations
 
+import statistics
+
 from scaler.spec import ArchSpec
 
 # NARes per-epoch list -> our metrics.jsonl key (trainers.loop.validate)
@@ -110,11 +112,8 @@ def to_nares_record(
 def trial_throughput(history: list[dict]) -> float | None:
     """A trial's training images/s: the median of its epochs' (trials sharing a GPU slow each
     other down; this is what the trial got). None for runs recorded before it was logged."""
-    rates = sorted(r["images_per_s"] for r in history if isinstance(r.get("images_per_s"), (int, float)))
-    if not rates:
-        return None
-    mid = len(rates) // 2
-    return rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+    rates = [r["images_per_s"] for r in history if isinstance(r.get("images_per_s"), (int, float))]
+    return statistics.median(rates) if rates else None
 
 
 def flat_row(row) -> dict:

@@ -22,6 +22,7 @@ from trainers.fused.folds import (
     fold_conv_bn,
     folded,
     forward_mode_active,
+    graph_gradients,
     has_storage,
     is_compiling,
     matrix,
@@ -231,22 +232,6 @@ def eval_residual_se_gain(
     with torch.autocast(h.device.type, enabled=False):
         s = se_mlp(h.sum((2, 3)).to(scale.dtype) / (h.shape[2] * h.shape[3]), scale, shift, w1, w2)[2]
         return h * (1 + scale * s).to(h.dtype)[:, :, None, None] + (shift * s).to(h.dtype)[:, :, None, None]
-
-
-def graph_gradients(formula, inputs: tuple, needs: tuple, grad: torch.Tensor) -> list:
-    """The gradients of formula(*inputs) (given grad at its output) with respect to the inputs `needs`
-    marks, by autograd with a graph: a Function's backward under create_graph (double backward),
-    where its own formulas would read intermediates saved without history."""
-    needs = [need and t is not None and t.requires_grad for t, need in zip(inputs, needs)]  # frozen since
-    if not any(needs):
-        return [None] * len(inputs)
-    with torch.enable_grad():
-        # each argument through an alias of its own: partial derivatives, not total ones (the SE gate
-        # depends on h), while the aliases' history keeps the gradients differentiable in the inputs
-        aliases = [t.view_as(t) if need else t for t, need in zip(inputs, needs)]
-        wanted = [t for t, need in zip(aliases, needs) if need]
-        found = iter(torch.autograd.grad(formula(*aliases), wanted, grad, create_graph=True, allow_unused=True))
-    return [next(found) if need else None for need in needs]
 
 
 def se_mlp(pooled: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):

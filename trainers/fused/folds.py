@@ -108,6 +108,22 @@ def backward_differentiated() -> bool:
     return torch.is_grad_enabled() or forward_mode_active()
 
 
+def graph_gradients(formula, inputs: tuple, needs: tuple, grad: torch.Tensor) -> list:
+    """The gradients of formula(*inputs) (given grad at its output) with respect to the inputs `needs`
+    marks, by autograd with a graph: a Function's backward under create_graph (double backward),
+    where its own formulas would read intermediates saved without history."""
+    needs = [need and t is not None and t.requires_grad for t, need in zip(inputs, needs)]  # frozen since
+    if not any(needs):
+        return [None] * len(inputs)
+    with torch.enable_grad():
+        # each argument through an alias of its own: partial derivatives, not total ones (the SE gate
+        # depends on h), while the aliases' history keeps the gradients differentiable in the inputs
+        aliases = [t.view_as(t) if need else t for t, need in zip(inputs, needs)]
+        wanted = [t for t, need in zip(aliases, needs) if need]
+        found = iter(torch.autograd.grad(formula(*aliases), wanted, grad, create_graph=True, allow_unused=True))
+    return [next(found) if need else None for need in needs]
+
+
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """bn(conv(x)); in eval mode one conv whose weight and bias carry the BatchNorm."""
     if bn.training:

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from trainers.fused.bottleneck import graph_gradients
-from trainers.fused.folds import backward_differentiated, has_storage
+from trainers.fused.folds import backward_differentiated, graph_gradients, has_storage
 from trainers.kernels import on_device
 
 NO_PROLOGUE, ADD_INPUT, RELU_GRAD = 0, 1, 2

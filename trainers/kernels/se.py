@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trainers.fused.bottleneck import graph_gradients
-from trainers.fused.folds import backward_differentiated, has_storage
+from trainers.fused.folds import backward_differentiated, graph_gradients, has_storage
 from trainers.kernels import on_device
 
 
